@@ -1,0 +1,195 @@
+//! Project tasks: `cargo xtask run` profiles this host, `cargo xtask test` runs every
+//! check CI runs. Both install what they need first (see `setup`) and say so.
+
+mod setup;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run, test and benchmark the profiler")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites (Debian packages, bpf-linker) and nothing else.
+    Setup {
+        /// Also install what the tests and the benchmark need.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Build the eBPF program and the profiler (release).
+    Build,
+    /// Profile this host and write a flamegraph. Arguments after `--` go to
+    /// `profiler record` (default: whole host, 10 s, ./profiles).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run formatting and lint checks and every test (needs root for the eBPF tests).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the overhead benchmark beside perf and bpftrace and print figures.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    if let Err(err) = try_main() {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn try_main() -> Result<()> {
+    let cli = Cli::parse();
+    env::set_current_dir(workspace_root()).context("cannot enter the workspace root")?;
+    match cli.command {
+        Task::Setup { all } => {
+            setup::ensure_build_prerequisites()?;
+            if all {
+                setup::ensure_packages(&[setup::TEST, setup::BENCH])?;
+                build_pprof()?;
+            }
+            eprintln!("xtask: prerequisites are installed");
+            Ok(())
+        }
+        Task::Build => {
+            setup::ensure_build_prerequisites()?;
+            build_release()?;
+            Ok(())
+        }
+        Task::Run { args } => run_profiler(args),
+        Task::Test { args } => test(args),
+        Task::Bench { args } => bench(args),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+pub fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"))
+}
+
+/// Runs a command with inherited output; fails with the command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build_release() -> Result<PathBuf> {
+    eprintln!("xtask: building the eBPF program and the profiler (release)");
+    run(Command::new("cargo").args(["build", "--release", "--package", "profiler-userspace"]))?;
+    Ok(workspace_root().join("target/release/profiler"))
+}
+
+fn run_profiler(args: Vec<String>) -> Result<()> {
+    setup::ensure_build_prerequisites()?;
+    let profiler = build_release()?;
+    let mut argv = vec!["record".to_string()];
+    if args.is_empty() {
+        argv.extend(["--duration", "10", "--output-dir", "profiles"].map(String::from));
+    } else {
+        argv.extend(args);
+    }
+    let mut cmd = if setup::is_root() {
+        Command::new(&profiler)
+    } else {
+        eprintln!(
+            "xtask: the profiler loads eBPF programs, which needs root: running it with sudo"
+        );
+        let mut c = Command::new("sudo");
+        c.arg(&profiler);
+        c
+    };
+    eprintln!("xtask: running {} {}", profiler.display(), argv.join(" "));
+    run(cmd.args(&argv))
+}
+
+/// Google's pprof, built from Debian's Go sources, checks our pprof output in tests.
+fn build_pprof() -> Result<PathBuf> {
+    let out = workspace_root().join("target/tools/pprof");
+    if out.exists() {
+        return Ok(out);
+    }
+    eprintln!(
+        "xtask: building Google's pprof from Debian's Go sources into {}",
+        out.display()
+    );
+    std::fs::create_dir_all(out.parent().expect("has a parent"))?;
+    run(Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg("github.com/google/pprof")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOCACHE", workspace_root().join("target/tools/go-cache")))
+    .context("building pprof failed")?;
+    Ok(out)
+}
+
+fn test(args: Vec<String>) -> Result<()> {
+    setup::ensure_build_prerequisites()?;
+    setup::ensure_packages(&[setup::TEST])?;
+    let pprof = build_pprof()?;
+    if !setup::is_root() {
+        bail!("the tests load eBPF programs and need root: run `sudo -E cargo xtask test`");
+    }
+    eprintln!("xtask: checking formatting");
+    run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    eprintln!("xtask: linting");
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    eprintln!("xtask: running the tests");
+    run(Command::new("cargo")
+        .args(["test", "--workspace"])
+        .args(&args)
+        .env("PPROF_BIN", &pprof))?;
+    eprintln!("xtask: all checks passed");
+    Ok(())
+}
+
+fn bench(args: Vec<String>) -> Result<()> {
+    setup::ensure_build_prerequisites()?;
+    setup::ensure_packages(&[setup::BENCH])?;
+    let profiler = build_release()?;
+    run(Command::new("python3")
+        .arg("bench/overhead.py")
+        .arg("--profiler")
+        .arg(&profiler)
+        .args(&args))
+}

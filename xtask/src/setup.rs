@@ -1,0 +1,183 @@
+//! Installs what building and testing need, and says what it installs.
+//!
+//! On Debian 12 (the machine kind this project targets) missing Debian packages are
+//! installed with apt-get and bpf-linker with `cargo install`. On any other system
+//! nothing is installed: the exact prerequisite is printed and setup fails.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{cargo_home, run};
+
+/// The bpf-linker release that builds against LLVM 22 (see ../shared/TOOLCHAIN.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Where Debian's llvm-22-dev puts llvm-config; bpf-linker's build script needs it.
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Rust standard library sources that match Debian's rustc-web 1.96 (for -Z build-std).
+const RUST_WEB_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
+
+/// Why a group of Debian packages is needed; printed before installing it.
+pub struct PackageGroup {
+    pub purpose: &'static str,
+    pub packages: &'static [&'static str],
+}
+
+/// Compiling the eBPF program: a Rust 1.96 with its std sources (LLVM 22), and
+/// LLVM 22 headers/libraries that bpf-linker is built against.
+pub const BUILD: PackageGroup = PackageGroup {
+    purpose: "to compile the eBPF program (Rust 1.96 with std sources, LLVM 22 for bpf-linker)",
+    packages: &[
+        "rustc-web",
+        "cargo-web",
+        "rust-web-src",
+        "llvm-22-dev",
+        "libpolly-22-dev",
+        "zlib1g-dev",
+        "libzstd-dev",
+        "gcc",
+    ],
+};
+
+/// Peers the tests check our output against: Google's pprof is built from
+/// Debian's Go sources; test programs are built with gcc.
+pub const TEST: PackageGroup = PackageGroup {
+    purpose: "for the tests (gcc for test programs, Go + Google's pprof sources to check our pprof output)",
+    packages: &["gcc", "golang-go", "golang-github-google-pprof-dev"],
+};
+
+/// The reference profilers the overhead benchmark runs beside ours.
+pub const BENCH: PackageGroup = PackageGroup {
+    purpose: "for the benchmark (perf and bpftrace are the reference profilers)",
+    packages: &["linux-perf", "bpftrace", "gcc"],
+};
+
+fn is_debian_bookworm() -> bool {
+    std::fs::read_to_string("/etc/os-release")
+        .map(|s| s.lines().any(|l| l == "VERSION_CODENAME=bookworm"))
+        .unwrap_or(false)
+}
+
+fn package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        })
+        .unwrap_or(false)
+}
+
+/// Installs the Debian packages of `groups` that are missing.
+pub fn ensure_packages(groups: &[PackageGroup]) -> Result<()> {
+    let mut missing: Vec<&str> = Vec::new();
+    let mut purposes = Vec::new();
+    for group in groups {
+        let group_missing: Vec<&str> = group
+            .packages
+            .iter()
+            .copied()
+            .filter(|p| !missing.contains(p) && !package_installed(p))
+            .collect();
+        if !group_missing.is_empty() {
+            purposes.push(format!("  {} {}", group_missing.join(" "), group.purpose));
+            missing.extend(group_missing);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_debian_bookworm() {
+        bail!(
+            "missing prerequisites; this is not Debian 12, so install the equivalents yourself:\n{}\n\
+             and bpf-linker {BPF_LINKER_VERSION}: `LLVM_PREFIX=<llvm 22 prefix> cargo install \
+             bpf-linker@{BPF_LINKER_VERSION} --locked --no-default-features --features llvm-22`",
+            purposes.join("\n")
+        );
+    }
+    eprintln!(
+        "xtask: installing Debian packages:\n{}",
+        purposes.join("\n")
+    );
+    let sudo = if is_root() { vec![] } else { vec!["sudo"] };
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut argv: Vec<&str> = sudo.clone();
+        argv.push("apt-get");
+        argv.extend_from_slice(args);
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)
+    };
+    // Package lists on a fresh machine are stale: rustc-web 1.96 only exists in
+    // the current bookworm-security lists.
+    apt(&["update", "-q"]).context("apt-get update failed")?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(missing.iter().copied());
+    apt(&args).context("apt-get install failed")?;
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions; declared here to avoid a libc dependency.
+    extern "C" {
+        fn geteuid() -> u32;
+    }
+    unsafe { geteuid() == 0 }
+}
+
+fn bpf_linker_path() -> PathBuf {
+    cargo_home().join("bin").join("bpf-linker")
+}
+
+fn bpf_linker_ok(path: &Path) -> bool {
+    Command::new(path)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+        .unwrap_or(false)
+}
+
+/// Installs bpf-linker built against Debian's LLVM 22 if it is not there yet.
+pub fn ensure_bpf_linker() -> Result<()> {
+    let path = bpf_linker_path();
+    if bpf_linker_ok(&path) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF program; built against LLVM 22, about a minute)"
+    );
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ])
+    .env("LLVM_PREFIX", LLVM_PREFIX);
+    run(&mut cmd).context("cargo install bpf-linker failed")?;
+    if !bpf_linker_ok(&path) {
+        bail!(
+            "bpf-linker was installed but `{} --version` does not report {BPF_LINKER_VERSION}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Everything `cargo build` of the workspace needs (the eBPF sub-build included).
+pub fn ensure_build_prerequisites() -> Result<()> {
+    ensure_packages(&[BUILD])?;
+    if !Path::new(RUST_WEB_SRC).exists() {
+        bail!("{RUST_WEB_SRC} is missing although rust-web-src is installed; reinstall it");
+    }
+    ensure_bpf_linker()
+}
