@@ -1,0 +1,182 @@
+//! Validated configuration: raw CLI arguments become a [`RecordConfig`] here, before
+//! anything is loaded, so every bad flag fails with one clear sentence.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use profiler_common::{MAX_PID_FILTER_ENTRIES, RING_BUFFER_BYTES};
+
+/// Why the arguments cannot be used.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Frequency out of range.
+    #[error(
+        "--frequency must be between 1 and {max} Hz (kernel.perf_event_max_sample_rate), got {got}"
+    )]
+    Frequency { got: u64, max: u64 },
+    /// Zero duration.
+    #[error("--duration must be at least 1 second")]
+    Duration,
+    /// A pid that does not exist.
+    #[error("--pid {pid}: no such process")]
+    NoSuchPid { pid: u32 },
+    /// Too many pids for the in-kernel filter.
+    #[error("at most {max} --pid values are supported, got {got}")]
+    TooManyPids { max: u32, got: usize },
+    /// The output directory is unusable.
+    #[error("--output-dir {path}: {reason}")]
+    OutputDir { path: PathBuf, reason: String },
+}
+
+/// Everything `profiler record` needs, checked.
+#[derive(Clone, Debug)]
+pub struct RecordConfig {
+    pub duration: Duration,
+    pub frequency_hz: u64,
+    /// Empty: the whole host.
+    pub pids: Vec<u32>,
+    pub output_dir: PathBuf,
+    pub include_idle: bool,
+    /// Print progress lines while recording.
+    pub progress: bool,
+    pub ring_buffer_bytes: u32,
+}
+
+/// Highest sampling rate the kernel allows (it lowers this itself when sampling
+/// takes too long).
+pub fn max_sample_rate() -> u64 {
+    std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100_000)
+}
+
+impl RecordConfig {
+    /// Checks raw values; creates the output directory.
+    pub fn new(
+        duration_secs: u64,
+        frequency_hz: u64,
+        pids: Vec<u32>,
+        output_dir: PathBuf,
+        include_idle: bool,
+        progress: bool,
+    ) -> Result<RecordConfig, ConfigError> {
+        let max = max_sample_rate();
+        if frequency_hz == 0 || frequency_hz > max {
+            return Err(ConfigError::Frequency {
+                got: frequency_hz,
+                max,
+            });
+        }
+        if duration_secs == 0 {
+            return Err(ConfigError::Duration);
+        }
+        if pids.len() > MAX_PID_FILTER_ENTRIES as usize {
+            return Err(ConfigError::TooManyPids {
+                max: MAX_PID_FILTER_ENTRIES,
+                got: pids.len(),
+            });
+        }
+        for &pid in &pids {
+            if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(ConfigError::NoSuchPid { pid });
+            }
+        }
+        check_output_dir(&output_dir)?;
+        Ok(RecordConfig {
+            duration: Duration::from_secs(duration_secs),
+            frequency_hz,
+            pids,
+            output_dir,
+            include_idle,
+            progress,
+            ring_buffer_bytes: RING_BUFFER_BYTES,
+        })
+    }
+}
+
+/// Creates the directory and proves we can write into it.
+fn check_output_dir(dir: &Path) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::OutputDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    if dir.exists() && !dir.is_dir() {
+        return Err(err("exists and is not a directory".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create it: {e}")))?;
+    let probe = dir.join(format!(".write-test.{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| err(format!("cannot write into it: {e}")))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(
+        duration: u64,
+        hz: u64,
+        pids: Vec<u32>,
+        dir: &Path,
+    ) -> Result<RecordConfig, ConfigError> {
+        RecordConfig::new(duration, hz, pids, dir.to_path_buf(), false, false)
+    }
+
+    /// Sensible values pass and the directory is created.
+    #[test]
+    fn accepts_valid_values() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("out");
+        let c = config(5, 97, vec![std::process::id()], &dir).unwrap();
+        assert_eq!(c.duration, Duration::from_secs(5));
+        assert!(dir.is_dir());
+    }
+
+    /// Zero or absurd frequencies are refused with the kernel's limit in the message.
+    #[test]
+    fn rejects_bad_frequency() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            config(5, 0, vec![], tmp.path()),
+            Err(ConfigError::Frequency { got: 0, .. })
+        ));
+        assert!(matches!(
+            config(5, u64::MAX, vec![], tmp.path()),
+            Err(ConfigError::Frequency { .. })
+        ));
+    }
+
+    /// A zero duration is refused.
+    #[test]
+    fn rejects_zero_duration() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(
+            config(0, 97, vec![], tmp.path()).unwrap_err(),
+            ConfigError::Duration
+        );
+    }
+
+    /// A pid that does not exist is named in the error.
+    #[test]
+    fn rejects_missing_pid() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(
+            config(5, 97, vec![u32::MAX - 1], tmp.path()).unwrap_err(),
+            ConfigError::NoSuchPid { pid: u32::MAX - 1 }
+        );
+    }
+
+    /// An output path that is a file is refused before anything runs.
+    #[test]
+    fn rejects_file_as_output_dir() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        assert!(matches!(
+            config(5, 97, vec![], tmp.path()),
+            Err(ConfigError::OutputDir { .. })
+        ));
+    }
+}

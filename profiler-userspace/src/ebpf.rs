@@ -1,0 +1,332 @@
+//! Stage 1: load the eBPF sampler, attach it to cpu-clock on every online CPU, and
+//! read its counters.
+//!
+//! Owns the loaded object (programs, maps, perf links): dropping [`Sampler`] detaches
+//! everything. Must never: leave a perf event attached after an error (aya's links
+//! are owned by the `Ebpf` value, so an early return drops them).
+
+use std::io;
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        PerfEvent, ProgramError,
+    },
+    util::online_cpus,
+    Ebpf, EbpfError, EbpfLoader,
+};
+use profiler_common::{
+    Counter, COUNTER_COUNT, GLOBAL_FILTER_BY_PID, GLOBAL_INCLUDE_IDLE, GLOBAL_WAKEUP_BYTES,
+    MAP_COUNTERS, MAP_PID_FILTER, MAP_SAMPLES, MAX_PID_FILTER_ENTRIES, PROGRAM_SAMPLE,
+};
+
+/// The compiled eBPF program, built by build.rs and embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
+
+/// What to sample, decided before anything is loaded.
+#[derive(Clone, Debug)]
+pub struct SamplerConfig {
+    /// Samples per second per CPU.
+    pub frequency_hz: u64,
+    /// Only these processes (and their threads); empty means every process.
+    pub pids: Vec<u32>,
+    /// Also emit samples of the idle task.
+    pub include_idle: bool,
+    /// Ring buffer size in bytes: a power of two, at least one page.
+    pub ring_buffer_bytes: u32,
+}
+
+/// Why the sampler could not start. Each message is one sentence a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum SamplerError {
+    /// The process lacks CAP_BPF/CAP_PERFMON (or CAP_SYS_ADMIN).
+    #[error(
+        "loading the eBPF sampler needs root, or the CAP_BPF and CAP_PERFMON capabilities \
+         (e.g. `sudo setcap cap_bpf,cap_perfmon+ep profiler`)"
+    )]
+    NotPermitted,
+    /// The kernel refused a feature we need (BPF ring buffer: Linux 5.8+).
+    #[error("this kernel lacks a BPF feature the sampler needs ({what}); Linux 5.8 or newer with CONFIG_BPF_SYSCALL is required")]
+    KernelFeature {
+        /// The feature, as the kernel reported it.
+        what: String,
+    },
+    /// The kernel has no perf events or no cpu-clock software event.
+    #[error("cannot open the cpu-clock perf event on CPU {cpu} ({source}); the kernel needs CONFIG_PERF_EVENTS")]
+    PerfEvent {
+        /// The CPU we tried.
+        cpu: u32,
+        /// The system error.
+        source: io::Error,
+    },
+    /// The verifier or loader rejected the program; the verifier log says why.
+    #[error("the kernel rejected the eBPF program: {0}")]
+    Load(String),
+    /// Too many pids for the in-kernel filter.
+    #[error("at most {max} pids can be filtered, got {got}")]
+    TooManyPids {
+        /// [`MAX_PID_FILTER_ENTRIES`].
+        max: u32,
+        /// How many were asked for.
+        got: usize,
+    },
+    /// Reading the list of online CPUs failed.
+    #[error("cannot read the online CPUs: {0}")]
+    OnlineCpus(io::Error),
+    /// A map operation failed.
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        /// The map name.
+        map: &'static str,
+        /// The error from aya.
+        source: aya::maps::MapError,
+    },
+}
+
+/// Totals of the in-kernel counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Indexed by `Counter as usize`.
+    pub values: [u64; COUNTER_COUNT as usize],
+}
+
+impl KernelCounters {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values[counter as usize]
+    }
+
+    /// Samples lost in the kernel (ring buffer full and every other loss).
+    pub fn lost(&self) -> u64 {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_loss())
+            .map(|c| self.get(*c))
+            .sum()
+    }
+
+    /// Counts accumulated since `earlier`.
+    pub fn since(&self, earlier: &KernelCounters) -> KernelCounters {
+        let mut values = [0; COUNTER_COUNT as usize];
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = self.values[i].saturating_sub(earlier.values[i]);
+        }
+        KernelCounters { values }
+    }
+}
+
+/// Run time of the sampling program, from the kernel's BPF statistics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgramStats {
+    /// Total nanoseconds spent in the program.
+    pub run_time_ns: u64,
+    /// Number of runs.
+    pub run_count: u64,
+}
+
+/// The loaded and attached sampler.
+pub struct Sampler {
+    ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    /// Keeps kernel BPF run-time statistics enabled while we run.
+    _stats: Option<std::os::fd::OwnedFd>,
+    cpus: usize,
+}
+
+impl Sampler {
+    /// Loads the program, fills the pid filter, attaches to every online CPU and
+    /// returns the sampler and the ring buffer to drain.
+    pub fn start(config: &SamplerConfig) -> Result<(Sampler, RingBuf<MapData>), SamplerError> {
+        check_privileges()?;
+        if config.pids.len() > MAX_PID_FILTER_ENTRIES as usize {
+            return Err(SamplerError::TooManyPids {
+                max: MAX_PID_FILTER_ENTRIES,
+                got: config.pids.len(),
+            });
+        }
+        let filter_by_pid = u8::from(!config.pids.is_empty());
+        let include_idle = u8::from(config.include_idle);
+        let wakeup_bytes = u64::from(config.ring_buffer_bytes / 4);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_FILTER_BY_PID, &filter_by_pid, true)
+            .override_global(GLOBAL_INCLUDE_IDLE, &include_idle, true)
+            .override_global(GLOBAL_WAKEUP_BYTES, &wakeup_bytes, true)
+            .map_max_entries(MAP_SAMPLES, config.ring_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(ebpf_error)?;
+
+        if !config.pids.is_empty() {
+            let mut filter: HashMap<_, u32, u8> =
+                HashMap::try_from(ebpf.map_mut(MAP_PID_FILTER).expect("map is in the object"))
+                    .map_err(|source| SamplerError::Map {
+                        map: MAP_PID_FILTER,
+                        source,
+                    })?;
+            for pid in &config.pids {
+                filter
+                    .insert(pid, 1, 0)
+                    .map_err(|source| SamplerError::Map {
+                        map: MAP_PID_FILTER,
+                        source,
+                    })?;
+            }
+        }
+
+        // Statistics for our own summary (BPF time per sample). Best effort: a kernel
+        // without BPF_ENABLE_STATS still samples.
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+
+        let program: &mut PerfEvent = ebpf
+            .program_mut(PROGRAM_SAMPLE)
+            .expect("program is in the object")
+            .try_into()
+            .expect("program is a perf_event program");
+        program.load().map_err(program_error)?;
+        let cpus = online_cpus().map_err(|(_, e)| SamplerError::OnlineCpus(e))?;
+        for &cpu in &cpus {
+            program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(config.frequency_hz),
+                    false,
+                )
+                .map_err(|e| match e {
+                    ProgramError::SyscallError(e) if e.call == "perf_event_open" => {
+                        SamplerError::PerfEvent {
+                            cpu,
+                            source: e.io_error,
+                        }
+                    }
+                    other => program_error(other),
+                })?;
+        }
+
+        let ring = RingBuf::try_from(ebpf.take_map(MAP_SAMPLES).expect("map is in the object"))
+            .map_err(|source| SamplerError::Map {
+                map: MAP_SAMPLES,
+                source,
+            })?;
+        let counters =
+            PerCpuArray::try_from(ebpf.take_map(MAP_COUNTERS).expect("map is in the object"))
+                .map_err(|source| SamplerError::Map {
+                    map: MAP_COUNTERS,
+                    source,
+                })?;
+        Ok((
+            Sampler {
+                ebpf,
+                counters,
+                _stats: stats,
+                cpus: cpus.len(),
+            },
+            ring,
+        ))
+    }
+
+    /// Detaches from every CPU and unloads the program; counters stay readable.
+    pub fn stop(&mut self) {
+        if let Some(program) = self.ebpf.program_mut(PROGRAM_SAMPLE) {
+            if let Ok(program) = <&mut PerfEvent>::try_from(program) {
+                let _ = program.unload();
+            }
+        }
+    }
+
+    /// Number of CPUs the program is attached to.
+    pub fn cpus(&self) -> usize {
+        self.cpus
+    }
+
+    /// Current totals of the in-kernel counters.
+    pub fn counters(&self) -> Result<KernelCounters, SamplerError> {
+        let mut totals = KernelCounters::default();
+        for counter in Counter::ALL {
+            let per_cpu =
+                self.counters
+                    .get(&(counter as u32), 0)
+                    .map_err(|source| SamplerError::Map {
+                        map: MAP_COUNTERS,
+                        source,
+                    })?;
+            totals.values[counter as usize] = per_cpu.iter().sum();
+        }
+        Ok(totals)
+    }
+
+    /// Kernel statistics of the sampling program (zero if statistics are off).
+    pub fn program_stats(&self) -> ProgramStats {
+        let info = self
+            .ebpf
+            .program(PROGRAM_SAMPLE)
+            .and_then(|p| <&PerfEvent>::try_from(p).ok())
+            .and_then(|p| p.info().ok());
+        match info {
+            Some(info) => ProgramStats {
+                run_time_ns: info.run_time().as_nanos() as u64,
+                run_count: info.run_count(),
+            },
+            None => ProgramStats::default(),
+        }
+    }
+}
+
+/// Fails early, with one sentence, when we clearly lack the capabilities to load BPF.
+fn check_privileges() -> Result<(), SamplerError> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return Ok(()); // let the kernel decide
+    };
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        return Ok(());
+    };
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(SamplerError::NotPermitted)
+    }
+}
+
+fn is_permission(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+}
+
+fn ebpf_error(e: EbpfError) -> SamplerError {
+    match e {
+        EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error, .. }) => {
+            if is_permission(&io_error) {
+                SamplerError::NotPermitted
+            } else {
+                SamplerError::KernelFeature {
+                    what: format!("creating map {name}: {io_error}"),
+                }
+            }
+        }
+        EbpfError::ProgramError(e) => program_error(e),
+        other => SamplerError::Load(other.to_string()),
+    }
+}
+
+fn program_error(e: ProgramError) -> SamplerError {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            if is_permission(&io_error) && verifier_log.to_string().trim().is_empty() {
+                SamplerError::NotPermitted
+            } else {
+                SamplerError::Load(format!("{io_error}\nverifier log:\n{verifier_log}"))
+            }
+        }
+        ProgramError::SyscallError(e) if is_permission(&e.io_error) => SamplerError::NotPermitted,
+        other => SamplerError::Load(other.to_string()),
+    }
+}

@@ -1,0 +1,85 @@
+//! Stage 6: turn a [`Profile`](crate::profile::Profile) into files: folded stacks,
+//! gzipped pprof and a flamegraph SVG. Writers take any `io::Write`; [`write_all`]
+//! writes the set into a directory atomically (temporary files, then renames), so a
+//! failure never leaves a half-written profile behind.
+
+pub mod flamegraph;
+pub mod folded;
+pub mod pprof;
+
+use std::{
+    fs::{self, File},
+    io::{self, BufWriter, Write as _},
+    path::{Path, PathBuf},
+};
+
+use crate::profile::Profile;
+
+/// File names inside the output directory.
+pub const FOLDED_FILE: &str = "profile.folded";
+pub const PPROF_FILE: &str = "profile.pb.gz";
+pub const FLAMEGRAPH_FILE: &str = "flamegraph.svg";
+
+/// Paths of a written profile.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub folded: PathBuf,
+    pub pprof: PathBuf,
+    pub flamegraph: PathBuf,
+}
+
+/// Why the profile could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// Creating, writing or renaming a file failed.
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Writes `profile.folded`, `profile.pb.gz` and `flamegraph.svg` into `dir`. Each is
+/// written to a temporary file first; the renames happen only once all three are
+/// complete, and the temporaries are removed on failure.
+pub fn write_all(profile: &Profile, dir: &Path, title: &str) -> Result<Written, ExportError> {
+    let targets = [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE].map(|name| dir.join(name));
+    let temps = [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE]
+        .map(|name| dir.join(format!(".{name}.tmp.{}", std::process::id())));
+    let result = (|| {
+        write_file(&temps[0], |w| folded::write(profile, w))?;
+        write_file(&temps[1], |w| pprof::write_gzipped(profile, w))?;
+        write_file(&temps[2], |w| flamegraph::write(profile, title, w))?;
+        for (tmp, target) in temps.iter().zip(&targets) {
+            fs::rename(tmp, target).map_err(|source| ExportError::Io {
+                path: target.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        for tmp in &temps {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+    result.map(|()| {
+        let [folded, pprof, flamegraph] = targets;
+        Written {
+            folded,
+            pprof,
+            flamegraph,
+        }
+    })
+}
+
+fn write_file(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+) -> Result<(), ExportError> {
+    let err = |source| ExportError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut w = BufWriter::new(File::create(path).map_err(err)?);
+    write(&mut w).map_err(err)?;
+    w.flush().map_err(err)?;
+    w.get_ref().sync_all().map_err(err)
+}

@@ -1,0 +1,19 @@
+//! The userspace collector of the profiler. Modules follow the path of a sample:
+//!
+//! perf event -> eBPF program ([`ebpf`]) -> ring buffer -> [`drain`] -> [`aggregate`]
+//! (with [`process`] metadata captured on first sight) -> [`symbolize`] -> [`profile`]
+//! -> [`export`] (folded, pprof, flamegraph).
+//!
+//! [`cli`] and [`config`] turn arguments into a checked configuration; [`record`]
+//! runs the `record` command. See ARCHITECTURE.md for one sample's journey.
+
+pub mod aggregate;
+pub mod cli;
+pub mod config;
+pub mod drain;
+pub mod ebpf;
+pub mod export;
+pub mod process;
+pub mod profile;
+pub mod record;
+pub mod symbolize;

@@ -1,0 +1,497 @@
+//! Stage 3b: process metadata, captured on first sight so that a process that exits
+//! before symbolization still gets names.
+//!
+//! When the drain sees a new tgid it asks the capture worker (one thread, fed by a
+//! bounded queue) to read `/proc/PID/{comm,exe,maps}` and to open every executable
+//! file the process maps, through `/proc/PID/map_files` (which works for deleted files
+//! and files in other mount namespaces). The open file descriptors keep the binaries
+//! readable after the process is gone.
+//!
+//! Bounded: [`MAX_TRACKED_PROCESSES`] processes, [`MAX_OPEN_OBJECTS`] open binaries
+//! (deduplicated by device and inode), [`CAPTURE_QUEUE`] pending captures. What does
+//! not fit is counted and symbolized later from /proc if the process is still alive.
+//! Must never: block the drain (it only does a `try_send`).
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io::Write as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::fs::MetadataExt as _,
+    },
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{sync_channel, Receiver, SyncSender, TrySendError},
+        Arc, Mutex, Weak,
+    },
+    thread::JoinHandle,
+};
+
+use procfs::process::{MMapPath, Process};
+use profiler_common::TASK_COMM_LEN;
+
+/// Processes whose metadata is kept: each costs ~200 bytes plus ~80 bytes per
+/// executable mapping, so ~8 MiB at 8192 processes with 30 mappings each.
+pub const MAX_TRACKED_PROCESSES: usize = 8192;
+/// Open binaries (one file descriptor each, shared by every process mapping them).
+pub const MAX_OPEN_OBJECTS: usize = 1024;
+/// First sights waiting for the capture worker: 1024 x 4 bytes. When full, the drain
+/// tries again on the process's next sample.
+pub const CAPTURE_QUEUE: usize = 1024;
+
+/// An executable file mapped by one or more processes, held open.
+#[derive(Debug)]
+pub struct ObjectFile {
+    /// Device and inode: the identity used to share one open file between processes.
+    pub dev: u64,
+    pub ino: u64,
+    /// The path the process mapped it from (as in /proc/PID/maps).
+    pub path: String,
+    /// GNU build id, if the file has one.
+    pub build_id: Option<Vec<u8>>,
+    file: File,
+}
+
+impl ObjectFile {
+    /// A path through which blazesym (or anyone in this process) can read the file,
+    /// even after the process that mapped it exited or the file was deleted.
+    pub fn readable_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
+    /// Last path component, for frames like `[unknown] libc.so.6+0x1234`.
+    pub fn file_name(&self) -> &str {
+        file_name(&self.path)
+    }
+}
+
+fn file_name(path: &str) -> &str {
+    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// What backs one executable mapping.
+#[derive(Clone, Debug)]
+pub enum MappedObject {
+    /// A file we hold open.
+    File(Arc<ObjectFile>),
+    /// A file we could not open (or the object table was full); `reason` says why.
+    Unopened { path: String, reason: &'static str },
+    /// Anonymous executable memory (JIT code, trampolines): `[anon]`, `[heap]`, ...
+    Anonymous(String),
+}
+
+impl MappedObject {
+    /// Name for `[unknown] NAME+0xoff` frames.
+    pub fn display_name(&self) -> &str {
+        match self {
+            MappedObject::File(o) => o.file_name(),
+            MappedObject::Unopened { path, .. } => file_name(path),
+            MappedObject::Anonymous(name) => name,
+        }
+    }
+}
+
+/// One executable mapping of a process.
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    pub object: MappedObject,
+}
+
+impl Mapping {
+    /// File offset of an address inside this mapping.
+    pub fn file_offset(&self, addr: u64) -> u64 {
+        addr - self.start + self.offset
+    }
+}
+
+/// What we know about one process.
+#[derive(Debug)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// Process name (`/proc/PID/comm` of the main thread).
+    pub name: String,
+    /// Path of the executable, if readable.
+    pub exe: Option<String>,
+    /// Executable mappings sorted by start address.
+    pub mappings: Vec<Mapping>,
+}
+
+impl ProcessInfo {
+    /// The mapping containing `addr`.
+    pub fn mapping(&self, addr: u64) -> Option<&Mapping> {
+        let i = self.mappings.partition_point(|m| m.start <= addr);
+        let m = self.mappings.get(i.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
+    }
+}
+
+/// Why a process could not be captured.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The process exited (or never was) before we looked.
+    #[error("process {pid} is gone")]
+    Gone { pid: u32 },
+    /// /proc/PID was there but unreadable.
+    #[error("cannot read /proc/{pid}: {source}")]
+    Unreadable { pid: u32, source: procfs::ProcError },
+}
+
+/// Counters of the process stage.
+#[derive(Debug, Default)]
+pub struct ProcessStats {
+    /// Processes captured.
+    pub captured: AtomicU64,
+    /// Processes that exited before the worker got to them.
+    pub gone_before_capture: AtomicU64,
+    /// First sights dropped because the queue was full (retried on the next sample).
+    pub queue_full: AtomicU64,
+    /// Processes not tracked because the table was full.
+    pub table_full: AtomicU64,
+    /// Mappings whose file was not held open because the object table was full.
+    pub objects_full: AtomicU64,
+}
+
+/// All captured processes and the binaries they map.
+pub struct ProcessTable {
+    processes: HashMap<u32, Arc<ProcessInfo>>,
+    /// Weak, so a binary is closed once no process that maps it is tracked.
+    objects: HashMap<(u64, u64), Weak<ObjectFile>>,
+    vdso: Option<Arc<ObjectFile>>,
+    stats: Arc<ProcessStats>,
+}
+
+impl ProcessTable {
+    pub fn new(stats: Arc<ProcessStats>) -> Self {
+        ProcessTable {
+            processes: HashMap::new(),
+            objects: HashMap::new(),
+            vdso: own_vdso().ok(),
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<ProcessStats> {
+        &self.stats
+    }
+
+    pub fn get(&self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        self.processes.get(&pid).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.processes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.processes.is_empty()
+    }
+
+    /// Reads the process from /proc and stores it (replacing what we had).
+    pub fn capture(&mut self, pid: u32) -> Result<Arc<ProcessInfo>, CaptureError> {
+        if !self.processes.contains_key(&pid) && self.processes.len() >= MAX_TRACKED_PROCESSES {
+            self.stats.table_full.fetch_add(1, Ordering::Relaxed);
+        }
+        let info = Arc::new(self.read_process(pid)?);
+        if self.processes.contains_key(&pid) || self.processes.len() < MAX_TRACKED_PROCESSES {
+            self.processes.insert(pid, info.clone());
+        }
+        self.stats.captured.fetch_add(1, Ordering::Relaxed);
+        Ok(info)
+    }
+
+    /// Forgets processes (e.g. exited ones at the end of an interval) and closes the
+    /// binaries only they mapped.
+    pub fn remove(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+        self.objects.retain(|_, o| o.strong_count() > 0);
+    }
+
+    fn read_process(&mut self, pid: u32) -> Result<ProcessInfo, CaptureError> {
+        let gone = |e: procfs::ProcError| match e {
+            procfs::ProcError::NotFound(_) => CaptureError::Gone { pid },
+            other => CaptureError::Unreadable { pid, source: other },
+        };
+        let process = Process::new(pid as i32).map_err(gone)?;
+        let maps = process.maps().map_err(gone)?;
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|s| s.trim_end().to_string())
+            .unwrap_or_default();
+        let exe = process.exe().ok().map(|p| p.to_string_lossy().into_owned());
+        let mut mappings = Vec::new();
+        for map in maps {
+            if !map.perms.contains(procfs::process::MMPermissions::EXECUTE) {
+                continue;
+            }
+            let (start, end) = map.address;
+            let object = match &map.pathname {
+                MMapPath::Path(path) => self.open_object(pid, start, end, &path.to_string_lossy()),
+                MMapPath::Vdso => match &self.vdso {
+                    Some(vdso) => MappedObject::File(vdso.clone()),
+                    None => MappedObject::Anonymous("[vdso]".into()),
+                },
+                MMapPath::Anonymous => MappedObject::Anonymous("[anon]".into()),
+                MMapPath::Heap => MappedObject::Anonymous("[heap]".into()),
+                MMapPath::Stack | MMapPath::TStack(_) => MappedObject::Anonymous("[stack]".into()),
+                MMapPath::Vsyscall => MappedObject::Anonymous("[vsyscall]".into()),
+                other => MappedObject::Anonymous(format!("{other:?}")),
+            };
+            let offset = if matches!(map.pathname, MMapPath::Vdso) {
+                0
+            } else {
+                map.offset
+            };
+            mappings.push(Mapping {
+                start,
+                end,
+                offset,
+                object,
+            });
+        }
+        mappings.sort_by_key(|m| m.start);
+        Ok(ProcessInfo {
+            pid,
+            name,
+            exe,
+            mappings,
+        })
+    }
+
+    fn open_object(&mut self, pid: u32, start: u64, end: u64, path: &str) -> MappedObject {
+        let link = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+        let meta = match std::fs::metadata(&link) {
+            Ok(m) => m,
+            Err(_) => {
+                return MappedObject::Unopened {
+                    path: path.to_string(),
+                    reason: "unreadable",
+                }
+            }
+        };
+        let key = (meta.dev(), meta.ino());
+        if let Some(object) = self.objects.get(&key).and_then(Weak::upgrade) {
+            return MappedObject::File(object);
+        }
+        self.objects.retain(|_, o| o.strong_count() > 0);
+        if self.objects.len() >= MAX_OPEN_OBJECTS {
+            self.stats.objects_full.fetch_add(1, Ordering::Relaxed);
+            return MappedObject::Unopened {
+                path: path.to_string(),
+                reason: "object table full",
+            };
+        }
+        let file = match File::open(&link) {
+            Ok(f) => f,
+            Err(_) => {
+                return MappedObject::Unopened {
+                    path: path.to_string(),
+                    reason: "unreadable",
+                }
+            }
+        };
+        let object = Arc::new(ObjectFile {
+            dev: key.0,
+            ino: key.1,
+            path: path.to_string(),
+            build_id: read_build_id(&file),
+            file,
+        });
+        self.objects.insert(key, Arc::downgrade(&object));
+        MappedObject::File(object)
+    }
+}
+
+fn read_build_id(file: &File) -> Option<Vec<u8>> {
+    let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    blazesym::helper::read_elf_build_id(&path)
+        .ok()
+        .flatten()
+        .map(|id| id.to_vec())
+}
+
+/// A copy of our own vDSO in a memfd. Every 64-bit process on this kernel maps the
+/// same vDSO image, so this one file symbolizes all of them.
+fn own_vdso() -> std::io::Result<Arc<ObjectFile>> {
+    let maps = Process::myself()
+        .and_then(|p| p.maps())
+        .map_err(std::io::Error::other)?;
+    let vdso = maps
+        .into_iter()
+        .find(|m| matches!(m.pathname, MMapPath::Vdso))
+        .ok_or_else(|| std::io::Error::other("no [vdso] mapping"))?;
+    let (start, end) = vdso.address;
+    // SAFETY: the vDSO is mapped readable in our own address space for our lifetime.
+    let image = unsafe { std::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
+    // SAFETY: plain syscall with a NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"vdso".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(image)?;
+    let meta = file.metadata()?;
+    let build_id = read_build_id(&file);
+    Ok(Arc::new(ObjectFile {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        path: "[vdso]".into(),
+        build_id,
+        file,
+    }))
+}
+
+/// The drain's side of first sight: remembers which tgids it has passed on and hands
+/// new ones to the capture worker without ever blocking.
+pub struct FirstSight {
+    seen: HashSet<u32>,
+    queue: SyncSender<u32>,
+    stats: Arc<ProcessStats>,
+}
+
+impl FirstSight {
+    /// Called for every sample; cheap when the tgid is known.
+    pub fn observe(&mut self, tgid: u32, _thread: &[u8; TASK_COMM_LEN]) {
+        if tgid == 0 || self.seen.contains(&tgid) {
+            return;
+        }
+        if self.seen.len() >= MAX_TRACKED_PROCESSES {
+            return; // counted by the table when it refuses
+        }
+        match self.queue.try_send(tgid) {
+            Ok(()) => {
+                self.seen.insert(tgid);
+            }
+            Err(TrySendError::Full(_)) => {
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Lets these tgids be captured again when next seen (after they were removed
+    /// from the table).
+    pub fn forget(&mut self, tgids: impl IntoIterator<Item = u32>) {
+        for tgid in tgids {
+            self.seen.remove(&tgid);
+        }
+    }
+}
+
+/// The capture worker thread. Dropping the [`FirstSight`] ends it; [`CaptureWorker::join`]
+/// waits for it.
+pub struct CaptureWorker {
+    handle: Option<JoinHandle<()>>,
+}
+
+impl CaptureWorker {
+    /// Starts the worker; returns it and the drain's [`FirstSight`] handle.
+    pub fn start(table: Arc<Mutex<ProcessTable>>) -> std::io::Result<(CaptureWorker, FirstSight)> {
+        let (tx, rx) = sync_channel(CAPTURE_QUEUE);
+        let stats = table.lock().expect("process table lock").stats().clone();
+        let handle = std::thread::Builder::new()
+            .name("capture".into())
+            .spawn(move || capture_loop(rx, table))?;
+        Ok((
+            CaptureWorker {
+                handle: Some(handle),
+            },
+            FirstSight {
+                seen: HashSet::new(),
+                queue: tx,
+                stats,
+            },
+        ))
+    }
+
+    /// Waits for the worker to finish the queue (after the `FirstSight` was dropped).
+    pub fn join(mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>) {
+    while let Ok(pid) = queue.recv() {
+        let mut table = table.lock().expect("process table lock");
+        if let Err(CaptureError::Gone { .. }) = table.capture(pid) {
+            table
+                .stats
+                .gone_before_capture
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our own process is captured with its executable mapped and opened.
+    #[test]
+    fn captures_own_process() {
+        let mut table = ProcessTable::new(Arc::default());
+        let pid = std::process::id();
+        let info = table.capture(pid).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert!(info.mappings.iter().any(|m| matches!(&m.object,
+            MappedObject::File(o) if o.path == exe.to_string_lossy())));
+        let here = captures_own_process as *const () as u64;
+        let m = info.mapping(here).expect("our code is mapped");
+        assert!(matches!(m.object, MappedObject::File(_)));
+    }
+
+    /// A pid that does not exist is reported as gone, not as an error to surface.
+    #[test]
+    fn missing_process_is_gone() {
+        let mut table = ProcessTable::new(Arc::default());
+        assert!(matches!(
+            table.capture(u32::MAX - 1),
+            Err(CaptureError::Gone { .. })
+        ));
+    }
+
+    /// Two processes mapping the same binary share one open file.
+    #[test]
+    fn objects_are_shared_by_inode() {
+        let mut table = ProcessTable::new(Arc::default());
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let mut child2 = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        // Wait until both have exec'd.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let a = table.capture(child.id()).unwrap();
+        let b = table.capture(child2.id()).unwrap();
+        let _ = child.kill();
+        let _ = child2.kill();
+        let _ = child.wait();
+        let _ = child2.wait();
+        let libc_of = |p: &ProcessInfo| {
+            p.mappings.iter().find_map(|m| match &m.object {
+                MappedObject::File(o) if o.path.contains("libc") => Some(o.clone()),
+                _ => None,
+            })
+        };
+        assert!(Arc::ptr_eq(&libc_of(&a).unwrap(), &libc_of(&b).unwrap()));
+    }
+
+    /// The vDSO copy is a readable ELF image.
+    #[test]
+    fn vdso_copy_is_elf() {
+        let vdso = own_vdso().unwrap();
+        let bytes = std::fs::read(vdso.readable_path()).unwrap();
+        assert_eq!(&bytes[..4], b"\x7fELF");
+    }
+}

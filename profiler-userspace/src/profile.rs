@@ -1,0 +1,200 @@
+//! Stage 5: the symbolized profile of one interval, the input of every exporter.
+//!
+//! Tables are deduplicated: a location (one code address in one binary, or one
+//! kernel address) appears once however many stacks and processes share it. Stacks
+//! list location ids leaf first, as pprof does.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+/// What kind of code a frame is, so users (and exporters) can tell them apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrameKind {
+    /// Kernel code (folded output suffixes these `_[k]`).
+    Kernel,
+    /// Native user code (ELF).
+    Native,
+}
+
+/// One function at one source position; several make an inlined chain.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Line {
+    pub function: Arc<str>,
+    pub file: Option<Arc<str>>,
+    /// 0 when unknown.
+    pub line: u32,
+}
+
+/// A binary (or the kernel) that locations belong to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object {
+    /// Path as the process mapped it, or `[kernel.kallsyms]`, `[anon]`, ...
+    pub path: Arc<str>,
+    /// GNU build id (raw bytes).
+    pub build_id: Option<Arc<[u8]>>,
+}
+
+/// One code address.
+#[derive(Clone, Debug)]
+pub struct Location {
+    /// File offset inside [`Location::object`] for user code, the kernel address for
+    /// kernel code, the absolute address when nothing maps it.
+    pub address: u64,
+    /// Index into [`Profile::objects`].
+    pub object: Option<usize>,
+    pub kind: FrameKind,
+    /// Innermost function first (inlined callees before their callers); never empty.
+    pub lines: Arc<[Line]>,
+}
+
+/// One (process, thread, stack) and its sample count.
+#[derive(Clone, Debug)]
+pub struct Stack {
+    pub pid: u32,
+    /// Process name.
+    pub process: Arc<str>,
+    /// Thread name.
+    pub thread: Arc<str>,
+    /// Indices into [`Profile::locations`], leaf first.
+    pub locations: Vec<usize>,
+    pub count: u64,
+}
+
+/// Why frames could not be named; counts are of distinct addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnknownCounts {
+    /// The binary has no symbol covering the address.
+    pub no_symbol: u64,
+    /// The binary could not be opened (or the object table was full).
+    pub object_unavailable: u64,
+    /// Anonymous executable memory (JIT code without a perf map, trampolines).
+    pub anonymous: u64,
+    /// The address is in no mapping of the process.
+    pub unmapped: u64,
+    /// The process exited before its mappings were read.
+    pub process_gone: u64,
+    /// A kernel address that kallsyms does not cover.
+    pub kernel: u64,
+}
+
+impl UnknownCounts {
+    pub fn total(&self) -> u64 {
+        self.no_symbol
+            + self.object_unavailable
+            + self.anonymous
+            + self.unmapped
+            + self.process_gone
+            + self.kernel
+    }
+
+    /// (reason, count) pairs with non-zero counts, for summaries.
+    pub fn reasons(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("no symbol", self.no_symbol),
+            ("binary unavailable", self.object_unavailable),
+            ("anonymous/JIT memory", self.anonymous),
+            ("unmapped", self.unmapped),
+            ("process gone before capture", self.process_gone),
+            ("kernel", self.kernel),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
+    }
+}
+
+/// A symbolized profile.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// Wall-clock start of the interval.
+    pub start: SystemTime,
+    pub duration: Duration,
+    /// Sampling frequency per CPU.
+    pub frequency_hz: u64,
+    pub objects: Vec<Object>,
+    pub locations: Vec<Location>,
+    pub stacks: Vec<Stack>,
+    pub unknown: UnknownCounts,
+}
+
+impl Profile {
+    /// CPU time one sample stands for.
+    pub fn period_ns(&self) -> u64 {
+        1_000_000_000 / self.frequency_hz.max(1)
+    }
+
+    /// Total samples.
+    pub fn samples(&self) -> u64 {
+        self.stacks.iter().map(|s| s.count).sum()
+    }
+
+    /// Function names of a stack, root first, inlined frames expanded, with a
+    /// `_[k]` suffix on kernel frames (the folded/flamegraph convention).
+    pub fn folded_frames<'a>(&'a self, stack: &'a Stack) -> impl Iterator<Item = String> + 'a {
+        stack.locations.iter().rev().flat_map(move |&id| {
+            let loc = &self.locations[id];
+            loc.lines.iter().rev().map(move |line| match loc.kind {
+                FrameKind::Kernel => format!("{}_[k]", line.function),
+                FrameKind::Native => line.function.to_string(),
+            })
+        })
+    }
+}
+
+/// A small hand-built profile for exporter tests: process `app` with
+/// `main -> work -> do_syscall_64 [k]` (3 samples) and `main -> work_[a;b]` (2 samples,
+/// a name with a separator in it).
+#[cfg(test)]
+pub fn test_profile() -> Profile {
+    let line = |f: &str| Line {
+        function: f.into(),
+        file: Some("app.c".into()),
+        line: 7,
+    };
+    let loc = |f: &str, kind, object| Location {
+        address: 0x1000,
+        object: Some(object),
+        kind,
+        lines: Arc::new([line(f)]),
+    };
+    Profile {
+        start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        duration: Duration::from_secs(10),
+        frequency_hz: 100,
+        objects: vec![
+            Object {
+                path: "/usr/bin/app".into(),
+                build_id: Some(Arc::from(&[0xab, 0xcd][..])),
+            },
+            Object {
+                path: "[kernel.kallsyms]".into(),
+                build_id: None,
+            },
+        ],
+        locations: vec![
+            loc("main", FrameKind::Native, 0),
+            loc("work", FrameKind::Native, 0),
+            loc("do_syscall_64", FrameKind::Kernel, 1),
+            loc("work_[a;b]", FrameKind::Native, 0),
+        ],
+        stacks: vec![
+            Stack {
+                pid: 42,
+                process: "app".into(),
+                thread: "app".into(),
+                locations: vec![2, 1, 0],
+                count: 3,
+            },
+            Stack {
+                pid: 42,
+                process: "app".into(),
+                thread: "worker".into(),
+                locations: vec![3, 0],
+                count: 2,
+            },
+        ],
+        unknown: UnknownCounts::default(),
+    }
+}

@@ -1,0 +1,325 @@
+//! `profiler record`: sample for a while, then symbolize and write the profile.
+//!
+//! The order on every path: start sampling -> drain until the duration ends or
+//! Ctrl-C/SIGTERM -> detach the program -> drain what is left -> join the capture
+//! worker -> symbolize -> write all files atomically -> summary.
+
+use std::{
+    fmt::Write as _,
+    io::IsTerminal as _,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    aggregate::{AggregateLimits, AggregateStats, Aggregator},
+    config::RecordConfig,
+    drain::{DrainCommand, DrainLoop, DrainStats},
+    ebpf::{KernelCounters, ProgramStats, Sampler, SamplerConfig},
+    export::{self, Written},
+    process::{CaptureWorker, ProcessStats, ProcessTable},
+    profile::UnknownCounts,
+    symbolize::{IntervalMeta, Symbolizer},
+};
+
+/// Threads for blocking work (symbolization, file writes): the pool never grows past
+/// this, whatever the number of processes.
+pub const MAX_BLOCKING_THREADS: usize = 2;
+
+/// The runtime the profiler runs on: one thread for the drain and timers, a small
+/// fixed pool for blocking work.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .thread_name("profiler-blocking")
+        .build()
+}
+
+/// What happened during a recording.
+#[derive(Debug)]
+pub struct RecordSummary {
+    pub written: Written,
+    pub elapsed: Duration,
+    pub interrupted: bool,
+    pub frequency_hz: u64,
+    pub cpus: usize,
+    pub pids: Vec<u32>,
+    /// In-kernel counters (events, emitted, losses).
+    pub kernel: KernelCounters,
+    /// Records the drain read.
+    pub records: u64,
+    /// Records that failed to parse.
+    pub malformed: u64,
+    pub aggregate: AggregateStats,
+    pub stacks: usize,
+    pub processes: usize,
+    pub gone_before_capture: u64,
+    pub unknown: UnknownCounts,
+    pub bpf: ProgramStats,
+}
+
+impl RecordSummary {
+    /// Samples lost anywhere (in the kernel or unreadable).
+    pub fn lost(&self) -> u64 {
+        self.kernel.lost() + self.malformed
+    }
+
+    /// The end-of-run report.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let scope = if self.pids.is_empty() {
+            "whole host".to_string()
+        } else {
+            format!("pid {}", join(&self.pids))
+        };
+        let _ = writeln!(
+            s,
+            "Recorded {:.1} s at {} Hz on {} CPUs ({scope}){}",
+            self.elapsed.as_secs_f64(),
+            self.frequency_hz,
+            self.cpus,
+            if self.interrupted {
+                ", stopped early"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  samples: {} in {} distinct stacks from {} processes",
+            self.aggregate.samples, self.stacks, self.processes
+        );
+        let _ = writeln!(
+            s,
+            "  lost: {} (ring buffer full {}, unreadable records {})",
+            self.lost(),
+            self.kernel.get(profiler_common::Counter::RingBufferFull),
+            self.malformed
+        );
+        if self.aggregate.folded_samples > 0 {
+            let _ = writeln!(
+                s,
+                "  stack table full: {} samples kept without their stacks",
+                self.aggregate.folded_samples
+            );
+        }
+        if self.gone_before_capture > 0 {
+            let _ = writeln!(
+                s,
+                "  processes that exited before their binaries were read: {}",
+                self.gone_before_capture
+            );
+        }
+        let reasons = self.unknown.reasons();
+        if !reasons.is_empty() {
+            let detail: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            let _ = writeln!(
+                s,
+                "  unnamed addresses: {} ({})",
+                self.unknown.total(),
+                detail.join(", ")
+            );
+        }
+        if self.bpf.run_count > 0 {
+            let _ = writeln!(
+                s,
+                "  eBPF program: {:.2} us per sample, {:.3} s in total",
+                self.bpf.run_time_ns as f64 / self.bpf.run_count as f64 / 1000.0,
+                self.bpf.run_time_ns as f64 / 1e9
+            );
+        }
+        if self.aggregate.samples == 0 {
+            let _ = writeln!(
+                s,
+                "  no samples: nothing ran on the CPUs that were sampled (is the process busy?)"
+            );
+        }
+        let _ = writeln!(s, "Wrote:");
+        let _ = writeln!(
+            s,
+            "  {}  (open in a browser)",
+            self.written.flamegraph.display()
+        );
+        let _ = writeln!(s, "  {}  (pprof -http=: {0})", self.written.pprof.display());
+        let _ = writeln!(s, "  {}", self.written.folded.display());
+        s
+    }
+}
+
+fn join(pids: &[u32]) -> String {
+    pids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Records according to `config` and writes the profile.
+pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
+    let start_wall = SystemTime::now();
+    let started = Instant::now();
+    let (mut sampler, ring) = Sampler::start(&SamplerConfig {
+        frequency_hz: config.frequency_hz,
+        pids: config.pids.clone(),
+        include_idle: config.include_idle,
+        ring_buffer_bytes: config.ring_buffer_bytes,
+    })?;
+
+    let process_stats = Arc::new(ProcessStats::default());
+    let table = Arc::new(Mutex::new(ProcessTable::new(process_stats.clone())));
+    {
+        // Targets named on the command line are read now, before they can exit.
+        let mut t = table.lock().expect("process table lock");
+        for &pid in &config.pids {
+            let _ = t.capture(pid);
+        }
+    }
+    let (worker, first_sight) =
+        CaptureWorker::start(table.clone()).context("cannot start the capture thread")?;
+    let drain_stats = Arc::new(DrainStats::default());
+    let drain = DrainLoop::new(
+        ring,
+        Aggregator::new(AggregateLimits::default()),
+        first_sight,
+        drain_stats.clone(),
+    )
+    .context("cannot poll the ring buffer")?;
+    let (commands, command_rx) = mpsc::channel(1);
+    let drain_task = tokio::spawn(drain.run(command_rx));
+
+    let interrupted = wait_for_end(config, &sampler, &drain_stats).await;
+
+    let bpf = sampler.program_stats();
+    sampler.stop();
+    let kernel = sampler
+        .counters()
+        .context("cannot read the eBPF counters")?;
+    let (reply, aggregate) = oneshot::channel();
+    commands
+        .send(DrainCommand::Stop(reply))
+        .await
+        .context("the drain task ended unexpectedly")?;
+    let aggregate = aggregate
+        .await
+        .context("the drain task ended unexpectedly")?;
+    drain_task.await.context("the drain task failed")?;
+    worker.join();
+    let elapsed = started.elapsed();
+
+    if config.progress {
+        eprintln!(
+            "symbolizing {} stacks from {} processes...",
+            aggregate.len(),
+            aggregate
+                .tgids()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        );
+    }
+    let meta = IntervalMeta {
+        start: start_wall,
+        duration: elapsed,
+        frequency_hz: config.frequency_hz,
+    };
+    let title = title(config, sampler.cpus(), elapsed);
+    let output_dir = config.output_dir.clone();
+    let (profile, written, aggregate_stats, stacks) = tokio::task::spawn_blocking(move || {
+        let profile = Symbolizer::default().symbolize(&aggregate, &table, meta);
+        let written = export::write_all(&profile, &output_dir, &title);
+        (profile, written, aggregate.stats(), aggregate.len())
+    })
+    .await
+    .context("symbolization failed")?;
+    let written = written?;
+
+    Ok(RecordSummary {
+        written,
+        elapsed,
+        interrupted,
+        frequency_hz: config.frequency_hz,
+        cpus: sampler.cpus(),
+        pids: config.pids.clone(),
+        kernel,
+        records: drain_stats.records(),
+        malformed: drain_stats.malformed(),
+        aggregate: aggregate_stats,
+        stacks,
+        processes: profile
+            .stacks
+            .iter()
+            .map(|s| s.pid)
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        gone_before_capture: process_stats
+            .gone_before_capture
+            .load(std::sync::atomic::Ordering::Relaxed),
+        unknown: profile.unknown,
+        bpf,
+    })
+}
+
+fn title(config: &RecordConfig, cpus: usize, elapsed: Duration) -> String {
+    let scope = if config.pids.is_empty() {
+        format!("host, {cpus} CPUs")
+    } else {
+        format!("pid {}", join(&config.pids))
+    };
+    format!(
+        "CPU flamegraph ({scope}, {:.0} s at {} Hz)",
+        elapsed.as_secs_f64(),
+        config.frequency_hz
+    )
+}
+
+/// Waits for the duration, Ctrl-C or SIGTERM, printing progress. Returns true when
+/// stopped early.
+async fn wait_for_end(config: &RecordConfig, sampler: &Sampler, drain: &DrainStats) -> bool {
+    let deadline = tokio::time::Instant::now() + config.duration;
+    let tty = std::io::stderr().is_terminal();
+    // A terminal gets one line rewritten every second; a log gets a line every 5 s.
+    let every = if tty {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    };
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let interrupted = loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break false,
+            _ = tokio::signal::ctrl_c() => break true,
+            _ = async {
+                match sigterm.as_mut() {
+                    Some(s) => { s.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => break true,
+            _ = ticker.tick(), if config.progress => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let lost = sampler.counters().map(|c| c.lost()).unwrap_or(0) + drain.malformed();
+                let line = format!(
+                    "recording: {}s left, {} samples, {} lost",
+                    left.as_secs_f64().ceil() as u64,
+                    drain.records(),
+                    lost
+                );
+                if tty {
+                    eprint!("\r{line}\x1b[K");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    };
+    if config.progress && tty {
+        eprintln!();
+    }
+    if interrupted && config.progress {
+        eprintln!("stopping early: writing what was recorded");
+    }
+    interrupted
+}

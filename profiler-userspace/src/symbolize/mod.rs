@@ -1,0 +1,536 @@
+//! Stage 4: symbolize an interval's aggregate into a [`Profile`].
+//!
+//! Kernel addresses are named from /proc/kallsyms, user addresses from the binaries
+//! each process mapped (captured on first sight, see [`crate::process`]): ELF symbols,
+//! DWARF when present (file, line, inlined functions), through blazesym. Every
+//! (binary, offset) and kernel address is looked up once per batch and remembered in
+//! a bounded LRU cache across intervals.
+//!
+//! Misses are data: an address that cannot be named becomes `[unknown] module+0xoff`
+//! and is counted by reason in [`UnknownCounts`]; no sample is dropped.
+
+mod cache;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use blazesym::symbolize::{
+    source::{Elf, Kernel, Source},
+    Input, Sym, Symbolized,
+};
+use profiler_common::TASK_COMM_LEN;
+
+pub use cache::{SymbolCache, MAX_SYMBOL_CACHE_ENTRIES};
+
+use crate::{
+    aggregate::Aggregator,
+    process::{MappedObject, ObjectFile, ProcessInfo, ProcessTable},
+    profile::{FrameKind, Line, Location, Object, Profile, Stack, UnknownCounts},
+};
+
+/// Name of the pseudo-object kernel locations belong to (as perf calls it).
+pub const KERNEL_OBJECT: &str = "[kernel.kallsyms]";
+/// The frame that stands for stacks the aggregator had no room for.
+pub const TABLE_FULL_FRAME: &str = "[stack table full]";
+
+/// Key of one symbol lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SymKey {
+    /// An offset in a binary identified by device and inode.
+    File { dev: u64, ino: u64, offset: u64 },
+    /// A kernel address.
+    Kernel(u64),
+}
+
+/// Names found for one key: the inlined chain innermost first, or `None` when the
+/// source had no symbol for it.
+pub type Resolved = Option<Arc<[Line]>>;
+
+/// Time and rate of the interval being symbolized.
+#[derive(Clone, Copy, Debug)]
+pub struct IntervalMeta {
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub frequency_hz: u64,
+}
+
+/// A frame after address-to-object resolution, before naming.
+enum FrameRef {
+    Kernel(u64),
+    File {
+        object: Arc<ObjectFile>,
+        offset: u64,
+    },
+    Unknown {
+        module: Arc<str>,
+        offset: u64,
+        reason: Reason,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Reason {
+    ObjectUnavailable,
+    Anonymous,
+    Unmapped,
+    ProcessGone,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum LocKey {
+    Sym(SymKey),
+    Unknown(Arc<str>, u64),
+    TableFull,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum ObjKey {
+    File(u64, u64),
+    Named(Arc<str>),
+}
+
+/// Turns aggregates into profiles; keeps the caches between intervals.
+pub struct Symbolizer {
+    blaze: blazesym::symbolize::Symbolizer,
+    cache: SymbolCache,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new(MAX_SYMBOL_CACHE_ENTRIES)
+    }
+}
+
+/// Per-interval state of one `symbolize` call.
+#[derive(Default)]
+struct Builder {
+    objects: Vec<Object>,
+    object_ids: HashMap<ObjKey, usize>,
+    locations: Vec<Location>,
+    location_ids: HashMap<LocKey, usize>,
+    unknown: UnknownCounts,
+}
+
+impl Symbolizer {
+    /// A symbolizer whose cache holds at most `cache_entries` lookups.
+    pub fn new(cache_entries: usize) -> Self {
+        Symbolizer {
+            blaze: blazesym::symbolize::Symbolizer::builder()
+                .enable_code_info(true)
+                .enable_inlined_fns(true)
+                .enable_demangling(true)
+                .build(),
+            cache: SymbolCache::new(cache_entries),
+        }
+    }
+
+    /// Lookups held in the cache.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Symbolizes every stack of `aggregate`. Processes not captured yet are read
+    /// from /proc now if they are still alive.
+    pub fn symbolize(
+        &mut self,
+        aggregate: &Aggregator,
+        processes: &Mutex<ProcessTable>,
+        meta: IntervalMeta,
+    ) -> Profile {
+        let procs = resolve_processes(aggregate, processes);
+
+        // 1. Addresses to objects and offsets.
+        let mut refs: Vec<Vec<FrameRef>> = Vec::with_capacity(aggregate.len());
+        let mut refreshed: HashMap<u32, Option<Arc<ProcessInfo>>> = HashMap::new();
+        for stack in aggregate.stacks() {
+            let mut frames = Vec::with_capacity(stack.frames.len());
+            for (i, &ip) in stack.kernel().iter().enumerate() {
+                frames.push(FrameRef::Kernel(caller_adjusted(ip, i)));
+            }
+            for (i, &ip) in stack.user().iter().enumerate() {
+                let ip = caller_adjusted(ip, i);
+                frames.push(user_frame(
+                    stack.tgid,
+                    ip,
+                    &procs,
+                    &mut refreshed,
+                    processes,
+                ));
+            }
+            refs.push(frames);
+        }
+
+        // 2. Look up what the cache does not know, one batch per binary.
+        let resolved = self.resolve(&refs);
+
+        // 3. Tables and stacks.
+        let mut b = Builder::default();
+        let mut stacks = Vec::with_capacity(aggregate.len() + 1);
+        for (stack, frames) in aggregate.stacks().zip(&refs) {
+            let locations = frames.iter().map(|f| b.location(f, &resolved)).collect();
+            stacks.push(Stack {
+                pid: stack.tgid,
+                process: process_name(stack.tgid, &stack.thread, &procs),
+                thread: comm_str(&stack.thread),
+                locations,
+                count: stack.count,
+            });
+        }
+        for (tgid, thread, count) in aggregate.overflow() {
+            let loc = b.table_full();
+            stacks.push(Stack {
+                pid: tgid,
+                process: process_name(tgid, thread, &procs),
+                thread: comm_str(thread),
+                locations: vec![loc],
+                count,
+            });
+        }
+        let unattributed = aggregate.stats().unattributed_samples;
+        if unattributed > 0 {
+            let loc = b.table_full();
+            stacks.push(Stack {
+                pid: 0,
+                process: "[unattributed]".into(),
+                thread: "".into(),
+                locations: vec![loc],
+                count: unattributed,
+            });
+        }
+        Profile {
+            start: meta.start,
+            duration: meta.duration,
+            frequency_hz: meta.frequency_hz,
+            objects: b.objects,
+            locations: b.locations,
+            stacks,
+            unknown: b.unknown,
+        }
+    }
+
+    /// Resolves every key the frames need, from the cache or in batches.
+    fn resolve(&mut self, refs: &[Vec<FrameRef>]) -> HashMap<SymKey, Resolved> {
+        let mut resolved: HashMap<SymKey, Resolved> = HashMap::new();
+        let mut kernel_pending: Vec<u64> = Vec::new();
+        let mut file_pending: HashMap<(u64, u64), (Arc<ObjectFile>, Vec<u64>)> = HashMap::new();
+        for frame in refs.iter().flatten() {
+            let key = match frame {
+                FrameRef::Kernel(addr) => SymKey::Kernel(*addr),
+                FrameRef::File { object, offset } => SymKey::File {
+                    dev: object.dev,
+                    ino: object.ino,
+                    offset: *offset,
+                },
+                FrameRef::Unknown { .. } => continue,
+            };
+            if resolved.contains_key(&key) {
+                continue;
+            }
+            if let Some(hit) = self.cache.get(&key) {
+                resolved.insert(key, hit);
+                continue;
+            }
+            resolved.insert(key, None); // placeholder until the batch runs
+            match frame {
+                FrameRef::Kernel(addr) => kernel_pending.push(*addr),
+                FrameRef::File { object, offset } => file_pending
+                    .entry((object.dev, object.ino))
+                    .or_insert_with(|| (object.clone(), Vec::new()))
+                    .1
+                    .push(*offset),
+                FrameRef::Unknown { .. } => unreachable!(),
+            }
+        }
+
+        if !kernel_pending.is_empty() {
+            let source = Source::Kernel(Kernel {
+                vmlinux: blazesym::MaybeDefault::None,
+                debug_syms: false,
+                ..Kernel::default()
+            });
+            let names = self.lookup(&source, Input::AbsAddr(&kernel_pending));
+            for (addr, name) in kernel_pending.iter().zip(names) {
+                resolved.insert(SymKey::Kernel(*addr), name);
+            }
+        }
+        for ((dev, ino), (object, offsets)) in file_pending {
+            let mut elf = Elf::new(object.readable_path());
+            elf.debug_syms = true;
+            let names = self.lookup(&Source::Elf(elf), Input::FileOffset(&offsets));
+            for (offset, name) in offsets.iter().zip(names) {
+                resolved.insert(
+                    SymKey::File {
+                        dev,
+                        ino,
+                        offset: *offset,
+                    },
+                    name,
+                );
+            }
+        }
+        for (key, value) in &resolved {
+            self.cache.insert(*key, value.clone());
+        }
+        resolved
+    }
+
+    /// One blazesym batch; a failure of the whole batch leaves every address unnamed.
+    fn lookup(&self, source: &Source<'_>, input: Input<&[u64]>) -> Vec<Resolved> {
+        let n = match input {
+            Input::AbsAddr(a) | Input::VirtOffset(a) | Input::FileOffset(a) => a.len(),
+        };
+        match self.blaze.symbolize(source, input) {
+            Ok(results) => results
+                .iter()
+                .map(|r| match r {
+                    Symbolized::Sym(sym) => Some(lines_of(sym)),
+                    Symbolized::Unknown(_) => None,
+                })
+                .collect(),
+            Err(_) => vec![None; n],
+        }
+    }
+}
+
+/// Return addresses point after the call; look up the call itself. The leaf frame is
+/// the interrupted instruction and is used as is.
+fn caller_adjusted(ip: u64, index: usize) -> u64 {
+    if index == 0 {
+        ip
+    } else {
+        ip.saturating_sub(1)
+    }
+}
+
+fn resolve_processes(
+    aggregate: &Aggregator,
+    processes: &Mutex<ProcessTable>,
+) -> HashMap<u32, Option<Arc<ProcessInfo>>> {
+    let mut table = processes.lock().expect("process table lock");
+    let mut procs = HashMap::new();
+    for tgid in aggregate.tgids() {
+        procs.entry(tgid).or_insert_with(|| {
+            table.get(tgid).or_else(|| {
+                if tgid == 0 {
+                    None
+                } else {
+                    table.capture(tgid).ok()
+                }
+            })
+        });
+    }
+    procs
+}
+
+fn user_frame(
+    tgid: u32,
+    ip: u64,
+    procs: &HashMap<u32, Option<Arc<ProcessInfo>>>,
+    refreshed: &mut HashMap<u32, Option<Arc<ProcessInfo>>>,
+    table: &Mutex<ProcessTable>,
+) -> FrameRef {
+    let Some(Some(info)) = procs.get(&tgid) else {
+        return FrameRef::Unknown {
+            module: "[unknown process]".into(),
+            offset: ip,
+            reason: Reason::ProcessGone,
+        };
+    };
+    let mut mapping = info.mapping(ip).cloned();
+    if mapping.is_none() {
+        // Mapped after first sight (dlopen)? Re-read the process once per interval.
+        let fresh = refreshed
+            .entry(tgid)
+            .or_insert_with(|| table.lock().expect("process table lock").capture(tgid).ok());
+        mapping = fresh.as_ref().and_then(|p| p.mapping(ip).cloned());
+    }
+    let Some(mapping) = mapping else {
+        return FrameRef::Unknown {
+            module: "[unmapped]".into(),
+            offset: ip,
+            reason: Reason::Unmapped,
+        };
+    };
+    let offset = mapping.file_offset(ip);
+    match mapping.object {
+        MappedObject::File(object) => FrameRef::File { object, offset },
+        MappedObject::Unopened { ref path, .. } => FrameRef::Unknown {
+            module: path.as_str().into(),
+            offset,
+            reason: Reason::ObjectUnavailable,
+        },
+        MappedObject::Anonymous(ref name) => FrameRef::Unknown {
+            module: name.as_str().into(),
+            offset: ip - mapping.start,
+            reason: Reason::Anonymous,
+        },
+    }
+}
+
+fn comm_str(comm: &[u8; TASK_COMM_LEN]) -> Arc<str> {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into()
+}
+
+fn process_name(
+    tgid: u32,
+    thread: &[u8; TASK_COMM_LEN],
+    procs: &HashMap<u32, Option<Arc<ProcessInfo>>>,
+) -> Arc<str> {
+    match procs.get(&tgid) {
+        Some(Some(info)) if !info.name.is_empty() => info.name.as_str().into(),
+        // Gone before capture: the thread's name is the best we have.
+        _ if tgid == 0 => "[idle]".into(),
+        _ => comm_str(thread),
+    }
+}
+
+/// The inlined chain of a symbol, innermost function first, each with its position.
+fn lines_of(sym: &Sym<'_>) -> Arc<[Line]> {
+    let code = |ci: Option<&blazesym::symbolize::CodeInfo<'_>>| match ci {
+        Some(ci) => (
+            Some(Arc::<str>::from(ci.to_path().to_string_lossy().as_ref())),
+            ci.line.unwrap_or(0),
+        ),
+        None => (None, 0),
+    };
+    let mut lines = Vec::with_capacity(sym.inlined.len() + 1);
+    // The address is in the innermost function; each inlined function's code info
+    // is the position of its call in the function that contains it.
+    let mut position = code(sym.code_info.as_deref());
+    for inlined in sym.inlined.iter().rev() {
+        lines.push(Line {
+            function: inlined.name.as_ref().into(),
+            file: position.0.clone(),
+            line: position.1,
+        });
+        position = code(inlined.code_info.as_ref());
+    }
+    lines.push(Line {
+        function: sym.name.as_ref().into(),
+        file: position.0,
+        line: position.1,
+    });
+    lines.into()
+}
+
+impl Builder {
+    fn object(&mut self, key: ObjKey, make: impl FnOnce() -> Object) -> usize {
+        *self.object_ids.entry(key).or_insert_with(|| {
+            self.objects.push(make());
+            self.objects.len() - 1
+        })
+    }
+
+    fn push_location(&mut self, key: LocKey, make: impl FnOnce(&mut Self) -> Location) -> usize {
+        if let Some(&id) = self.location_ids.get(&key) {
+            return id;
+        }
+        let loc = make(self);
+        self.locations.push(loc);
+        let id = self.locations.len() - 1;
+        self.location_ids.insert(key, id);
+        id
+    }
+
+    fn table_full(&mut self) -> usize {
+        self.push_location(LocKey::TableFull, |_| Location {
+            address: 0,
+            object: None,
+            kind: FrameKind::Native,
+            lines: Arc::new([Line {
+                function: TABLE_FULL_FRAME.into(),
+                file: None,
+                line: 0,
+            }]),
+        })
+    }
+
+    fn location(&mut self, frame: &FrameRef, resolved: &HashMap<SymKey, Resolved>) -> usize {
+        match frame {
+            FrameRef::Kernel(addr) => {
+                let key = SymKey::Kernel(*addr);
+                self.push_location(LocKey::Sym(key), |b| {
+                    let object = b.object(ObjKey::Named(KERNEL_OBJECT.into()), || Object {
+                        path: KERNEL_OBJECT.into(),
+                        build_id: None,
+                    });
+                    let lines = match resolved.get(&key).cloned().flatten() {
+                        Some(lines) => lines,
+                        None => {
+                            b.unknown.kernel += 1;
+                            unknown_lines("[kernel]", *addr)
+                        }
+                    };
+                    Location {
+                        address: *addr,
+                        object: Some(object),
+                        kind: FrameKind::Kernel,
+                        lines,
+                    }
+                })
+            }
+            FrameRef::File { object, offset } => {
+                let key = SymKey::File {
+                    dev: object.dev,
+                    ino: object.ino,
+                    offset: *offset,
+                };
+                self.push_location(LocKey::Sym(key), |b| {
+                    let id = b.object(ObjKey::File(object.dev, object.ino), || Object {
+                        path: object.path.as_str().into(),
+                        build_id: object.build_id.as_deref().map(Into::into),
+                    });
+                    let lines = match resolved.get(&key).cloned().flatten() {
+                        Some(lines) => lines,
+                        None => {
+                            b.unknown.no_symbol += 1;
+                            unknown_lines(object.file_name(), *offset)
+                        }
+                    };
+                    Location {
+                        address: *offset,
+                        object: Some(id),
+                        kind: FrameKind::Native,
+                        lines,
+                    }
+                })
+            }
+            FrameRef::Unknown {
+                module,
+                offset,
+                reason,
+            } => self.push_location(LocKey::Unknown(module.clone(), *offset), |b| {
+                match reason {
+                    Reason::ObjectUnavailable => b.unknown.object_unavailable += 1,
+                    Reason::Anonymous => b.unknown.anonymous += 1,
+                    Reason::Unmapped => b.unknown.unmapped += 1,
+                    Reason::ProcessGone => b.unknown.process_gone += 1,
+                }
+                let id = b.object(ObjKey::Named(module.clone()), || Object {
+                    path: module.clone(),
+                    build_id: None,
+                });
+                let name = module.rsplit('/').next().unwrap_or(module);
+                Location {
+                    address: *offset,
+                    object: Some(id),
+                    kind: FrameKind::Native,
+                    lines: unknown_lines(name, *offset),
+                }
+            }),
+        }
+    }
+}
+
+/// `[unknown] module+0xoff`.
+fn unknown_lines(module: &str, offset: u64) -> Arc<[Line]> {
+    Arc::new([Line {
+        function: format!("[unknown] {module}+{offset:#x}").into(),
+        file: None,
+        line: 0,
+    }])
+}
