@@ -1,0 +1,120 @@
+//! Native sampling: known call chains appear root to leaf in the folded output.
+
+use profiler_tests::*;
+
+/// The chain main -> chain_outer -> chain_middle -> chain_inner -> spin_leaf of a
+/// frame-pointer program appears root to leaf under its process name, and nothing
+/// is lost.
+#[test]
+fn known_chain_appears_root_to_leaf() {
+    let target = start("chain", &["4"]);
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let summary = record(&[target.pid()], 2, 97, out.path());
+    let stacks = read_folded(out.path());
+    let chain = [
+        "main",
+        "chain_outer",
+        "chain_middle",
+        "chain_inner",
+        "spin_leaf",
+    ];
+    let hits = samples_with_chain(&stacks, "chain", &chain);
+    let total: u64 = stacks.iter().map(|s| s.count).sum();
+    assert!(
+        hits * 2 > total,
+        "chain in {hits} of {total} samples: {stacks:#?}"
+    );
+    assert_eq!(summary.lost(), 0);
+    assert_eq!(
+        summary.records,
+        summary.kernel.get(profiler_common::Counter::Emitted)
+    );
+}
+
+/// A syscall-heavy program shows named kernel frames (`_[k]`) under its user frames.
+#[test]
+fn kernel_frames_under_user_frames() {
+    let target = start("syscalls", &["4"]);
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    record(&[target.pid()], 2, 97, out.path());
+    let stacks = read_folded(out.path());
+    let with_kernel: Vec<&FoldedStack> = stacks
+        .iter()
+        .filter(|s| contains_chain(&s.frames, &["main", "read_zero_loop"]))
+        .filter(|s| {
+            let last = s.frames.last().unwrap();
+            last.ends_with("_[k]") && !last.starts_with("[unknown]")
+        })
+        .collect();
+    assert!(!with_kernel.is_empty(), "no user+kernel stack: {stacks:#?}");
+    for s in &with_kernel {
+        // Once a kernel frame starts, the rest of the stack is kernel.
+        let first_k = s.frames.iter().position(|f| f.ends_with("_[k]")).unwrap();
+        assert!(
+            s.frames[first_k..].iter().all(|f| f.ends_with("_[k]")),
+            "{s:?}"
+        );
+        assert!(
+            s.frames[..first_k].iter().all(|f| !f.ends_with("_[k]")),
+            "{s:?}"
+        );
+    }
+    let kernel_names: Vec<&String> = with_kernel.iter().flat_map(|s| &s.frames).collect();
+    assert!(
+        kernel_names.iter().any(|f| f.contains("read")),
+        "no read-related kernel frame in {with_kernel:#?}"
+    );
+}
+
+/// A program that starts after recording began and exits before it ends is still
+/// named: its binary was captured on first sight.
+#[test]
+fn exited_process_is_still_named() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_path_buf();
+    let recorder = std::thread::spawn(move || record(&[], 4, 97, &dir));
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let mut target = KillOnDrop::spawn(
+        std::process::Command::new(program_named("chain", "chain_exits")).arg("1.5"),
+    );
+    assert!(target.wait().success());
+    recorder.join().unwrap();
+    let stacks = read_folded(out.path());
+    let ours: Vec<&FoldedStack> = stacks
+        .iter()
+        .filter(|s| s.frames[0] == "chain_exits")
+        .collect();
+    let chain = [
+        "main",
+        "chain_outer",
+        "chain_middle",
+        "chain_inner",
+        "spin_leaf",
+    ];
+    let hits = samples_with_chain(&stacks, "chain_exits", &chain);
+    let total: u64 = ours.iter().map(|s| s.count).sum();
+    assert!(hits * 2 > total, "exited program not named: {ours:#?}");
+    assert!(
+        ours.iter()
+            .all(|s| s.frames.iter().all(|f| !f.contains("[unknown process]"))),
+        "{ours:#?}"
+    );
+}
+
+/// A 60-deep recursion is recorded with every frame.
+#[test]
+fn deep_stack_is_complete() {
+    let target = start("deep", &["4", "60"]);
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    record(&[target.pid()], 2, 97, out.path());
+    let stacks = read_folded(out.path());
+    let deepest = stacks
+        .iter()
+        .filter(|s| s.frames.last().map(String::as_str) == Some("deep_leaf"))
+        .map(|s| s.frames.iter().filter(|f| *f == "recurse").count())
+        .max();
+    assert_eq!(deepest, Some(61), "{stacks:#?}");
+}

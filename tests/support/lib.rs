@@ -1,0 +1,232 @@
+//! Helpers for the end-to-end tests: build the C programs in `programs/`, run them as
+//! children that are killed on drop, record with the real profiler, and read its
+//! output back (folded text, pprof via our decoder and via Google's pprof).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use prost::Message as _;
+
+pub use profiler::export::pprof::proto;
+use profiler::{config::RecordConfig, record::RecordSummary};
+
+/// Directory of this crate.
+pub fn crate_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Compiles `programs/NAME.c` with frame pointers and symbols; returns the binary.
+/// Each binary is built once per test run.
+pub fn program(name: &str) -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
+    let out = dir.path().join(name);
+    if !out.exists() {
+        let tmp = dir
+            .path()
+            .join(format!("{name}.building.{:?}", std::thread::current().id()));
+        let status = Command::new("gcc")
+            .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+            .arg(&tmp)
+            .arg(crate_dir().join("programs").join(format!("{name}.c")))
+            .status()
+            .expect("gcc is installed (cargo xtask test installs it)");
+        assert!(status.success(), "gcc failed for {name}.c");
+        std::fs::rename(&tmp, &out).expect("rename built program");
+    }
+    out
+}
+
+/// A copy of `programs/NAME.c`'s binary under another file name, so its processes
+/// have their own name (comm) and cannot be confused with other tests' processes.
+pub fn program_named(name: &str, as_name: &str) -> PathBuf {
+    let copy = program(name).with_file_name(as_name);
+    if !copy.exists() {
+        let tmp = copy.with_extension(format!("copy.{:?}", std::thread::current().id()));
+        std::fs::copy(program(name), &tmp).expect("copy program");
+        std::fs::rename(&tmp, &copy).expect("rename program copy");
+    }
+    copy
+}
+
+/// A child process that is killed and reaped when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    pub fn spawn(cmd: &mut Command) -> KillOnDrop {
+        KillOnDrop(
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn test program"),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits for the child to exit by itself.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().expect("wait for test program")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `programs/NAME.c` with arguments.
+pub fn start(name: &str, args: &[&str]) -> KillOnDrop {
+    KillOnDrop::spawn(Command::new(program(name)).args(args))
+}
+
+/// Records with the real profiler (eBPF and all) through the library.
+pub fn record(pids: &[u32], seconds: u64, frequency: u64, dir: &Path) -> RecordSummary {
+    let config = RecordConfig::new(
+        seconds,
+        frequency,
+        pids.to_vec(),
+        dir.to_path_buf(),
+        false,
+        false,
+    )
+    .expect("valid config");
+    let runtime = profiler::record::runtime().expect("runtime");
+    runtime
+        .block_on(profiler::record::run(&config))
+        .expect("recording succeeds")
+}
+
+/// One folded line: frames root first, and its count.
+#[derive(Debug, Clone)]
+pub struct FoldedStack {
+    pub frames: Vec<String>,
+    pub count: u64,
+}
+
+/// Reads `profile.folded`, failing on any malformed line.
+pub fn read_folded(dir: &Path) -> Vec<FoldedStack> {
+    let text = std::fs::read_to_string(dir.join("profile.folded")).expect("profile.folded");
+    text.lines()
+        .map(|line| {
+            let (stack, count) = line.rsplit_once(' ').expect("`stack count` line");
+            FoldedStack {
+                frames: stack.split(';').map(String::from).collect(),
+                count: count.parse().expect("numeric count"),
+            }
+        })
+        .collect()
+}
+
+/// True if `frames` contains `chain` as consecutive frames.
+pub fn contains_chain(frames: &[String], chain: &[&str]) -> bool {
+    frames
+        .windows(chain.len())
+        .any(|w| w.iter().zip(chain).all(|(a, b)| a == b))
+}
+
+/// Samples of folded stacks rooted at `process` that contain `chain`.
+pub fn samples_with_chain(stacks: &[FoldedStack], process: &str, chain: &[&str]) -> u64 {
+    stacks
+        .iter()
+        .filter(|s| s.frames.first().map(String::as_str) == Some(process))
+        .filter(|s| contains_chain(&s.frames, chain))
+        .map(|s| s.count)
+        .sum()
+}
+
+/// Decodes `profile.pb.gz` with our generated types.
+pub fn read_pprof(dir: &Path) -> proto::Profile {
+    let gz = std::fs::read(dir.join("profile.pb.gz")).expect("profile.pb.gz");
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).expect("gzip");
+    proto::Profile::decode(&raw[..]).expect("valid profile.proto message")
+}
+
+/// Google's pprof, built by `cargo xtask test` (PPROF_BIN) from Debian's sources.
+pub fn pprof_bin() -> PathBuf {
+    let path = std::env::var_os("PPROF_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate_dir().join("../target/tools/pprof"));
+    assert!(
+        path.exists(),
+        "Google's pprof is not at {} (run the tests with `cargo xtask test`, which builds it)",
+        path.display()
+    );
+    path
+}
+
+/// Runs Google's pprof with `args` on the profile in `dir`; returns stdout, failing
+/// the test if pprof rejects the file.
+pub fn run_pprof(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(pprof_bin())
+        .args(args)
+        .arg(dir.join("profile.pb.gz"))
+        .env("PPROF_TMPDIR", dir)
+        .output()
+        .expect("run pprof");
+    assert!(
+        out.status.success(),
+        "pprof {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// One pprof sample as the tests look at it.
+#[derive(Debug)]
+pub struct PprofSample {
+    /// Function names, root first, inlined frames expanded.
+    pub frames: Vec<String>,
+    /// The first value (samples/count).
+    pub count: i64,
+    /// (key, value) of every label; numeric values as decimal text.
+    pub labels: Vec<(String, String)>,
+}
+
+/// The samples of a pprof profile, via our own decoder.
+pub fn pprof_stacks(p: &proto::Profile) -> Vec<PprofSample> {
+    let s = |i: i64| p.string_table[i as usize].clone();
+    p.sample
+        .iter()
+        .map(|sample| {
+            let mut frames: Vec<String> = Vec::new();
+            for id in sample.location_id.iter().rev() {
+                let loc = &p.location[*id as usize - 1];
+                for line in loc.line.iter().rev() {
+                    frames.push(s(p.function[line.function_id as usize - 1].name));
+                }
+            }
+            let labels = sample
+                .label
+                .iter()
+                .map(|l| {
+                    let v = if l.str != 0 {
+                        s(l.str)
+                    } else {
+                        l.num.to_string()
+                    };
+                    (s(l.key), v)
+                })
+                .collect();
+            PprofSample {
+                frames,
+                count: sample.value[0],
+                labels,
+            }
+        })
+        .collect()
+}
+
+/// Gives a started program time to exec before it is profiled.
+pub fn settle() {
+    std::thread::sleep(Duration::from_millis(100));
+}
