@@ -231,3 +231,91 @@ fn hash_stack(
     }
     h.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drain::encode_record;
+
+    fn add(agg: &mut Aggregator, tgid: u32, comm: &[u8], kernel: &[u64], user: &[u64]) {
+        let bytes = encode_record(tgid, tgid, comm, kernel, user);
+        agg.add(&RawSample::parse(&bytes).unwrap());
+    }
+
+    /// Identical (process, thread, stack) samples share one entry; any difference
+    /// (thread name, or a frame moving from kernel to user) makes a new one.
+    #[test]
+    fn merges_identical_stacks_only() {
+        let mut agg = Aggregator::new(AggregateLimits::default());
+        add(&mut agg, 1, b"a", &[9], &[1, 2]);
+        add(&mut agg, 1, b"a", &[9], &[1, 2]);
+        add(&mut agg, 1, b"b", &[9], &[1, 2]);
+        add(&mut agg, 1, b"a", &[], &[9, 1, 2]);
+        add(&mut agg, 2, b"a", &[9], &[1, 2]);
+        assert_eq!(agg.len(), 4);
+        let counts: u64 = agg.stacks().map(|s| s.count).sum();
+        assert_eq!(counts, 5);
+        let merged = agg
+            .stacks()
+            .find(|s| s.tgid == 1 && &s.thread[..2] == b"a\0" && s.kernel_len == 1)
+            .unwrap();
+        assert_eq!(
+            (merged.kernel(), merged.user(), merged.count),
+            (&[9][..], &[1, 2][..], 2)
+        );
+    }
+
+    /// Past the stack bound, new stacks are folded into their process's bucket:
+    /// the table does not grow, and no sample is lost from the totals.
+    #[test]
+    fn bounded_by_stack_count() {
+        let limits = AggregateLimits {
+            max_stacks: 10,
+            ..AggregateLimits::default()
+        };
+        let mut agg = Aggregator::new(limits);
+        for i in 0..1000u64 {
+            add(&mut agg, 7, b"t", &[], &[i, 1]);
+        }
+        assert_eq!(agg.len(), 10);
+        assert_eq!(agg.stats().folded_samples, 990);
+        let overflow: Vec<_> = agg.overflow().collect();
+        assert_eq!(overflow.len(), 1);
+        assert_eq!((overflow[0].0, overflow[0].2), (7, 990));
+        // Known stacks still count after the table is full.
+        add(&mut agg, 7, b"t", &[], &[0, 1]);
+        assert_eq!(agg.stacks().map(|s| s.count).sum::<u64>(), 11);
+    }
+
+    /// The frame bound holds too: long stacks stop being stored once it is reached.
+    #[test]
+    fn bounded_by_frames() {
+        let limits = AggregateLimits {
+            max_frames: 300,
+            ..AggregateLimits::default()
+        };
+        let mut agg = Aggregator::new(limits);
+        for i in 0..10u64 {
+            let user: Vec<u64> = (0..100).map(|f| f + i * 1000).collect();
+            add(&mut agg, 7, b"t", &[], &user);
+        }
+        assert_eq!(agg.len(), 3);
+        assert_eq!(agg.stats().folded_samples, 7);
+    }
+
+    /// When even the overflow buckets are full, samples are still counted, host-wide.
+    #[test]
+    fn overflow_buckets_are_bounded() {
+        let limits = AggregateLimits {
+            max_stacks: 0,
+            ..AggregateLimits::default()
+        };
+        let mut agg = Aggregator::new(limits);
+        for tgid in 0..(MAX_OVERFLOW_BUCKETS as u32 + 5) {
+            add(&mut agg, tgid, b"t", &[], &[1]);
+        }
+        assert_eq!(agg.overflow().count(), MAX_OVERFLOW_BUCKETS);
+        assert_eq!(agg.stats().unattributed_samples, 5);
+        assert_eq!(agg.stats().samples, MAX_OVERFLOW_BUCKETS as u64 + 5);
+    }
+}

@@ -72,6 +72,9 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Record(args) => {
+            // Before the output directory is created: a user without privileges
+            // should not be left with an empty directory.
+            crate::ebpf::check_privileges()?;
             let config = RecordConfig::new(
                 args.duration,
                 args.frequency,

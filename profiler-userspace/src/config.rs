@@ -85,6 +85,8 @@ impl RecordConfig {
             }
         }
         check_output_dir(&output_dir)?;
+        // Absolute, so the summary says exactly where the files are.
+        let output_dir = output_dir.canonicalize().unwrap_or(output_dir);
         Ok(RecordConfig {
             duration: Duration::from_secs(duration_secs),
             frequency_hz,

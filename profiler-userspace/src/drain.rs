@@ -256,34 +256,48 @@ impl DrainLoop {
     }
 }
 
+/// Encodes a record as the eBPF program writes it (for tests of later stages).
+#[cfg(test)]
+pub(crate) fn encode_record(
+    tgid: u32,
+    tid: u32,
+    comm: &[u8],
+    kernel: &[u64],
+    user: &[u64],
+) -> Vec<u8> {
+    let mut name = [0u8; TASK_COMM_LEN];
+    name[..comm.len()].copy_from_slice(comm);
+    let header = SampleHeader {
+        kind: record_kind::NATIVE_STACKS,
+        header_len: HEADER_LEN as u16,
+        tgid,
+        tid,
+        cpu: 1,
+        kernel_frames: kernel.len() as u16,
+        user_frames: user.len() as u16,
+        kernel_status: 0,
+        user_status: 0,
+        time_ns: 7,
+        comm: name,
+    };
+    // SAFETY: SampleHeader is plain old data without padding.
+    let mut bytes = unsafe {
+        std::slice::from_raw_parts((&header as *const SampleHeader).cast::<u8>(), HEADER_LEN)
+    }
+    .to_vec();
+    for ip in kernel.iter().chain(user) {
+        bytes.extend_from_slice(&ip.to_ne_bytes());
+    }
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use profiler_common::SampleRecord;
 
     fn record(kernel: &[u64], user: &[u64]) -> Vec<u8> {
-        let header = SampleHeader {
-            kind: record_kind::NATIVE_STACKS,
-            header_len: HEADER_LEN as u16,
-            tgid: 42,
-            tid: 43,
-            cpu: 1,
-            kernel_frames: kernel.len() as u16,
-            user_frames: user.len() as u16,
-            kernel_status: 0,
-            user_status: 0,
-            time_ns: 7,
-            comm: *b"worker\0\0\0\0\0\0\0\0\0\0",
-        };
-        // SAFETY: plain old data.
-        let mut bytes = unsafe {
-            std::slice::from_raw_parts((&header as *const SampleHeader).cast::<u8>(), HEADER_LEN)
-        }
-        .to_vec();
-        for ip in kernel.iter().chain(user) {
-            bytes.extend_from_slice(&ip.to_ne_bytes());
-        }
-        bytes
+        encode_record(42, 43, b"worker", kernel, user)
     }
 
     /// A well-formed record yields its ids and both stacks in order.

@@ -272,7 +272,7 @@ impl Sampler {
 }
 
 /// Fails early, with one sentence, when we clearly lack the capabilities to load BPF.
-fn check_privileges() -> Result<(), SamplerError> {
+pub fn check_privileges() -> Result<(), SamplerError> {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;

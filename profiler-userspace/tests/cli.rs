@@ -1,0 +1,106 @@
+//! The `profiler` binary as a user runs it: help text, bad flags, missing
+//! privileges, and Ctrl-C. Needs root for the recording tests.
+
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const PROFILER: &str = env!("CARGO_BIN_EXE_profiler");
+
+fn profiler(args: &[&str]) -> Output {
+    Command::new(PROFILER)
+        .args(args)
+        .env("COLUMNS", "100")
+        .output()
+        .expect("run profiler")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `profiler record --help` matches the snapshot in tests/snapshots (regenerate with
+/// UPDATE_SNAPSHOTS=1 after an intended change).
+#[test]
+fn record_help_snapshot() {
+    let out = profiler(&["record", "--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/record-help.txt");
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).expect("snapshot exists");
+    assert_eq!(text, expected, "help changed; rerun with UPDATE_SNAPSHOTS=1 if intended");
+}
+
+/// An unknown flag is a usage error (exit 2) that names the flag.
+#[test]
+fn unknown_flag_is_usage_error() {
+    let out = profiler(&["record", "--frequncy", "99"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--frequncy"), "{}", stderr(&out));
+}
+
+/// A pid that does not exist: one sentence, exit 1, nothing written.
+#[test]
+fn missing_pid_is_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = profiler(&["record", "--pid", "4000000", "--output-dir", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out).trim(), "error: --pid 4000000: no such process");
+    assert!(!out_dir.exists());
+}
+
+/// Without privileges the user is told what is missing, and nothing is created.
+#[test]
+fn unprivileged_user_is_told_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(PROFILER)
+        .args(["record", "--duration", "1", "--output-dir"])
+        .arg(&out_dir)
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("needs root, or the CAP_BPF and CAP_PERFMON capabilities"), "{}", stderr(&out));
+    assert!(!out_dir.exists());
+}
+
+/// SIGINT ends a long recording early, and every file is still written.
+#[test]
+fn sigint_stops_early_and_writes_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(PROFILER)
+        .args(["record", "--duration", "120", "--output-dir"])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Long enough for one non-terminal progress line (every 5 s).
+    std::thread::sleep(Duration::from_millis(5500));
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(text.contains("recording: "), "no progress line: {text}");
+    assert!(text.contains("stopped early"), "{text}");
+    for file in ["profile.folded", "profile.pb.gz", "flamegraph.svg"] {
+        let len = std::fs::metadata(dir.path().join(file)).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 0, "{file} missing or empty");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
