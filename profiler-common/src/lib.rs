@@ -13,20 +13,20 @@
 pub const PROGRAM_SAMPLE: &str = "sample_cpu";
 /// Ring buffer carrying one [`SampleHeader`] + frames per sample to userspace.
 pub const MAP_SAMPLES: &str = "SAMPLES";
-/// Per-CPU array of `u64` counters, indexed by [`Counter`].
+/// Per-CPU `[u64; COUNTER_COUNT]` (one entry), indexed by [`Counter`]: one cache
+/// line per CPU, so counting costs the sample one line.
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Hash set of tgids to sample when [`GLOBAL_FILTER_BY_PID`] is set.
 pub const MAP_PID_FILTER: &str = "PID_FILTER";
-/// Per-CPU scratch space where a record is assembled before it is copied out.
-pub const MAP_SCRATCH: &str = "SCRATCH";
 
 /// Global `u8`: non-zero means "sample only tgids present in [`MAP_PID_FILTER`]".
 pub const GLOBAL_FILTER_BY_PID: &str = "FILTER_BY_PID";
 /// Global `u8`: non-zero means "also emit samples of the idle task (pid 0)".
 pub const GLOBAL_INCLUDE_IDLE: &str = "INCLUDE_IDLE";
-/// Global `u64`: wake the reader once this many bytes are waiting (otherwise the
-/// reader polls on a timer, which keeps wakeups off the per-sample path).
-pub const GLOBAL_WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+/// Global `u64`, a power of two: each CPU wakes the reader on every this-many-th
+/// record it emits; otherwise the reader polls on a timer. Keeps wake-ups (and any
+/// look at shared ring buffer state) off the per-sample path.
+pub const GLOBAL_WAKEUP_EVERY: &str = "WAKEUP_EVERY";
 
 /// Frames per stack kind, as in perf (`kernel.perf_event_max_stack` defaults to 127).
 pub const MAX_STACK_DEPTH: usize = 127;
@@ -36,12 +36,51 @@ pub const MAX_RECORD_FRAMES: usize = 256;
 /// Kernel task name length, NUL padded.
 pub const TASK_COMM_LEN: usize = 16;
 
-/// Default ring buffer size: 8 MiB of kernel memory (one allocation, shared by all
-/// CPUs). At 997 Hz on 64 busy CPUs with ~600-byte records that is ~130 ms of samples
-/// at the reader's slowest poll.
-pub const RING_BUFFER_BYTES: u32 = 8 << 20;
-/// Default wake-up threshold: a quarter of the ring.
-pub const WAKEUP_BYTES: u64 = (RING_BUFFER_BYTES / 4) as u64;
+/// Ring buffer size compiled into the program; userspace sizes the real one with
+/// [`ring_buffer_bytes`] at load time.
+pub const RING_BUFFER_BYTES: u32 = 1 << 20;
+/// Ring buffer per online CPU: 512 KiB is ~250 worst-case records, a quarter of a
+/// second at 997 Hz.
+pub const RING_BUFFER_BYTES_PER_CPU: u32 = 512 << 10;
+/// Bounds of the ring buffer: at least 1 MiB, at most 64 MiB (128+ CPUs).
+pub const RING_BUFFER_MIN_BYTES: u32 = 1 << 20;
+pub const RING_BUFFER_MAX_BYTES: u32 = 64 << 20;
+
+/// The ring buffer size for `cpus` CPUs: [`RING_BUFFER_BYTES_PER_CPU`] each, rounded
+/// up to a power of two (the kernel requires one) within the bounds. 1 MiB for 2 CPUs,
+/// 32 MiB for 64. The ring is mapped into the reader, so it counts in its RSS.
+pub const fn ring_buffer_bytes(cpus: u32) -> u32 {
+    let want = (cpus as u64) * RING_BUFFER_BYTES_PER_CPU as u64;
+    if want <= RING_BUFFER_MIN_BYTES as u64 {
+        RING_BUFFER_MIN_BYTES
+    } else if want >= RING_BUFFER_MAX_BYTES as u64 {
+        RING_BUFFER_MAX_BYTES
+    } else {
+        (want as u32).next_power_of_two()
+    }
+}
+/// Ring buffer space one record takes: the slot plus the ring's 8-byte record header.
+pub const MAX_RECORD_BYTES: usize = core::mem::size_of::<SampleRecord>() + 8;
+
+/// Records each CPU emits between wake-ups of the reader: all CPUs together fill at
+/// most a quarter of the ring with worst-case records before the reader is woken.
+/// A power of two, at least 1.
+pub const fn wakeup_every(ring_buffer_bytes: u32, cpus: u32) -> u64 {
+    let per_cpu = ring_buffer_bytes as u64 / 4 / MAX_RECORD_BYTES as u64 / max(cpus as u64, 1);
+    if per_cpu <= 1 {
+        1
+    } else {
+        1 << (63 - per_cpu.leading_zeros())
+    }
+}
+
+const fn max(a: u64, b: u64) -> u64 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
 /// Entries in the pid filter: 1024 x (4-byte key + 1-byte value + ~50 bytes of kernel
 /// hash overhead) is about 55 KiB.
 pub const MAX_PID_FILTER_ENTRIES: u32 = 1024;
@@ -78,14 +117,12 @@ pub struct SampleHeader {
     pub kernel_status: i16,
     /// 0, or the negative errno for the user stack (-14 EFAULT: a kernel thread).
     pub user_status: i16,
-    /// `bpf_ktime_get_ns()` at the sample.
-    pub time_ns: u64,
     /// Name of the sampled thread, NUL padded.
     pub comm: [u8; TASK_COMM_LEN],
 }
 
-/// The per-CPU scratch record: header and room for every frame.
-/// Size: 48 + 256 x 8 = 2096 bytes per CPU.
+/// One ring buffer slot: header and room for every frame (only the frames in use
+/// are written and read). Size: 40 + 256 x 8 = 2088 bytes.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SampleRecord {
@@ -93,54 +130,52 @@ pub struct SampleRecord {
     pub frames: [u64; MAX_RECORD_FRAMES],
 }
 
-/// Size in bytes of a record carrying `frames` instruction pointers.
-pub const fn record_len(frames: usize) -> usize {
-    core::mem::size_of::<SampleHeader>() + frames * 8
-}
-
-/// Counters kept by the eBPF program, one slot per CPU each; userspace sums them.
+/// Counters kept by the eBPF program per CPU; userspace sums them. Every perf event
+/// ends in exactly one of the first four, so their sum is the number of events.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Times the program ran (perf events delivered to it).
-    Events = 0,
     /// Records written to the ring buffer.
-    Emitted = 1,
+    Emitted = 0,
     /// Samples of the idle task that were not emitted (by choice, not a loss).
-    IdleSkipped = 2,
+    IdleSkipped = 1,
     /// Samples of processes outside the pid filter (by choice, not a loss).
-    FilteredOut = 3,
+    FilteredOut = 2,
     /// LOSS: the ring buffer was full.
-    RingBufferFull = 4,
-    /// LOSS: the per-CPU scratch record could not be looked up.
-    NoScratch = 5,
+    RingBufferFull = 3,
     /// Kernel stack walk failed with an error other than "no kernel stack"
     /// (the sample is still emitted, without kernel frames).
-    KernelStackError = 6,
+    KernelStackError = 4,
     /// User stack walk failed with an error other than "no user stack"
     /// (the sample is still emitted, without user frames).
-    UserStackError = 7,
+    UserStackError = 5,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: usize = 6;
+
+/// The per-CPU value of [`MAP_COUNTERS`]: 48 bytes, within one cache line.
+pub type Counters = [u64; COUNTER_COUNT];
 
 impl Counter {
     /// All counters, in index order.
-    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
-        Counter::Events,
+    pub const ALL: [Counter; COUNTER_COUNT] = [
         Counter::Emitted,
         Counter::IdleSkipped,
         Counter::FilteredOut,
         Counter::RingBufferFull,
-        Counter::NoScratch,
         Counter::KernelStackError,
         Counter::UserStackError,
     ];
 
     /// True for counters that mean a sample was lost.
     pub const fn is_loss(self) -> bool {
-        matches!(self, Counter::RingBufferFull | Counter::NoScratch)
+        matches!(self, Counter::RingBufferFull)
+    }
+
+    /// True for the counters every perf event ends in exactly one of.
+    pub const fn is_outcome(self) -> bool {
+        (self as u32) <= Counter::RingBufferFull as u32
     }
 }
 
@@ -151,6 +186,14 @@ mod user {
     unsafe impl aya::Pod for super::SampleRecord {}
 }
 
-const _: () = assert!(core::mem::size_of::<SampleHeader>() == 48);
+const _: () = assert!(core::mem::size_of::<SampleHeader>() == 40);
 const _: () = assert!(2 * MAX_STACK_DEPTH <= MAX_RECORD_FRAMES);
 const _: () = assert!(MAX_RECORD_FRAMES.is_power_of_two());
+const _: () = assert!(ring_buffer_bytes(2) == 1 << 20);
+const _: () = assert!(ring_buffer_bytes(3) == 2 << 20);
+const _: () = assert!(ring_buffer_bytes(64) == 32 << 20);
+const _: () = assert!(ring_buffer_bytes(4096) == 64 << 20);
+const _: () = assert!(wakeup_every(ring_buffer_bytes(2), 2) == 32);
+const _: () = assert!(wakeup_every(ring_buffer_bytes(64), 64) == 32);
+const _: () = assert!(wakeup_every(ring_buffer_bytes(1024), 1024) == 4);
+const _: () = assert!(wakeup_every(4096, 1) == 1);

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use profiler_common::{MAX_PID_FILTER_ENTRIES, RING_BUFFER_BYTES};
+use profiler_common::MAX_PID_FILTER_ENTRIES;
 
 /// Why the arguments cannot be used.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -41,7 +41,8 @@ pub struct RecordConfig {
     pub include_idle: bool,
     /// Print progress lines while recording.
     pub progress: bool,
-    pub ring_buffer_bytes: u32,
+    /// `None`: sized by CPU count.
+    pub ring_buffer_bytes: Option<u32>,
 }
 
 /// Highest sampling rate the kernel allows (it lowers this itself when sampling
@@ -94,7 +95,7 @@ impl RecordConfig {
             output_dir,
             include_idle,
             progress,
-            ring_buffer_bytes: RING_BUFFER_BYTES,
+            ring_buffer_bytes: None,
         })
     }
 }

@@ -17,8 +17,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use profiler_common::{
-    Counter, COUNTER_COUNT, GLOBAL_FILTER_BY_PID, GLOBAL_INCLUDE_IDLE, GLOBAL_WAKEUP_BYTES,
-    MAP_COUNTERS, MAP_PID_FILTER, MAP_SAMPLES, MAX_PID_FILTER_ENTRIES, PROGRAM_SAMPLE,
+    Counter, Counters, COUNTER_COUNT, GLOBAL_FILTER_BY_PID, GLOBAL_INCLUDE_IDLE,
+    GLOBAL_WAKEUP_EVERY, MAP_COUNTERS, MAP_PID_FILTER, MAP_SAMPLES, MAX_PID_FILTER_ENTRIES,
+    PROGRAM_SAMPLE,
 };
 
 /// The compiled eBPF program, built by build.rs and embedded in the binary.
@@ -33,8 +34,9 @@ pub struct SamplerConfig {
     pub pids: Vec<u32>,
     /// Also emit samples of the idle task.
     pub include_idle: bool,
-    /// Ring buffer size in bytes: a power of two, at least one page.
-    pub ring_buffer_bytes: u32,
+    /// Ring buffer size in bytes (a power of two, at least one page); `None` sizes
+    /// it by the number of CPUs (`profiler_common::ring_buffer_bytes`).
+    pub ring_buffer_bytes: Option<u32>,
 }
 
 /// Why the sampler could not start. Each message is one sentence a user can act on.
@@ -88,7 +90,7 @@ pub enum SamplerError {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
     /// Indexed by `Counter as usize`.
-    pub values: [u64; COUNTER_COUNT as usize],
+    pub values: Counters,
 }
 
 impl KernelCounters {
@@ -105,9 +107,18 @@ impl KernelCounters {
             .sum()
     }
 
+    /// Perf events the program handled (each ends in exactly one outcome).
+    pub fn events(&self) -> u64 {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_outcome())
+            .map(|c| self.get(*c))
+            .sum()
+    }
+
     /// Counts accumulated since `earlier`.
     pub fn since(&self, earlier: &KernelCounters) -> KernelCounters {
-        let mut values = [0; COUNTER_COUNT as usize];
+        let mut values = [0; COUNTER_COUNT];
         for (i, v) in values.iter_mut().enumerate() {
             *v = self.values[i].saturating_sub(earlier.values[i]);
         }
@@ -127,7 +138,7 @@ pub struct ProgramStats {
 /// The loaded and attached sampler.
 pub struct Sampler {
     ebpf: Ebpf,
-    counters: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, Counters>,
     /// Keeps kernel BPF run-time statistics enabled while we run.
     _stats: Option<std::os::fd::OwnedFd>,
     cpus: usize,
@@ -146,12 +157,16 @@ impl Sampler {
         }
         let filter_by_pid = u8::from(!config.pids.is_empty());
         let include_idle = u8::from(config.include_idle);
-        let wakeup_bytes = u64::from(config.ring_buffer_bytes / 4);
+        let cpus = online_cpus().map_err(|(_, e)| SamplerError::OnlineCpus(e))?;
+        let ring_bytes = config
+            .ring_buffer_bytes
+            .unwrap_or_else(|| profiler_common::ring_buffer_bytes(cpus.len() as u32));
+        let wakeup_every = profiler_common::wakeup_every(ring_bytes, cpus.len() as u32);
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FILTER_BY_PID, &filter_by_pid, true)
             .override_global(GLOBAL_INCLUDE_IDLE, &include_idle, true)
-            .override_global(GLOBAL_WAKEUP_BYTES, &wakeup_bytes, true)
-            .map_max_entries(MAP_SAMPLES, config.ring_buffer_bytes)
+            .override_global(GLOBAL_WAKEUP_EVERY, &wakeup_every, true)
+            .map_max_entries(MAP_SAMPLES, ring_bytes)
             .load(EBPF_OBJECT)
             .map_err(ebpf_error)?;
 
@@ -182,7 +197,6 @@ impl Sampler {
             .try_into()
             .expect("program is a perf_event program");
         program.load().map_err(program_error)?;
-        let cpus = online_cpus().map_err(|(_, e)| SamplerError::OnlineCpus(e))?;
         for &cpu in &cpus {
             program
                 .attach(
@@ -240,16 +254,18 @@ impl Sampler {
 
     /// Current totals of the in-kernel counters.
     pub fn counters(&self) -> Result<KernelCounters, SamplerError> {
+        let per_cpu = self
+            .counters
+            .get(&0, 0)
+            .map_err(|source| SamplerError::Map {
+                map: MAP_COUNTERS,
+                source,
+            })?;
         let mut totals = KernelCounters::default();
-        for counter in Counter::ALL {
-            let per_cpu =
-                self.counters
-                    .get(&(counter as u32), 0)
-                    .map_err(|source| SamplerError::Map {
-                        map: MAP_COUNTERS,
-                        source,
-                    })?;
-            totals.values[counter as usize] = per_cpu.iter().sum();
+        for cpu in per_cpu.iter() {
+            for (total, value) in totals.values.iter_mut().zip(cpu) {
+                *total += value;
+            }
         }
         Ok(totals)
     }
@@ -328,5 +344,44 @@ fn program_error(e: ProgramError) -> SamplerError {
         }
         ProgramError::SyscallError(e) if is_permission(&e.io_error) => SamplerError::NotPermitted,
         other => SamplerError::Load(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The embedded eBPF object has no panic functions (the verifier rejects a
+    /// reachable one as "last insn is not an exit or jmp", at load time, on the
+    /// user's machine), and it has the sampling program.
+    #[test]
+    fn ebpf_object_has_no_panics() {
+        use object::{Object as _, ObjectSymbol as _};
+        let elf = object::File::parse(EBPF_OBJECT).expect("an ELF object");
+        let functions: Vec<String> = elf
+            .symbols()
+            .filter(|s| s.kind() == object::SymbolKind::Text)
+            .filter_map(|s| s.name().ok().map(String::from))
+            .collect();
+        assert!(
+            functions.iter().any(|f| f == PROGRAM_SAMPLE),
+            "{functions:?}"
+        );
+        let panics: Vec<&String> = functions.iter().filter(|f| f.contains("panic")).collect();
+        assert!(
+            panics.is_empty(),
+            "panic paths in the eBPF program: {panics:?}"
+        );
+    }
+
+    /// Events are the sum of the outcome counters; losses are only the loss ones.
+    #[test]
+    fn counter_totals() {
+        let mut c = KernelCounters::default();
+        c.values[Counter::Emitted as usize] = 10;
+        c.values[Counter::IdleSkipped as usize] = 3;
+        c.values[Counter::RingBufferFull as usize] = 2;
+        c.values[Counter::UserStackError as usize] = 5;
+        assert_eq!((c.events(), c.lost()), (15, 2));
     }
 }

@@ -33,7 +33,10 @@ fn record_help_snapshot() {
         std::fs::write(&path, &text).unwrap();
     }
     let expected = std::fs::read_to_string(&path).expect("snapshot exists");
-    assert_eq!(text, expected, "help changed; rerun with UPDATE_SNAPSHOTS=1 if intended");
+    assert_eq!(
+        text, expected,
+        "help changed; rerun with UPDATE_SNAPSHOTS=1 if intended"
+    );
 }
 
 /// An unknown flag is a usage error (exit 2) that names the flag.
@@ -49,7 +52,13 @@ fn unknown_flag_is_usage_error() {
 fn missing_pid_is_one_sentence() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");
-    let out = profiler(&["record", "--pid", "4000000", "--output-dir", out_dir.to_str().unwrap()]);
+    let out = profiler(&[
+        "record",
+        "--pid",
+        "4000000",
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr(&out).trim(), "error: --pid 4000000: no such process");
     assert!(!out_dir.exists());
@@ -61,14 +70,23 @@ fn unprivileged_user_is_told_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(PROFILER)
         .args(["record", "--duration", "1", "--output-dir"])
         .arg(&out_dir)
         .output()
         .expect("setpriv (util-linux) runs");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("needs root, or the CAP_BPF and CAP_PERFMON capabilities"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("needs root, or the CAP_BPF and CAP_PERFMON capabilities"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!out_dir.exists());
 }
 
@@ -76,7 +94,7 @@ fn unprivileged_user_is_told_what_is_missing() {
 #[test]
 fn sigint_stops_early_and_writes_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(PROFILER)
+    let child = Command::new(PROFILER)
         .args(["record", "--duration", "120", "--output-dir"])
         .arg(dir.path())
         .stderr(Stdio::piped())
@@ -90,11 +108,17 @@ fn sigint_stops_early_and_writes_everything() {
     let out = child.wait_with_output().unwrap();
     let text = stderr(&out);
     assert!(out.status.success(), "{text}");
-    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(text.contains("recording: "), "no progress line: {text}");
     assert!(text.contains("stopped early"), "{text}");
     for file in ["profile.folded", "profile.pb.gz", "flamegraph.svg"] {
-        let len = std::fs::metadata(dir.path().join(file)).map(|m| m.len()).unwrap_or(0);
+        let len = std::fs::metadata(dir.path().join(file))
+            .map(|m| m.len())
+            .unwrap_or(0);
         assert!(len > 0, "{file} missing or empty");
     }
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
