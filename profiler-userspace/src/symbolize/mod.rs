@@ -1,6 +1,6 @@
 //! Stage 4: symbolize an interval's aggregate into a [`Profile`].
 //!
-//! Kernel addresses are named from /proc/kallsyms, user addresses from the binaries
+//! Kernel addresses are named from /proc/kallsyms ([`kallsyms`]), user addresses from the binaries
 //! each process mapped (captured on first sight, see [`crate::process`]): ELF symbols,
 //! DWARF when present (file, line, inlined functions), through blazesym. Every
 //! (binary, offset) and kernel address is looked up once per batch and remembered in
@@ -10,6 +10,7 @@
 //! and is counted by reason in [`UnknownCounts`]; no sample is dropped.
 
 mod cache;
+pub mod kallsyms;
 
 use std::{
     collections::HashMap,
@@ -18,7 +19,7 @@ use std::{
 };
 
 use blazesym::symbolize::{
-    source::{Elf, Kernel, Source},
+    source::{Elf, Source},
     Input, Sym, Symbolized,
 };
 use profiler_common::TASK_COMM_LEN;
@@ -96,6 +97,8 @@ enum ObjKey {
 pub struct Symbolizer {
     blaze: blazesym::symbolize::Symbolizer,
     cache: SymbolCache,
+    /// Normally /proc/kallsyms.
+    kallsyms: std::path::PathBuf,
 }
 
 impl Default for Symbolizer {
@@ -124,6 +127,7 @@ impl Symbolizer {
                 .enable_demangling(true)
                 .build(),
             cache: SymbolCache::new(cache_entries),
+            kallsyms: kallsyms::KALLSYMS.into(),
         }
     }
 
@@ -246,14 +250,19 @@ impl Symbolizer {
         }
 
         if !kernel_pending.is_empty() {
-            let source = Source::Kernel(Kernel {
-                vmlinux: blazesym::MaybeDefault::None,
-                debug_syms: false,
-                ..Kernel::default()
-            });
-            let names = self.lookup(&source, Input::AbsAddr(&kernel_pending));
+            // A failure (kallsyms unreadable or hidden) leaves the addresses unnamed;
+            // they are counted as unknown kernel frames.
+            let names = kallsyms::resolve(&self.kallsyms, &kernel_pending)
+                .unwrap_or_else(|_| vec![None; kernel_pending.len()]);
             for (addr, name) in kernel_pending.iter().zip(names) {
-                resolved.insert(SymKey::Kernel(*addr), name);
+                let lines: Option<Arc<[Line]>> = name.map(|function| {
+                    Arc::from([Line {
+                        function,
+                        file: None,
+                        line: 0,
+                    }])
+                });
+                resolved.insert(SymKey::Kernel(*addr), lines);
             }
         }
         for ((dev, ino), (object, offsets)) in file_pending {
