@@ -162,6 +162,9 @@ pub enum DrainCommand {
     TakeInterval(oneshot::Sender<Aggregator>),
     /// Drain what is left, reply with the last aggregate, and end the task.
     Stop(oneshot::Sender<Aggregator>),
+    /// These processes were removed from the process table: capture them again if
+    /// their pid shows up again.
+    Forget(Vec<u32>),
 }
 
 /// The drain task: the only reader of the ring buffer and the only writer of the
@@ -216,6 +219,7 @@ impl DrainLoop {
                         let next = self.aggregator.empty_like();
                         let _ = reply.send(std::mem::replace(&mut self.aggregator, next));
                     }
+                    Some(DrainCommand::Forget(tgids)) => self.first_sight.forget(tgids),
                     Some(DrainCommand::Stop(reply)) => {
                         self.drain_available().await;
                         let _ = reply.send(self.aggregator);

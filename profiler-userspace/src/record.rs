@@ -5,22 +5,21 @@
 //! worker -> symbolize -> write all files atomically -> summary.
 
 use std::{
+    collections::HashSet,
     fmt::Write as _,
     io::IsTerminal as _,
-    sync::{Arc, Mutex},
+    sync::atomic::Ordering,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    aggregate::{AggregateLimits, AggregateStats, Aggregator},
+    aggregate::{AggregateLimits, AggregateStats},
+    collector::Collector,
     config::RecordConfig,
-    drain::{DrainCommand, DrainLoop, DrainStats},
-    ebpf::{KernelCounters, ProgramStats, Sampler, SamplerConfig},
+    ebpf::{KernelCounters, ProgramStats, SamplerConfig},
     export::{self, Written},
-    process::{CaptureWorker, ProcessStats, ProcessTable},
     profile::UnknownCounts,
     symbolize::{IntervalMeta, Symbolizer},
 };
@@ -161,62 +160,26 @@ fn join(pids: &[u32]) -> String {
 pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     let start_wall = SystemTime::now();
     let started = Instant::now();
-    let (mut sampler, ring) = Sampler::start(&SamplerConfig {
-        frequency_hz: config.frequency_hz,
-        pids: config.pids.clone(),
-        include_idle: config.include_idle,
-        ring_buffer_bytes: config.ring_buffer_bytes,
-    })?;
+    let collector = Collector::start(
+        &SamplerConfig {
+            frequency_hz: config.frequency_hz,
+            pids: config.pids.clone(),
+            include_idle: config.include_idle,
+            ring_buffer_bytes: config.ring_buffer_bytes,
+        },
+        AggregateLimits::default(),
+    )?;
 
-    let process_stats = Arc::new(ProcessStats::default());
-    let table = Arc::new(Mutex::new(ProcessTable::new(process_stats.clone())));
-    {
-        // Targets named on the command line are read now, before they can exit.
-        let mut t = table.lock().expect("process table lock");
-        for &pid in &config.pids {
-            let _ = t.capture(pid);
-        }
-    }
-    let (worker, first_sight) =
-        CaptureWorker::start(table.clone()).context("cannot start the capture thread")?;
-    let drain_stats = Arc::new(DrainStats::default());
-    let drain = DrainLoop::new(
-        ring,
-        Aggregator::new(AggregateLimits::default()),
-        first_sight,
-        drain_stats.clone(),
-    )
-    .context("cannot poll the ring buffer")?;
-    let (commands, command_rx) = mpsc::channel(1);
-    let drain_task = tokio::spawn(drain.run(command_rx));
+    let interrupted = wait_for_end(config, &collector).await;
 
-    let interrupted = wait_for_end(config, &sampler, &drain_stats).await;
-
-    let bpf = sampler.program_stats();
-    sampler.stop();
-    let kernel = sampler
-        .counters()
-        .context("cannot read the eBPF counters")?;
-    let (reply, aggregate) = oneshot::channel();
-    commands
-        .send(DrainCommand::Stop(reply))
-        .await
-        .context("the drain task ended unexpectedly")?;
-    let aggregate = aggregate
-        .await
-        .context("the drain task ended unexpectedly")?;
-    drain_task.await.context("the drain task failed")?;
-    worker.join();
+    let stopped = collector.stop().await?;
     let elapsed = started.elapsed();
-
+    let aggregate = stopped.aggregate;
     if config.progress {
         eprintln!(
             "symbolizing {} stacks from {} processes...",
             aggregate.len(),
-            aggregate
-                .tgids()
-                .collect::<std::collections::HashSet<_>>()
-                .len()
+            aggregate.tgids().collect::<HashSet<_>>().len()
         );
     }
     let meta = IntervalMeta {
@@ -224,8 +187,9 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         duration: elapsed,
         frequency_hz: config.frequency_hz,
     };
-    let title = title(config, sampler.cpus(), elapsed);
+    let title = title(config, stopped.cpus, elapsed);
     let output_dir = config.output_dir.clone();
+    let table = stopped.table;
     let (profile, written, aggregate_stats, stacks) = tokio::task::spawn_blocking(move || {
         let profile = Symbolizer::default().symbolize(&aggregate, &table, meta);
         let written = export::write_all(&profile, &output_dir, &title);
@@ -240,24 +204,25 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         elapsed,
         interrupted,
         frequency_hz: config.frequency_hz,
-        cpus: sampler.cpus(),
+        cpus: stopped.cpus,
         pids: config.pids.clone(),
-        kernel,
-        records: drain_stats.records(),
-        malformed: drain_stats.malformed(),
+        kernel: stopped.kernel,
+        records: stopped.drain_stats.records(),
+        malformed: stopped.drain_stats.malformed(),
         aggregate: aggregate_stats,
         stacks,
         processes: profile
             .stacks
             .iter()
             .map(|s| s.pid)
-            .collect::<std::collections::HashSet<_>>()
+            .collect::<HashSet<_>>()
             .len(),
-        gone_before_capture: process_stats
+        gone_before_capture: stopped
+            .process_stats
             .gone_before_capture
-            .load(std::sync::atomic::Ordering::Relaxed),
+            .load(Ordering::Relaxed),
         unknown: profile.unknown,
-        bpf,
+        bpf: stopped.bpf,
     })
 }
 
@@ -276,7 +241,8 @@ fn title(config: &RecordConfig, cpus: usize, elapsed: Duration) -> String {
 
 /// Waits for the duration, Ctrl-C or SIGTERM, printing progress. Returns true when
 /// stopped early.
-async fn wait_for_end(config: &RecordConfig, sampler: &Sampler, drain: &DrainStats) -> bool {
+async fn wait_for_end(config: &RecordConfig, collector: &Collector) -> bool {
+    let drain = collector.drain_stats();
     let deadline = tokio::time::Instant::now() + config.duration;
     let tty = std::io::stderr().is_terminal();
     // A terminal gets one line rewritten every second; a log gets a line every 5 s.
@@ -300,7 +266,7 @@ async fn wait_for_end(config: &RecordConfig, sampler: &Sampler, drain: &DrainSta
             } => break true,
             _ = ticker.tick(), if config.progress => {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                let lost = sampler.counters().map(|c| c.lost()).unwrap_or(0) + drain.malformed();
+                let lost = collector.kernel_counters().lost() + drain.malformed();
                 let line = format!(
                     "recording: {}s left, {} samples, {} lost",
                     left.as_secs_f64().ceil() as u64,

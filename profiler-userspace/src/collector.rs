@@ -1,0 +1,179 @@
+//! The sampling pipeline that `record` and `agent` share: the eBPF sampler, the
+//! process capture worker and the drain task, started and stopped together.
+//!
+//! Owns all three: [`Collector::stop`] detaches the program, drains what is left,
+//! joins the worker and hands back the last aggregate. Dropping a `Collector`
+//! without stopping it still detaches the program (the `Sampler` is dropped) and ends
+//! the drain task (its command channel closes).
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+
+use crate::{
+    aggregate::{AggregateLimits, Aggregator},
+    drain::{DrainCommand, DrainLoop, DrainStats},
+    ebpf::{KernelCounters, ProgramStats, Sampler, SamplerConfig},
+    process::{CaptureWorker, ProcessStats, ProcessTable},
+};
+
+/// A running sampling pipeline.
+pub struct Collector {
+    sampler: Sampler,
+    table: Arc<Mutex<ProcessTable>>,
+    process_stats: Arc<ProcessStats>,
+    worker: CaptureWorker,
+    drain_stats: Arc<DrainStats>,
+    commands: mpsc::Sender<DrainCommand>,
+    drain_task: JoinHandle<()>,
+}
+
+/// What is left when the pipeline stops.
+pub struct Stopped {
+    /// The last interval's aggregate.
+    pub aggregate: Aggregator,
+    /// Final in-kernel counters.
+    pub kernel: KernelCounters,
+    /// Run time of the eBPF program.
+    pub bpf: ProgramStats,
+    pub table: Arc<Mutex<ProcessTable>>,
+    pub process_stats: Arc<ProcessStats>,
+    pub drain_stats: Arc<DrainStats>,
+    pub cpus: usize,
+}
+
+impl Collector {
+    /// Loads and attaches the sampler and starts the worker and the drain task. Must
+    /// run inside the tokio runtime. Processes named in `config.pids` are captured
+    /// right away, before they can exit.
+    pub fn start(config: &SamplerConfig, limits: AggregateLimits) -> anyhow::Result<Collector> {
+        let (sampler, ring) = Sampler::start(config)?;
+        let process_stats = Arc::new(ProcessStats::default());
+        let table = Arc::new(Mutex::new(ProcessTable::new(process_stats.clone())));
+        {
+            let mut t = table.lock().expect("process table lock");
+            for &pid in &config.pids {
+                let _ = t.capture(pid);
+            }
+        }
+        let (worker, first_sight) =
+            CaptureWorker::start(table.clone()).context("cannot start the capture thread")?;
+        let drain_stats = Arc::new(DrainStats::default());
+        let drain = DrainLoop::new(
+            ring,
+            Aggregator::new(limits),
+            first_sight,
+            drain_stats.clone(),
+        )
+        .context("cannot poll the ring buffer")?;
+        let (commands, command_rx) = mpsc::channel(1);
+        let drain_task = tokio::spawn(drain.run(command_rx));
+        Ok(Collector {
+            sampler,
+            table,
+            process_stats,
+            worker,
+            drain_stats,
+            commands,
+            drain_task,
+        })
+    }
+
+    pub fn table(&self) -> &Arc<Mutex<ProcessTable>> {
+        &self.table
+    }
+
+    pub fn drain_stats(&self) -> &Arc<DrainStats> {
+        &self.drain_stats
+    }
+
+    pub fn process_stats(&self) -> &Arc<ProcessStats> {
+        &self.process_stats
+    }
+
+    pub fn cpus(&self) -> usize {
+        self.sampler.cpus()
+    }
+
+    /// Current in-kernel counters (zero if they cannot be read).
+    pub fn kernel_counters(&self) -> KernelCounters {
+        self.sampler.counters().unwrap_or_default()
+    }
+
+    pub fn program_stats(&self) -> ProgramStats {
+        self.sampler.program_stats()
+    }
+
+    /// Closes the current interval and returns its aggregate; sampling goes on into a
+    /// fresh one.
+    pub async fn take_interval(&self) -> anyhow::Result<Aggregator> {
+        let (reply, aggregate) = oneshot::channel();
+        self.commands
+            .send(DrainCommand::TakeInterval(reply))
+            .await
+            .context("the drain task ended unexpectedly")?;
+        aggregate.await.context("the drain task ended unexpectedly")
+    }
+
+    /// Forgets processes that exited: their metadata and open binaries are released
+    /// and they are captured again if their pid is reused.
+    pub async fn forget_exited(&self) {
+        let exited: Vec<u32> = {
+            let mut table = self.table.lock().expect("process table lock");
+            let exited = table.exited();
+            for &pid in &exited {
+                table.remove(pid);
+            }
+            exited
+        };
+        if !exited.is_empty() {
+            let _ = self.commands.send(DrainCommand::Forget(exited)).await;
+        }
+    }
+
+    /// Detaches the program, drains what is left and stops everything.
+    pub async fn stop(mut self) -> anyhow::Result<Stopped> {
+        let bpf = self.sampler.program_stats();
+        self.sampler.stop();
+        let kernel = self
+            .sampler
+            .counters()
+            .context("cannot read the eBPF counters")?;
+        let (reply, aggregate) = oneshot::channel();
+        self.commands
+            .send(DrainCommand::Stop(reply))
+            .await
+            .context("the drain task ended unexpectedly")?;
+        let aggregate = aggregate
+            .await
+            .context("the drain task ended unexpectedly")?;
+        (&mut self.drain_task)
+            .await
+            .context("the drain task failed")?;
+        let cpus = self.sampler.cpus();
+        let Collector {
+            table,
+            process_stats,
+            worker,
+            drain_stats,
+            ..
+        } = self;
+        // The drain task dropped its FirstSight, which ends the worker's queue.
+        tokio::task::spawn_blocking(move || worker.join())
+            .await
+            .context("the capture thread failed")?;
+        Ok(Stopped {
+            aggregate,
+            kernel,
+            bpf,
+            table,
+            process_stats,
+            drain_stats,
+            cpus,
+        })
+    }
+}
