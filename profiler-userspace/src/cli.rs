@@ -5,7 +5,17 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{config::RecordConfig, record};
+use crate::{
+    config::{
+        agent::{
+            AgentArgs, AgentConfig, DEFAULT_INTERVAL, DEFAULT_MAX_REQUEST_BYTES,
+            DEFAULT_SHUTDOWN_TIMEOUT,
+        },
+        RecordConfig,
+    },
+    record,
+    sink::{files, queue::DEFAULT_QUEUE_BYTES},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +33,68 @@ pub enum Command {
     /// Sample every CPU (or some processes) for a while and write a symbolized profile:
     /// profile.folded, profile.pb.gz (pprof) and flamegraph.svg.
     Record(RecordArgs),
+    /// Profile continuously until SIGTERM: one profile per interval, exported over
+    /// OTLP/gRPC and/or written to rotating local files. Reads the standard
+    /// OTEL_EXPORTER_OTLP_* environment variables; flags win.
+    Agent(Box<AgentCliArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentCliArgs {
+    /// Seconds per profile.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_INTERVAL.as_secs())]
+    pub interval: u64,
+    /// Samples per second on each CPU.
+    #[arg(long, value_name = "HZ", default_value_t = 97)]
+    pub frequency: u64,
+    /// Only profile this process (and its threads); repeat for more.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Also record samples of idle CPUs.
+    #[arg(long)]
+    pub include_idle: bool,
+    /// Write rotating profiles here (default ./profiles when no endpoint is set).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Profiles kept in --output-dir (oldest deleted first).
+    #[arg(long, value_name = "N", default_value_t = files::DEFAULT_MAX_PROFILES)]
+    pub max_files: usize,
+    /// Disk space kept in --output-dir, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = files::DEFAULT_MAX_BYTES >> 20)]
+    pub max_disk_mib: u64,
+    /// OTLP/gRPC endpoint, e.g. http://collector:4317 (env OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Extra request header KEY=VALUE, e.g. authorization=Bearer%20TOKEN; repeatable (env OTEL_EXPORTER_OTLP_HEADERS).
+    #[arg(long = "header", value_name = "KEY=VALUE")]
+    pub headers: Vec<String>,
+    /// PEM CA certificates to trust instead of the system's (env OTEL_EXPORTER_OTLP_CERTIFICATE).
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (env OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE).
+    #[arg(long, value_name = "PATH")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM client key for mutual TLS (env OTEL_EXPORTER_OTLP_CLIENT_KEY).
+    #[arg(long, value_name = "PATH")]
+    pub client_key: Option<PathBuf>,
+    /// gzip or none (env OTEL_EXPORTER_OTLP_COMPRESSION; default gzip).
+    #[arg(long, value_name = "ALGO")]
+    pub compression: Option<String>,
+    /// Per-request deadline in seconds (env OTEL_EXPORTER_OTLP_TIMEOUT, in ms; default 10 s).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Bound of the export queue in KiB; the oldest profiles are dropped past it.
+    #[arg(long, value_name = "KIB", default_value_t = DEFAULT_QUEUE_BYTES >> 10)]
+    pub queue_kib: usize,
+    /// Largest request sent, in KiB; bigger profiles are split.
+    #[arg(long, value_name = "KIB", default_value_t = DEFAULT_MAX_REQUEST_BYTES >> 10)]
+    pub max_request_kib: usize,
+    /// Seconds SIGTERM waits for the last profile to be exported.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT.as_secs())]
+    pub shutdown_timeout: u64,
+    /// Log level: error, warn, info (state changes), debug (every cycle), trace. RUST_LOG wins.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
 }
 
 #[derive(Debug, Args)]
@@ -88,7 +160,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprint!("{}", summary.render());
             Ok(())
         }
+        Command::Agent(args) => {
+            init_logging(&args.log_level)?;
+            crate::ebpf::check_privileges()?;
+            let config = AgentConfig::new(
+                AgentArgs {
+                    interval_secs: Some(args.interval),
+                    frequency_hz: args.frequency,
+                    pids: args.pids,
+                    include_idle: args.include_idle,
+                    output_dir: args.output_dir,
+                    max_files: args.max_files,
+                    max_disk_bytes: args.max_disk_mib << 20,
+                    endpoint: args.endpoint,
+                    headers: args.headers,
+                    ca_file: args.ca_file,
+                    client_cert: args.client_cert,
+                    client_key: args.client_key,
+                    compression: args.compression,
+                    timeout_secs: args.timeout,
+                    queue_bytes: args.queue_kib << 10,
+                    max_request_bytes: args.max_request_kib << 10,
+                    shutdown_timeout_secs: Some(args.shutdown_timeout),
+                },
+                &|name| std::env::var(name).ok(),
+            )?;
+            let runtime = record::runtime()?;
+            runtime.block_on(crate::agent::run(config))?;
+            Ok(())
+        }
     }
+}
+
+/// Logs to stderr; RUST_LOG overrides `level`.
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => EnvFilter::try_new(spec)?,
+        _ => EnvFilter::try_new(format!("profiler={level}"))
+            .map_err(|_| anyhow::anyhow!("--log-level {level:?} is not a log level"))?,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -102,7 +220,9 @@ mod tests {
     /// Defaults: 10 s at 97 Hz, whole host, ./profiles.
     #[test]
     fn record_defaults() {
-        let Command::Record(a) = parse(&["record"]).unwrap().command;
+        let Command::Record(a) = parse(&["record"]).unwrap().command else {
+            panic!("not record")
+        };
         assert_eq!((a.duration, a.frequency), (10, 97));
         assert!(a.pids.is_empty());
         assert_eq!(a.output_dir, PathBuf::from("profiles"));
@@ -113,8 +233,37 @@ mod tests {
     fn record_many_pids() {
         let Command::Record(a) = parse(&["record", "--pid", "1", "--pid", "22"])
             .unwrap()
-            .command;
+            .command
+        else {
+            panic!("not record")
+        };
         assert_eq!(a.pids, vec![1, 22]);
+    }
+
+    /// Agent flags parse, repeated headers are kept, and the bounds have defaults.
+    #[test]
+    fn agent_flags() {
+        let Command::Agent(a) = parse(&[
+            "agent",
+            "--endpoint",
+            "http://c:4317",
+            "--header",
+            "a=b",
+            "--header",
+            "c=d",
+            "--interval",
+            "5",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not agent")
+        };
+        assert_eq!(a.headers, vec!["a=b", "c=d"]);
+        assert_eq!(
+            (a.interval, a.queue_kib, a.max_request_kib),
+            (5, 32768, 4096)
+        );
     }
 
     /// A non-numeric frequency is a parse error, not a panic.

@@ -1,5 +1,8 @@
-//! Validated configuration: raw CLI arguments become a [`RecordConfig`] here, before
-//! anything is loaded, so every bad flag fails with one clear sentence.
+//! Validated configuration: raw CLI arguments become a [`RecordConfig`] (or an
+//! [`agent::AgentConfig`]) here, before anything is loaded, so every bad flag fails
+//! with one clear sentence.
+
+pub mod agent;
 
 use std::{
     path::{Path, PathBuf},
@@ -28,6 +31,32 @@ pub enum ConfigError {
     /// The output directory is unusable.
     #[error("--output-dir {path}: {reason}")]
     OutputDir { path: PathBuf, reason: String },
+    /// An interval under a second.
+    #[error("--interval must be at least 1 second")]
+    Interval,
+    /// A header that is not `key=value`.
+    #[error("OTLP header {0:?} is not key=value")]
+    Header(String),
+    /// Only one of the client certificate and key.
+    #[error(
+        "--client-cert and --client-key (OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE/_KEY) go together"
+    )]
+    ClientCert,
+    /// A TLS file that does not exist.
+    #[error("{0}: no such file")]
+    MissingFile(PathBuf),
+    /// Unknown compression.
+    #[error("compression {0:?} is not supported (use gzip or none)")]
+    Compression(String),
+    /// Unparsable timeout.
+    #[error("OTLP timeout {0:?} is not a positive number of milliseconds")]
+    Timeout(String),
+    /// A request size limit too small to be useful.
+    #[error("--max-request-kib must be at least 64 KiB, got {0} bytes")]
+    RequestSize(usize),
+    /// An export queue smaller than one request.
+    #[error("--queue-kib ({queue} bytes) must hold at least one request of --max-request-kib ({request} bytes)")]
+    QueueSize { queue: usize, request: usize },
 }
 
 /// Everything `profiler record` needs, checked.
@@ -64,27 +93,11 @@ impl RecordConfig {
         include_idle: bool,
         progress: bool,
     ) -> Result<RecordConfig, ConfigError> {
-        let max = max_sample_rate();
-        if frequency_hz == 0 || frequency_hz > max {
-            return Err(ConfigError::Frequency {
-                got: frequency_hz,
-                max,
-            });
-        }
+        check_frequency(frequency_hz)?;
         if duration_secs == 0 {
             return Err(ConfigError::Duration);
         }
-        if pids.len() > MAX_PID_FILTER_ENTRIES as usize {
-            return Err(ConfigError::TooManyPids {
-                max: MAX_PID_FILTER_ENTRIES,
-                got: pids.len(),
-            });
-        }
-        for &pid in &pids {
-            if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
-                return Err(ConfigError::NoSuchPid { pid });
-            }
-        }
+        check_pids(&pids)?;
         check_output_dir(&output_dir)?;
         // Absolute, so the summary says exactly where the files are.
         let output_dir = output_dir.canonicalize().unwrap_or(output_dir);
@@ -100,8 +113,36 @@ impl RecordConfig {
     }
 }
 
+/// A sampling frequency the kernel accepts.
+pub(crate) fn check_frequency(frequency_hz: u64) -> Result<(), ConfigError> {
+    let max = max_sample_rate();
+    if frequency_hz == 0 || frequency_hz > max {
+        return Err(ConfigError::Frequency {
+            got: frequency_hz,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Pids that exist, no more than the kernel filter holds.
+pub(crate) fn check_pids(pids: &[u32]) -> Result<(), ConfigError> {
+    if pids.len() > MAX_PID_FILTER_ENTRIES as usize {
+        return Err(ConfigError::TooManyPids {
+            max: MAX_PID_FILTER_ENTRIES,
+            got: pids.len(),
+        });
+    }
+    for &pid in pids {
+        if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(ConfigError::NoSuchPid { pid });
+        }
+    }
+    Ok(())
+}
+
 /// Creates the directory and proves we can write into it.
-fn check_output_dir(dir: &Path) -> Result<(), ConfigError> {
+pub(crate) fn check_output_dir(dir: &Path) -> Result<(), ConfigError> {
     let err = |reason: String| ConfigError::OutputDir {
         path: dir.to_path_buf(),
         reason,

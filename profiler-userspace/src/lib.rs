@@ -2,13 +2,16 @@
 //!
 //! perf event -> eBPF program ([`ebpf`]) -> ring buffer -> [`drain`] -> [`aggregate`]
 //! (with [`process`] metadata captured on first sight) -> [`symbolize`] -> [`profile`]
-//! -> [`export`] (folded, pprof, flamegraph).
+//! -> [`export`] (folded, pprof, flamegraph, OTLP) -> [`sink`] (files, gRPC).
 //!
 //! [`cli`] and [`config`] turn arguments into a checked configuration; [`record`]
-//! runs the `record` command. See ARCHITECTURE.md for one sample's journey.
+//! runs the `record` command and [`agent`] the `agent` command, both on the
+//! [`collector`] pipeline. See ARCHITECTURE.md for one sample's journey.
 
+pub mod agent;
 pub mod aggregate;
 pub mod cli;
+pub mod collector;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
@@ -16,4 +19,5 @@ pub mod export;
 pub mod process;
 pub mod profile;
 pub mod record;
+pub mod sink;
 pub mod symbolize;

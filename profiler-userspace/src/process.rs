@@ -51,6 +51,8 @@ pub struct ObjectFile {
     pub path: String,
     /// GNU build id, if the file has one.
     pub build_id: Option<Vec<u8>>,
+    /// File size in bytes.
+    pub size: u64,
     file: File,
 }
 
@@ -121,6 +123,10 @@ pub struct ProcessInfo {
     pub exe: Option<String>,
     /// Executable mappings sorted by start address.
     pub mappings: Vec<Mapping>,
+    /// Start time in clock ticks since boot: tells a reused pid from this process.
+    pub start_time: u64,
+    /// Container id from the process's cgroup, when it runs in one.
+    pub container_id: Option<String>,
 }
 
 impl ProcessInfo {
@@ -206,6 +212,20 @@ impl ProcessTable {
         Ok(info)
     }
 
+    /// Tracked processes that have exited (or whose pid now belongs to another
+    /// process).
+    pub fn exited(&self) -> Vec<u32> {
+        self.processes
+            .values()
+            .filter(|p| {
+                Process::new(p.pid as i32)
+                    .and_then(|proc| proc.stat())
+                    .map_or(true, |stat| stat.starttime != p.start_time)
+            })
+            .map(|p| p.pid)
+            .collect()
+    }
+
     /// Forgets processes (e.g. exited ones at the end of an interval) and closes the
     /// binaries only they mapped.
     pub fn remove(&mut self, pid: u32) {
@@ -224,6 +244,10 @@ impl ProcessTable {
             .map(|s| s.trim_end().to_string())
             .unwrap_or_default();
         let exe = process.exe().ok().map(|p| p.to_string_lossy().into_owned());
+        let start_time = process.stat().map(|s| s.starttime).unwrap_or(0);
+        let container_id = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|c| container_id(&c));
         let mut mappings = Vec::new();
         for map in maps {
             if !map.perms.contains(procfs::process::MMPermissions::EXECUTE) {
@@ -260,6 +284,8 @@ impl ProcessTable {
             name,
             exe,
             mappings,
+            start_time,
+            container_id,
         })
     }
 
@@ -300,11 +326,27 @@ impl ProcessTable {
             ino: key.1,
             path: path.to_string(),
             build_id: read_build_id(&file),
+            size: meta.len(),
             file,
         });
         self.objects.insert(key, Arc::downgrade(&object));
         MappedObject::File(object)
     }
+}
+
+/// The container id in a /proc/PID/cgroup file: the 64-hex-digit id that Docker,
+/// containerd, CRI-O and podman put in the cgroup path (e.g.
+/// `0::/system.slice/docker-<id>.scope`, `.../kubepods/.../cri-containerd-<id>.scope`,
+/// `.../<id>`).
+pub fn container_id(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|line| {
+        let path = line.rsplit(':').next()?;
+        path.split('/').rev().find_map(|component| {
+            let component = component.strip_suffix(".scope").unwrap_or(component);
+            let id = component.rsplit(['-', ':']).next()?;
+            (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+        })
+    })
 }
 
 fn read_build_id(file: &File) -> Option<Vec<u8>> {
@@ -343,6 +385,7 @@ fn own_vdso() -> std::io::Result<Arc<ObjectFile>> {
         ino: meta.ino(),
         path: "[vdso]".into(),
         build_id,
+        size: meta.len(),
         file,
     }))
 }
@@ -485,6 +528,26 @@ mod tests {
             })
         };
         assert!(Arc::ptr_eq(&libc_of(&a).unwrap(), &libc_of(&b).unwrap()));
+    }
+
+    /// Container ids are found in the cgroup paths of the common runtimes, and a
+    /// host process has none.
+    #[test]
+    fn container_ids_from_cgroup_paths() {
+        let id = "3f1c0a2b4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8";
+        for cgroup in [
+            format!("0::/system.slice/docker-{id}.scope\n"),
+            format!("0::/kubepods.slice/kubepods-burstable.slice/cri-containerd-{id}.scope\n"),
+            format!("12:pids:/docker/{id}\n"),
+            format!("0::/machine.slice/libpod-{id}.scope/container\n"),
+        ] {
+            assert_eq!(container_id(&cgroup).as_deref(), Some(id), "{cgroup}");
+        }
+        assert_eq!(
+            container_id("0::/user.slice/user-0.slice/session-1.scope\n"),
+            None
+        );
+        assert_eq!(container_id("garbage"), None);
     }
 
     /// The vDSO copy is a readable ELF image.

@@ -5,6 +5,7 @@
 //! list location ids leaf first, as pprof does.
 
 use std::{
+    collections::BTreeMap,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -62,6 +63,15 @@ pub struct Stack {
     pub count: u64,
 }
 
+/// What is known about a process whose stacks are in the profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessMeta {
+    pub name: Arc<str>,
+    /// Path of the executable.
+    pub exe: Option<Arc<str>>,
+    pub container_id: Option<Arc<str>>,
+}
+
 /// Why frames could not be named; counts are of distinct addresses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnknownCounts {
@@ -116,6 +126,8 @@ pub struct Profile {
     pub objects: Vec<Object>,
     pub locations: Vec<Location>,
     pub stacks: Vec<Stack>,
+    /// Metadata of the processes in `stacks`, when they were captured.
+    pub processes: BTreeMap<u32, ProcessMeta>,
     pub unknown: UnknownCounts,
 }
 
@@ -195,6 +207,14 @@ pub fn test_profile() -> Profile {
                 count: 2,
             },
         ],
+        processes: BTreeMap::from([(
+            42,
+            ProcessMeta {
+                name: "app".into(),
+                exe: Some("/usr/bin/app".into()),
+                container_id: None,
+            },
+        )]),
         unknown: UnknownCounts::default(),
     }
 }

@@ -21,14 +21,15 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// `profiler record --help` matches the snapshot in tests/snapshots (regenerate with
-/// UPDATE_SNAPSHOTS=1 after an intended change).
-#[test]
-fn record_help_snapshot() {
-    let out = profiler(&["record", "--help"]);
+/// `profiler COMMAND --help` matches tests/snapshots/COMMAND-help.txt (regenerate
+/// with UPDATE_SNAPSHOTS=1 after an intended change).
+fn help_snapshot(command: &str) {
+    let out = profiler(&[command, "--help"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/record-help.txt");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{command}-help.txt"));
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
         std::fs::write(&path, &text).unwrap();
     }
@@ -37,6 +38,18 @@ fn record_help_snapshot() {
         text, expected,
         "help changed; rerun with UPDATE_SNAPSHOTS=1 if intended"
     );
+}
+
+/// The record command's help is as documented.
+#[test]
+fn record_help_snapshot() {
+    help_snapshot("record");
+}
+
+/// The agent command's help is as documented.
+#[test]
+fn agent_help_snapshot() {
+    help_snapshot("agent");
 }
 
 /// An unknown flag is a usage error (exit 2) that names the flag.

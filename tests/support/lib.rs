@@ -230,3 +230,190 @@ pub fn pprof_stacks(p: &proto::Profile) -> Vec<PprofSample> {
 pub fn settle() {
     std::thread::sleep(Duration::from_millis(100));
 }
+
+/// The `profiler` binary, built (once per test run) with cargo so it is current.
+pub fn profiler_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "profiler-userspace",
+                "--bin",
+                "profiler",
+            ])
+            .current_dir(crate_dir())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the profiler binary failed");
+        // target/<profile>/deps/integration-* -> target/<profile>/profiler
+        let exe = std::env::current_exe().expect("test executable path");
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .join("profiler")
+    })
+    .clone()
+}
+
+/// The Python with PyPI's opentelemetry-proto and grpcio that `cargo xtask test`
+/// installs (OTLP_PYTHON, or target/tools/otlp-venv).
+pub fn otlp_python() -> PathBuf {
+    let path = std::env::var_os("OTLP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate_dir().join("../target/tools/otlp-venv/bin/python"));
+    assert!(
+        path.exists(),
+        "no Python with opentelemetry-proto and grpcio at {} (run the tests with `cargo xtask test`, which installs it)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind loopback")
+        .port()
+}
+
+/// The Python OTLP receiver (tests/otlp/receiver.py), killed on drop.
+pub struct Receiver {
+    child: KillOnDrop,
+    pub port: u16,
+    pub out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Receiver {
+    /// Starts it with extra `args` on `port` (0: any free port).
+    pub fn start(port: u16, args: &[&str]) -> Receiver {
+        use std::io::BufRead as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = dir.path().join("requests.jsonl");
+        let mut child = Command::new(otlp_python())
+            .env("GRPC_VERBOSITY", "NONE")
+            .arg(crate_dir().join("otlp/receiver.py"))
+            .args(["--port", &port.to_string(), "--out"])
+            .arg(&out)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the OTLP receiver");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("receiver output");
+        let port = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("receiver did not start: {line:?}"));
+        Receiver {
+            child: KillOnDrop(child),
+            port,
+            out,
+            _dir: dir,
+        }
+    }
+
+    /// Every request received so far, decoded by the official classes.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("receiver writes JSON lines"))
+            .collect()
+    }
+
+    /// Waits up to `timeout` for at least `n` requests.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let r = self.requests();
+            if r.len() >= n || std::time::Instant::now() > end {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops it (like a backend going down).
+    pub fn stop(self) {
+        drop(self.child);
+    }
+}
+
+/// A `profiler agent` child with its stderr (the log) captured to a file.
+pub struct Agent {
+    pub child: KillOnDrop,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Agent {
+        Agent::start_with_env(args, &[])
+    }
+
+    /// Starts it with `env` on top of ours, minus any OTEL_* or RUST_LOG we have.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("agent.log");
+        let inherited: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| !k.starts_with("OTEL_") && k != "RUST_LOG")
+            .collect();
+        let child = Command::new(profiler_bin())
+            .arg("agent")
+            .args(args)
+            .env_clear()
+            .envs(inherited)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start the agent");
+        Agent {
+            child: KillOnDrop(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits (up to `timeout`) for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGTERM) };
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.0.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

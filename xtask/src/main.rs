@@ -64,6 +64,7 @@ fn try_main() -> Result<()> {
             if all {
                 setup::ensure_packages(&[setup::TEST, setup::BENCH])?;
                 build_pprof()?;
+                ensure_otlp_venv()?;
             }
             eprintln!("xtask: prerequisites are installed");
             Ok(())
@@ -156,10 +157,44 @@ fn build_pprof() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// PyPI versions of the OTLP receiver the tests run (a peer we did not write).
+const OTLP_PIP_PACKAGES: &[&str] = &["opentelemetry-proto==1.45.2", "grpcio==1.85.3"];
+
+/// A Python virtualenv with PyPI's opentelemetry-proto and grpcio, for the tests'
+/// OTLP receiver.
+fn ensure_otlp_venv() -> Result<PathBuf> {
+    let venv = workspace_root().join("target/tools/otlp-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(".installed");
+    let want = OTLP_PIP_PACKAGES.join(" ");
+    if std::fs::read_to_string(&ready).ok().as_deref() == Some(want.as_str()) {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing the tests' OTLP receiver into {} (PyPI: {want})",
+        venv.display()
+    );
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+        .context("python3 -m venv failed (on Debian: apt-get install python3-venv)")?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(OTLP_PIP_PACKAGES))
+    .context("pip install of the OTLP receiver's packages failed")?;
+    std::fs::write(&ready, &want)?;
+    Ok(python)
+}
+
 fn test(args: Vec<String>) -> Result<()> {
     setup::ensure_build_prerequisites()?;
     setup::ensure_packages(&[setup::TEST])?;
     let pprof = build_pprof()?;
+    let otlp_python = ensure_otlp_venv()?;
     if !setup::is_root() {
         bail!("the tests load eBPF programs and need root: run `sudo -E cargo xtask test`");
     }
@@ -178,7 +213,8 @@ fn test(args: Vec<String>) -> Result<()> {
     run(Command::new("cargo")
         .args(["test", "--workspace"])
         .args(&args)
-        .env("PPROF_BIN", &pprof))?;
+        .env("PPROF_BIN", &pprof)
+        .env("OTLP_PYTHON", &otlp_python))?;
     eprintln!("xtask: all checks passed");
     Ok(())
 }

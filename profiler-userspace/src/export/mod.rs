@@ -5,6 +5,7 @@
 
 pub mod flamegraph;
 pub mod folded;
+pub mod otlp;
 pub mod pprof;
 
 use std::{

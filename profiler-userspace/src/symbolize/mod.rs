@@ -29,7 +29,7 @@ pub use cache::{SymbolCache, MAX_SYMBOL_CACHE_ENTRIES};
 use crate::{
     aggregate::Aggregator,
     process::{MappedObject, ObjectFile, ProcessInfo, ProcessTable},
-    profile::{FrameKind, Line, Location, Object, Profile, Stack, UnknownCounts},
+    profile::{FrameKind, Line, Location, Object, ProcessMeta, Profile, Stack, UnknownCounts},
 };
 
 /// Name of the pseudo-object kernel locations belong to (as perf calls it).
@@ -99,7 +99,15 @@ pub struct Symbolizer {
     cache: SymbolCache,
     /// Normally /proc/kallsyms.
     kallsyms: std::path::PathBuf,
+    /// Binaries larger than this are named from ELF symbols only: parsing DWARF
+    /// takes memory in proportion to the binary's debug info (~100 MB for a 70 MB
+    /// debug build). `None`: always use DWARF when present.
+    max_dwarf_file_bytes: Option<u64>,
 }
+
+/// The agent's DWARF limit: binaries up to 16 MiB (most distribution binaries have
+/// no DWARF at all; this bounds what a large unstripped one can cost).
+pub const AGENT_MAX_DWARF_FILE_BYTES: u64 = 16 << 20;
 
 impl Default for Symbolizer {
     fn default() -> Self {
@@ -121,14 +129,23 @@ impl Symbolizer {
     /// A symbolizer whose cache holds at most `cache_entries` lookups.
     pub fn new(cache_entries: usize) -> Self {
         Symbolizer {
-            blaze: blazesym::symbolize::Symbolizer::builder()
-                .enable_code_info(true)
-                .enable_inlined_fns(true)
-                .enable_demangling(true)
-                .build(),
+            blaze: new_blazesym(),
             cache: SymbolCache::new(cache_entries),
             kallsyms: kallsyms::KALLSYMS.into(),
+            max_dwarf_file_bytes: None,
         }
+    }
+
+    /// Uses DWARF only for binaries up to `bytes` (see [`AGENT_MAX_DWARF_FILE_BYTES`]).
+    pub fn with_max_dwarf_file_bytes(mut self, bytes: u64) -> Self {
+        self.max_dwarf_file_bytes = Some(bytes);
+        self
+    }
+
+    /// Drops blazesym's parsed files (symbol tables, DWARF) so they cannot grow with
+    /// every binary ever seen; our bounded lookup cache is kept.
+    pub fn refresh_file_caches(&mut self) {
+        self.blaze = new_blazesym();
     }
 
     /// Lookups held in the cache.
@@ -204,6 +221,20 @@ impl Symbolizer {
                 count: unattributed,
             });
         }
+        let processes = procs
+            .iter()
+            .filter_map(|(&pid, info)| {
+                let info = info.as_ref()?;
+                Some((
+                    pid,
+                    ProcessMeta {
+                        name: info.name.as_str().into(),
+                        exe: info.exe.as_deref().map(Into::into),
+                        container_id: info.container_id.as_deref().map(Into::into),
+                    },
+                ))
+            })
+            .collect();
         Profile {
             start: meta.start,
             duration: meta.duration,
@@ -211,6 +242,7 @@ impl Symbolizer {
             objects: b.objects,
             locations: b.locations,
             stacks,
+            processes,
             unknown: b.unknown,
         }
     }
@@ -267,7 +299,9 @@ impl Symbolizer {
         }
         for ((dev, ino), (object, offsets)) in file_pending {
             let mut elf = Elf::new(object.readable_path());
-            elf.debug_syms = true;
+            elf.debug_syms = self
+                .max_dwarf_file_bytes
+                .is_none_or(|max| object.size <= max);
             let names = self.lookup(&Source::Elf(elf), Input::FileOffset(&offsets));
             for (offset, name) in offsets.iter().zip(names) {
                 resolved.insert(
@@ -302,6 +336,14 @@ impl Symbolizer {
             Err(_) => vec![None; n],
         }
     }
+}
+
+fn new_blazesym() -> blazesym::symbolize::Symbolizer {
+    blazesym::symbolize::Symbolizer::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .enable_demangling(true)
+        .build()
 }
 
 /// Return addresses point after the call; look up the call itself. The leaf frame is

@@ -1,0 +1,382 @@
+//! `profiler agent`: profile the host forever, one profile per interval, to local
+//! rotating files and/or an OTLP backend.
+//!
+//! One cycle per interval: close the interval's aggregate (the drain goes on into a
+//! new one), then on a blocking thread symbolize it, encode OTLP requests and write
+//! files, then push the requests to the bounded export queue. Cycles never overlap:
+//! if the previous cycle is still running when the next interval ends, that slot is
+//! skipped and counted, and the samples stay in the aggregate for the next cycle.
+//! On SIGTERM/SIGINT the last interval is closed and flushed within
+//! `shutdown_timeout`, and the agent exits 0.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{sync_channel, SyncSender},
+        Arc,
+    },
+    time::SystemTime,
+};
+
+use anyhow::Context as _;
+use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
+use tracing::{debug, info, warn};
+
+use crate::{
+    aggregate::{AggregateLimits, Aggregator},
+    collector::Collector,
+    config::agent::AgentConfig,
+    ebpf::SamplerConfig,
+    export::otlp::{self, HostInfo},
+    process::ProcessTable,
+    sink::{
+        files::{self, FilesWritten},
+        grpc::{ExportStats, Exporter, QueuedRequest},
+        queue::ExportQueue,
+    },
+    symbolize::{IntervalMeta, Symbolizer, AGENT_MAX_DWARF_FILE_BYTES},
+};
+
+/// Cycles after which blazesym's parsed-file caches are dropped and rebuilt, so they
+/// cannot grow with every binary the host ever ran (the symbol LRU is kept).
+pub const SYMBOLIZER_REFRESH_CYCLES: u64 = 40;
+
+/// Counters of the agent itself.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub cycles: AtomicU64,
+    /// Interval ends that found the previous cycle still running.
+    pub skipped_cycles: AtomicU64,
+    pub samples: AtomicU64,
+    /// Stacks left out of OTLP because alone they exceed the request size limit.
+    pub oversized_stacks: AtomicU64,
+    pub file_errors: AtomicU64,
+}
+
+/// What a finished cycle hands back to the loop.
+struct CycleDone {
+    samples: u64,
+    stacks: usize,
+    requests: Vec<(QueuedRequest, usize)>,
+    oversized: u64,
+    files: Option<std::io::Result<FilesWritten>>,
+}
+
+/// Everything a cycle needs, cloned into its blocking task.
+#[derive(Clone)]
+struct CycleContext {
+    table: Arc<std::sync::Mutex<ProcessTable>>,
+    host: HostInfo,
+    config: Arc<AgentConfig>,
+}
+
+fn run_cycle(
+    ctx: &CycleContext,
+    symbolizer: &mut Symbolizer,
+    aggregate: Aggregator,
+    meta: IntervalMeta,
+) -> CycleDone {
+    let profile = symbolizer.symbolize(&aggregate, &ctx.table, meta);
+    let samples = profile.samples();
+    let (requests, oversized) = match &ctx.config.grpc {
+        Some(_) => {
+            let encoded = otlp::encode(&profile, &ctx.host, ctx.config.max_request_bytes);
+            let requests = encoded
+                .requests
+                .iter()
+                .map(|r| {
+                    let bytes = bytes::Bytes::from(prost::Message::encode_to_vec(r));
+                    let len = bytes.len();
+                    (bytes, len)
+                })
+                .collect();
+            (requests, encoded.oversized_stacks)
+        }
+        None => (vec![], 0),
+    };
+    let files = ctx
+        .config
+        .files
+        .as_ref()
+        .map(|files_config| files::write(&profile, files_config));
+    CycleDone {
+        samples,
+        stacks: profile.stacks.len(),
+        requests,
+        oversized,
+        files,
+    }
+}
+
+/// One interval to symbolize, encode and write.
+struct Job {
+    aggregate: Aggregator,
+    meta: IntervalMeta,
+    reply: oneshot::Sender<CycleDone>,
+}
+
+/// The thread that runs cycles, one at a time. It owns the symbolizer (blazesym's is
+/// not `Send`), so its caches live across cycles. Dropping the sender ends it.
+struct CycleWorker {
+    jobs: SyncSender<Job>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl CycleWorker {
+    fn start(ctx: CycleContext) -> anyhow::Result<CycleWorker> {
+        // Capacity 1 and at most one job in flight: cycles never overlap.
+        let (jobs, queue) = sync_channel::<Job>(1);
+        let thread = std::thread::Builder::new()
+            .name("cycle".into())
+            .spawn(move || {
+                let mut symbolizer =
+                    Symbolizer::default().with_max_dwarf_file_bytes(AGENT_MAX_DWARF_FILE_BYTES);
+                let mut cycles: u64 = 0;
+                while let Ok(job) = queue.recv() {
+                    cycles += 1;
+                    if cycles.is_multiple_of(SYMBOLIZER_REFRESH_CYCLES) {
+                        symbolizer.refresh_file_caches();
+                    }
+                    let done = run_cycle(&ctx, &mut symbolizer, job.aggregate, job.meta);
+                    let _ = job.reply.send(done);
+                }
+            })
+            .context("cannot start the cycle thread")?;
+        Ok(CycleWorker { jobs, thread })
+    }
+
+    /// Hands over an interval; the result arrives on the returned receiver.
+    fn submit(
+        &self,
+        aggregate: Aggregator,
+        meta: IntervalMeta,
+    ) -> anyhow::Result<oneshot::Receiver<CycleDone>> {
+        let (reply, done) = oneshot::channel();
+        self.jobs
+            .try_send(Job {
+                aggregate,
+                meta,
+                reply,
+            })
+            .map_err(|_| anyhow::anyhow!("the cycle thread is busy or gone"))?;
+        Ok(done)
+    }
+
+    /// Ends the thread once its current job is done.
+    async fn join(self) {
+        drop(self.jobs);
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
+/// The running agent's sinks.
+struct Sinks {
+    queue: Option<Arc<ExportQueue<QueuedRequest>>>,
+    exporter: Option<JoinHandle<()>>,
+    export_stats: Arc<ExportStats>,
+}
+
+impl Sinks {
+    fn start(config: &AgentConfig) -> anyhow::Result<Sinks> {
+        let export_stats = Arc::new(ExportStats::default());
+        let (queue, exporter) = match &config.grpc {
+            Some(grpc) => {
+                let exporter = Exporter::new(grpc).context("cannot set up OTLP export")?;
+                let queue = Arc::new(ExportQueue::new(config.queue_bytes));
+                let handle = tokio::spawn(exporter.run(queue.clone(), export_stats.clone()));
+                (Some(queue), Some(handle))
+            }
+            None => (None, None),
+        };
+        Ok(Sinks {
+            queue,
+            exporter,
+            export_stats,
+        })
+    }
+
+    fn deliver(&self, done: &mut CycleDone, stats: &AgentStats) {
+        if let Some(queue) = &self.queue {
+            for (request, bytes) in done.requests.drain(..) {
+                let pushed = queue.push(request, bytes);
+                if pushed.drops_began {
+                    warn!(
+                        queue_bytes = queue.bytes(),
+                        "export queue full: dropping the oldest profiles until the backend catches up"
+                    );
+                }
+                if let Some(dropped) = pushed.drops_ended {
+                    info!(
+                        dropped,
+                        "export queue has room again; profiles dropped meanwhile"
+                    );
+                }
+            }
+        }
+        stats
+            .oversized_stacks
+            .fetch_add(done.oversized, Ordering::Relaxed);
+        match done.files.take() {
+            Some(Err(e)) if stats.file_errors.fetch_add(1, Ordering::Relaxed) == 0 => {
+                warn!(error = %e, "cannot write the local profile files (logged once)");
+            }
+            Some(Err(_)) => {}
+            Some(Ok(written)) => {
+                debug!(path = %written.pprof.display(), deleted = written.deleted, "wrote profile")
+            }
+            None => {}
+        }
+    }
+
+    /// Closes the queue and waits for the exporter until `deadline`.
+    async fn flush(self, deadline: Instant) {
+        let Some(queue) = self.queue else { return };
+        queue.close();
+        if let Some(mut exporter) = self.exporter {
+            if tokio::time::timeout_at(deadline, &mut exporter)
+                .await
+                .is_err()
+            {
+                exporter.abort();
+                warn!(
+                    unsent_requests = queue.len(),
+                    "shutdown deadline reached before every profile was exported"
+                );
+            }
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT; returns the agent's counters.
+pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
+    let config = Arc::new(config);
+    let collector = Collector::start(
+        &SamplerConfig {
+            frequency_hz: config.frequency_hz,
+            pids: config.pids.clone(),
+            include_idle: config.include_idle,
+            ring_buffer_bytes: None,
+        },
+        AggregateLimits::default(),
+    )?;
+    let sinks = Sinks::start(&config)?;
+    let stats = Arc::new(AgentStats::default());
+    info!(
+        cpus = collector.cpus(),
+        frequency_hz = config.frequency_hz,
+        interval_s = config.interval.as_secs(),
+        endpoint = config.grpc.as_ref().map(|g| g.endpoint.as_str()).unwrap_or("-"),
+        output_dir = %config.files.as_ref().map(|f| f.dir.display().to_string()).unwrap_or_else(|| "-".into()),
+        "profiling started"
+    );
+    let ctx = CycleContext {
+        table: collector.table().clone(),
+        host: HostInfo {
+            host_name: config.host_name.clone(),
+        },
+        config: config.clone(),
+    };
+
+    let worker = CycleWorker::start(ctx)?;
+    let mut in_flight: Option<oneshot::Receiver<CycleDone>> = None;
+    let mut interval_start = SystemTime::now();
+    let mut ticker = tokio::time::interval_at(Instant::now() + config.interval, config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    let meta_until_now = |start: SystemTime| {
+        let now = SystemTime::now();
+        (
+            IntervalMeta {
+                start,
+                duration: now.duration_since(start).unwrap_or_default(),
+                frequency_hz: config.frequency_hz,
+            },
+            now,
+        )
+    };
+
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if in_flight.is_some() {
+                    let skipped = stats.skipped_cycles.fetch_add(1, Ordering::Relaxed) + 1;
+                    warn!(skipped, "previous cycle still running: skipping this slot (its samples go into the next profile)");
+                    continue;
+                }
+                let aggregate = collector.take_interval().await?;
+                let (meta, now) = meta_until_now(interval_start);
+                interval_start = now;
+                stats.cycles.fetch_add(1, Ordering::Relaxed);
+                in_flight = Some(worker.submit(aggregate, meta)?);
+            }
+            done = async { in_flight.as_mut().expect("guarded by the if").await }, if in_flight.is_some() => {
+                in_flight = None;
+                let mut done = done.context("a profiling cycle failed")?;
+                stats.samples.fetch_add(done.samples, Ordering::Relaxed);
+                debug!(
+                    samples = done.samples,
+                    stacks = done.stacks,
+                    requests = done.requests.len(),
+                    lost_total = collector.kernel_counters().lost(),
+                    queued = sinks.queue.as_ref().map_or(0, |q| q.len()),
+                    "cycle done"
+                );
+                sinks.deliver(&mut done, &stats);
+                collector.forget_exited().await;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+
+    // Shutdown: finish the cycle in flight, then the last interval, within the deadline.
+    let deadline = Instant::now() + config.shutdown_timeout;
+    info!("stopping: flushing the last profile");
+    let mut worker_free = true;
+    if let Some(done) = in_flight.take() {
+        match tokio::time::timeout_at(deadline, done).await {
+            Ok(Ok(mut done)) => sinks.deliver(&mut done, &stats),
+            _ => {
+                worker_free = false;
+                warn!("the cycle in flight did not finish before the shutdown deadline");
+            }
+        }
+    }
+    let stopped = collector.stop().await?;
+    if worker_free {
+        let (meta, _) = meta_until_now(interval_start);
+        let done = worker.submit(stopped.aggregate, meta)?;
+        match tokio::time::timeout_at(deadline, done).await {
+            Ok(Ok(mut done)) => {
+                stats.samples.fetch_add(done.samples, Ordering::Relaxed);
+                sinks.deliver(&mut done, &stats);
+            }
+            _ => warn!("the last profile was not ready before the shutdown deadline"),
+        }
+    }
+    let export_stats = sinks.export_stats.clone();
+    sinks.flush(deadline).await;
+    if worker_free {
+        worker.join().await;
+    }
+    info!(
+        cycles = stats.cycles.load(Ordering::Relaxed),
+        skipped_cycles = stats.skipped_cycles.load(Ordering::Relaxed),
+        samples = stats.samples.load(Ordering::Relaxed),
+        lost = stopped.kernel.lost(),
+        exported_requests = export_stats.sent_requests.load(Ordering::Relaxed),
+        exported_bytes = export_stats.sent_bytes.load(Ordering::Relaxed),
+        rejected_requests = export_stats.rejected_requests.load(Ordering::Relaxed),
+        partially_rejected_profiles = export_stats
+            .partially_rejected_profiles
+            .load(Ordering::Relaxed),
+        processes_exited_before_capture = stopped
+            .process_stats
+            .gone_before_capture
+            .load(Ordering::Relaxed),
+        "stopped"
+    );
+    Ok(stats)
+}

@@ -1,0 +1,407 @@
+//! `profiler agent` configuration: flags, then the standard OpenTelemetry exporter
+//! environment variables (`OTEL_EXPORTER_OTLP_PROFILES_*` before
+//! `OTEL_EXPORTER_OTLP_*`), then defaults. Flags win.
+
+use std::{path::PathBuf, time::Duration};
+
+use crate::{
+    config::{check_frequency, check_output_dir, check_pids, ConfigError},
+    sink::{files::FilesConfig, grpc::GrpcConfig},
+};
+
+/// Default seconds per profile.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
+/// Default per-request deadline (the OTel default).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default largest request sent (encoded, before compression); larger profiles are
+/// split. 4 MiB is the default receive limit of gRPC servers.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
+/// How long SIGTERM waits for the last profile to be exported.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything `profiler agent` needs, checked.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub interval: Duration,
+    pub frequency_hz: u64,
+    pub pids: Vec<u32>,
+    pub include_idle: bool,
+    /// Local rotating files; always set when there is no endpoint.
+    pub files: Option<FilesConfig>,
+    pub grpc: Option<GrpcConfig>,
+    pub queue_bytes: usize,
+    pub max_request_bytes: usize,
+    pub shutdown_timeout: Duration,
+    pub host_name: String,
+}
+
+/// Raw values from the command line (None = not given).
+#[derive(Clone, Debug, Default)]
+pub struct AgentArgs {
+    pub interval_secs: Option<u64>,
+    pub frequency_hz: u64,
+    pub pids: Vec<u32>,
+    pub include_idle: bool,
+    pub output_dir: Option<PathBuf>,
+    pub max_files: usize,
+    pub max_disk_bytes: u64,
+    pub endpoint: Option<String>,
+    pub headers: Vec<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub compression: Option<String>,
+    pub timeout_secs: Option<u64>,
+    pub queue_bytes: usize,
+    pub max_request_bytes: usize,
+    pub shutdown_timeout_secs: Option<u64>,
+}
+
+/// Reads `OTEL_EXPORTER_OTLP_PROFILES_<NAME>`, else `OTEL_EXPORTER_OTLP_<NAME>`.
+fn otel(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    env(&format!("OTEL_EXPORTER_OTLP_PROFILES_{name}"))
+        .or_else(|| env(&format!("OTEL_EXPORTER_OTLP_{name}")))
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// `key1=value1,key2=value2`, values percent-decoded (the OTel format).
+pub fn parse_headers(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Header(pair.to_string()))?;
+            let k = k.trim();
+            if k.is_empty() {
+                return Err(ConfigError::Header(pair.to_string()));
+            }
+            Ok((k.to_string(), percent_decode(v.trim())))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// This host's name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+impl AgentConfig {
+    /// Checks flags, fills the rest from `env` (normally `std::env::var`).
+    pub fn new(
+        args: AgentArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<AgentConfig, ConfigError> {
+        check_frequency(args.frequency_hz)?;
+        check_pids(&args.pids)?;
+        let interval =
+            Duration::from_secs(args.interval_secs.unwrap_or(DEFAULT_INTERVAL.as_secs()));
+        if interval < Duration::from_secs(1) {
+            return Err(ConfigError::Interval);
+        }
+
+        let endpoint = args.endpoint.clone().or_else(|| otel(env, "ENDPOINT"));
+        let grpc = match endpoint {
+            None => None,
+            Some(endpoint) => {
+                let endpoint = if endpoint.contains("://") {
+                    endpoint
+                } else if otel(env, "INSECURE").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+                    format!("http://{endpoint}")
+                } else {
+                    format!("https://{endpoint}")
+                };
+                let mut headers = match otel(env, "HEADERS") {
+                    Some(text) => parse_headers(&text)?,
+                    None => vec![],
+                };
+                for h in &args.headers {
+                    headers.extend(parse_headers(h)?);
+                }
+                let ca_file = args
+                    .ca_file
+                    .clone()
+                    .or_else(|| otel(env, "CERTIFICATE").map(PathBuf::from));
+                let cert = args
+                    .client_cert
+                    .clone()
+                    .or_else(|| otel(env, "CLIENT_CERTIFICATE").map(PathBuf::from));
+                let key = args
+                    .client_key
+                    .clone()
+                    .or_else(|| otel(env, "CLIENT_KEY").map(PathBuf::from));
+                let client_cert = match (cert, key) {
+                    (Some(c), Some(k)) => Some((c, k)),
+                    (None, None) => None,
+                    _ => return Err(ConfigError::ClientCert),
+                };
+                for path in ca_file
+                    .iter()
+                    .chain(client_cert.iter().flat_map(|(c, k)| [c, k]))
+                {
+                    if !path.is_file() {
+                        return Err(ConfigError::MissingFile(path.clone()));
+                    }
+                }
+                let compression = args
+                    .compression
+                    .clone()
+                    .or_else(|| otel(env, "COMPRESSION"))
+                    .unwrap_or_else(|| "gzip".into());
+                let gzip = match compression.as_str() {
+                    "gzip" => true,
+                    "none" => false,
+                    other => return Err(ConfigError::Compression(other.to_string())),
+                };
+                let timeout = match (args.timeout_secs, otel(env, "TIMEOUT")) {
+                    (Some(secs), _) => Duration::from_secs(secs),
+                    (None, Some(ms)) => Duration::from_millis(
+                        ms.trim()
+                            .parse()
+                            .map_err(|_| ConfigError::Timeout(ms.clone()))?,
+                    ),
+                    (None, None) => DEFAULT_TIMEOUT,
+                };
+                if timeout.is_zero() {
+                    return Err(ConfigError::Timeout("0".into()));
+                }
+                Some(GrpcConfig {
+                    endpoint,
+                    headers,
+                    ca_file,
+                    client_cert,
+                    gzip,
+                    timeout,
+                })
+            }
+        };
+
+        // Local files: always without a backend (the default needs no server), and
+        // beside one when --output-dir is given.
+        let files = match (&args.output_dir, &grpc) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, None) => Some(PathBuf::from("profiles")),
+            (None, Some(_)) => None,
+        }
+        .map(|dir| -> Result<FilesConfig, ConfigError> {
+            check_output_dir(&dir)?;
+            Ok(FilesConfig {
+                dir: dir.canonicalize().unwrap_or(dir),
+                max_profiles: args.max_files.max(1),
+                max_bytes: args.max_disk_bytes,
+            })
+        })
+        .transpose()?;
+
+        if args.max_request_bytes < 64 << 10 {
+            return Err(ConfigError::RequestSize(args.max_request_bytes));
+        }
+        if args.queue_bytes < args.max_request_bytes {
+            return Err(ConfigError::QueueSize {
+                queue: args.queue_bytes,
+                request: args.max_request_bytes,
+            });
+        }
+        Ok(AgentConfig {
+            interval,
+            frequency_hz: args.frequency_hz,
+            pids: args.pids,
+            include_idle: args.include_idle,
+            files,
+            grpc,
+            queue_bytes: args.queue_bytes,
+            max_request_bytes: args.max_request_bytes,
+            shutdown_timeout: args
+                .shutdown_timeout_secs
+                .map_or(DEFAULT_SHUTDOWN_TIMEOUT, Duration::from_secs),
+            host_name: host_name(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::queue::DEFAULT_QUEUE_BYTES;
+    use std::collections::HashMap;
+
+    fn args() -> AgentArgs {
+        AgentArgs {
+            frequency_hz: 97,
+            max_files: 10,
+            max_disk_bytes: 1 << 20,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            ..AgentArgs::default()
+        }
+    }
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    /// Without an endpoint the agent writes local files under ./profiles.
+    #[test]
+    fn default_is_local_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.output_dir = Some(dir.path().join("p"));
+        let c = AgentConfig::new(a, &env(&[])).unwrap();
+        assert!(c.grpc.is_none());
+        assert_eq!(c.files.unwrap().max_profiles, 10);
+        assert_eq!(c.interval, DEFAULT_INTERVAL);
+    }
+
+    /// The profiles-specific variables win over the generic ones, and flags over both.
+    #[test]
+    fn otel_environment_precedence() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4317"),
+            (
+                "OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT",
+                "http://profiles:4317",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "authorization=Bearer%20abc,x-tenant=7",
+            ),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "none"),
+        ]);
+        let c = AgentConfig::new(args(), &e).unwrap();
+        let g = c.grpc.unwrap();
+        assert_eq!(g.endpoint, "http://profiles:4317");
+        assert_eq!(
+            g.headers,
+            vec![
+                ("authorization".into(), "Bearer abc".into()),
+                ("x-tenant".into(), "7".into())
+            ]
+        );
+        assert_eq!(g.timeout, Duration::from_millis(2500));
+        assert!(!g.gzip);
+        assert!(c.files.is_none());
+
+        let mut a = args();
+        a.endpoint = Some("http://flag:4317".into());
+        a.timeout_secs = Some(3);
+        let g = AgentConfig::new(a, &e).unwrap().grpc.unwrap();
+        assert_eq!(
+            (g.endpoint.as_str(), g.timeout),
+            ("http://flag:4317", Duration::from_secs(3))
+        );
+    }
+
+    /// An endpoint without a scheme is TLS unless OTEL_EXPORTER_OTLP_INSECURE=true.
+    #[test]
+    fn scheme_defaults_to_tls() {
+        let g = AgentConfig::new(
+            args(),
+            &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]),
+        )
+        .unwrap()
+        .grpc
+        .unwrap();
+        assert_eq!(g.endpoint, "https://collector:4317");
+        let g = AgentConfig::new(
+            args(),
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+                ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
+            ]),
+        )
+        .unwrap()
+        .grpc
+        .unwrap();
+        assert_eq!(g.endpoint, "http://collector:4317");
+    }
+
+    /// Bad values are refused with the reason.
+    #[test]
+    fn bad_values_are_refused() {
+        let e = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")]);
+        let mut a = args();
+        a.compression = Some("zstd".into());
+        assert!(matches!(
+            AgentConfig::new(a, &e),
+            Err(ConfigError::Compression(_))
+        ));
+        let mut a = args();
+        a.headers = vec!["novalue".into()];
+        assert!(matches!(
+            AgentConfig::new(a, &e),
+            Err(ConfigError::Header(_))
+        ));
+        let mut a = args();
+        a.client_cert = Some("/etc/hostname".into());
+        assert!(matches!(
+            AgentConfig::new(a, &e),
+            Err(ConfigError::ClientCert)
+        ));
+        let mut a = args();
+        a.ca_file = Some("/nonexistent.pem".into());
+        assert!(matches!(
+            AgentConfig::new(a, &e),
+            Err(ConfigError::MissingFile(_))
+        ));
+        let e2 = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+        ]);
+        assert!(matches!(
+            AgentConfig::new(args(), &e2),
+            Err(ConfigError::Timeout(_))
+        ));
+        let mut a = args();
+        a.interval_secs = Some(0);
+        assert!(matches!(
+            AgentConfig::new(a, &e),
+            Err(ConfigError::Interval)
+        ));
+        let mut a = args();
+        a.queue_bytes = 1 << 20;
+        assert!(matches!(
+            AgentConfig::new(a, &e),
+            Err(ConfigError::QueueSize { .. })
+        ));
+    }
+
+    /// Percent-escapes in header values are decoded; bad escapes are kept as text.
+    #[test]
+    fn header_values_are_percent_decoded() {
+        assert_eq!(
+            parse_headers("a=b%2Cc, d = %zz,e=%é1").unwrap(),
+            vec![
+                ("a".into(), "b,c".into()),
+                ("d".into(), "%zz".into()),
+                ("e".into(), "%é1".into())
+            ]
+        );
+    }
+}

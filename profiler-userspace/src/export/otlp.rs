@@ -1,0 +1,475 @@
+//! OpenTelemetry profiles (OTLP, `v1development`): a [`Profile`] becomes one or more
+//! `ExportProfilesServiceRequest`s, each at most a size limit when encoded.
+//!
+//! Layout: one `ResourceProfiles` per process, whose resource carries `host.name`,
+//! `process.pid`, `process.executable.name`, `process.executable.path` and
+//! `container.id` (when known); one `Profile` in it with sample type `samples/count`
+//! and period `cpu/nanoseconds`. Samples carry `thread.name`; locations carry
+//! `profile.frame.type` (`kernel`, `native`); mappings carry
+//! `process.executable.build_id.gnu`. Each request has its own dictionary, and every
+//! dictionary table starts with its zero value, as the format requires.
+
+use std::collections::HashMap;
+
+use opentelemetry_proto::tonic::{
+    collector::profiles::v1development::ExportProfilesServiceRequest,
+    common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
+    profiles::v1development as otlp,
+    resource::v1::Resource,
+};
+use prost::Message as _;
+
+use crate::profile::{FrameKind, Profile, Stack};
+
+/// The instrumentation scope our profiles are reported under.
+pub const SCOPE_NAME: &str = "profiler";
+
+/// What is the same for every profile of this host.
+#[derive(Clone, Debug)]
+pub struct HostInfo {
+    pub host_name: String,
+}
+
+/// Requests for one profile, and what did not fit.
+#[derive(Debug, Default)]
+pub struct Encoded {
+    pub requests: Vec<ExportProfilesServiceRequest>,
+    /// Encoded size of each request.
+    pub sizes: Vec<usize>,
+    /// Stacks left out because even alone they exceed the size limit.
+    pub oversized_stacks: u64,
+}
+
+/// Builds requests of at most `max_bytes` each (encoded) from `profile`.
+pub fn encode(profile: &Profile, host: &HostInfo, max_bytes: usize) -> Encoded {
+    // Stacks grouped by process, in pid order.
+    let mut by_pid: Vec<(u32, Vec<&Stack>)> = Vec::new();
+    {
+        let mut index: HashMap<u32, usize> = HashMap::new();
+        for stack in &profile.stacks {
+            let i = *index.entry(stack.pid).or_insert_with(|| {
+                by_pid.push((stack.pid, Vec::new()));
+                by_pid.len() - 1
+            });
+            by_pid[i].1.push(stack);
+        }
+        by_pid.sort_by_key(|(pid, _)| *pid);
+    }
+    let mut out = Encoded::default();
+    let mut batch: Vec<(u32, Vec<&Stack>)> = Vec::new();
+    let mut batch_bytes = 0;
+    for (pid, stacks) in by_pid {
+        for part in fit(
+            profile,
+            host,
+            pid,
+            stacks,
+            max_bytes,
+            &mut out.oversized_stacks,
+        ) {
+            let size = build(profile, host, std::slice::from_ref(&part)).encoded_len();
+            // Parts are encoded alone to size them; together they share a dictionary,
+            // so a batch is never bigger than the sum of its parts.
+            if !batch.is_empty() && batch_bytes + size > max_bytes {
+                push(&mut out, build(profile, host, &batch));
+                batch.clear();
+                batch_bytes = 0;
+            }
+            batch_bytes += size;
+            batch.push(part);
+        }
+    }
+    if !batch.is_empty() {
+        push(&mut out, build(profile, host, &batch));
+    }
+    out
+}
+
+fn push(out: &mut Encoded, request: ExportProfilesServiceRequest) {
+    out.sizes.push(request.encoded_len());
+    out.requests.push(request);
+}
+
+/// Splits one process's stacks into parts that each encode within `max_bytes`.
+fn fit<'a>(
+    profile: &Profile,
+    host: &HostInfo,
+    pid: u32,
+    stacks: Vec<&'a Stack>,
+    max_bytes: usize,
+    oversized: &mut u64,
+) -> Vec<(u32, Vec<&'a Stack>)> {
+    let part = (pid, stacks);
+    if build(profile, host, std::slice::from_ref(&part)).encoded_len() <= max_bytes {
+        return vec![part];
+    }
+    let (pid, mut stacks) = part;
+    if stacks.len() == 1 {
+        *oversized += 1;
+        return vec![];
+    }
+    let second = stacks.split_off(stacks.len() / 2);
+    let mut parts = fit(profile, host, pid, stacks, max_bytes, oversized);
+    parts.extend(fit(profile, host, pid, second, max_bytes, oversized));
+    parts
+}
+
+/// Interning tables of one request's dictionary.
+struct Dictionary {
+    dict: otlp::ProfilesDictionary,
+    strings: HashMap<String, i32>,
+    attributes: HashMap<(i32, String), i32>,
+    mappings: HashMap<usize, i32>,
+    functions: HashMap<(i32, i32), i32>,
+    locations: HashMap<usize, i32>,
+    stacks: HashMap<Vec<i32>, i32>,
+}
+
+impl Dictionary {
+    fn new() -> Self {
+        let mut d = Dictionary {
+            dict: otlp::ProfilesDictionary::default(),
+            strings: HashMap::new(),
+            attributes: HashMap::new(),
+            mappings: HashMap::new(),
+            functions: HashMap::new(),
+            locations: HashMap::new(),
+            stacks: HashMap::new(),
+        };
+        // Index 0 of every table is the zero value.
+        d.string("");
+        d.dict.mapping_table.push(Default::default());
+        d.dict.location_table.push(Default::default());
+        d.dict.function_table.push(Default::default());
+        d.dict.link_table.push(Default::default());
+        d.dict.attribute_table.push(Default::default());
+        d.dict.stack_table.push(Default::default());
+        d
+    }
+
+    fn string(&mut self, s: &str) -> i32 {
+        if let Some(&i) = self.strings.get(s) {
+            return i;
+        }
+        let i = self.dict.string_table.len() as i32;
+        self.dict.string_table.push(s.to_string());
+        self.strings.insert(s.to_string(), i);
+        i
+    }
+
+    fn attribute(&mut self, key: &str, value: &str) -> i32 {
+        let key_strindex = self.string(key);
+        if let Some(&i) = self.attributes.get(&(key_strindex, value.to_string())) {
+            return i;
+        }
+        let i = self.dict.attribute_table.len() as i32;
+        self.dict.attribute_table.push(otlp::KeyValueAndUnit {
+            key_strindex,
+            value: Some(string_value(value)),
+            unit_strindex: 0,
+        });
+        self.attributes.insert((key_strindex, value.to_string()), i);
+        i
+    }
+
+    fn mapping(&mut self, profile: &Profile, object: usize) -> i32 {
+        if let Some(&i) = self.mappings.get(&object) {
+            return i;
+        }
+        let o = &profile.objects[object];
+        let filename_strindex = self.string(&o.path);
+        let attribute_indices = match &o.build_id {
+            Some(id) => vec![self.attribute("process.executable.build_id.gnu", &hex(id))],
+            None => vec![],
+        };
+        let i = self.dict.mapping_table.len() as i32;
+        self.dict.mapping_table.push(otlp::Mapping {
+            memory_start: 0,
+            memory_limit: 0,
+            file_offset: 0,
+            filename_strindex,
+            attribute_indices,
+        });
+        self.mappings.insert(object, i);
+        i
+    }
+
+    fn location(&mut self, profile: &Profile, location: usize) -> i32 {
+        if let Some(&i) = self.locations.get(&location) {
+            return i;
+        }
+        let loc = &profile.locations[location];
+        let mapping_index = loc.object.map_or(0, |o| self.mapping(profile, o));
+        let lines = loc
+            .lines
+            .iter()
+            .map(|line| {
+                let name = self.string(&line.function);
+                let file = self.string(line.file.as_deref().unwrap_or(""));
+                let function_index = match self.functions.get(&(name, file)) {
+                    Some(&i) => i,
+                    None => {
+                        let i = self.dict.function_table.len() as i32;
+                        self.dict.function_table.push(otlp::Function {
+                            name_strindex: name,
+                            system_name_strindex: name,
+                            filename_strindex: file,
+                            start_line: 0,
+                        });
+                        self.functions.insert((name, file), i);
+                        i
+                    }
+                };
+                otlp::Line {
+                    function_index,
+                    line: i64::from(line.line),
+                    column: 0,
+                }
+            })
+            .collect();
+        let frame_type = match loc.kind {
+            FrameKind::Kernel => "kernel",
+            FrameKind::Native => "native",
+        };
+        let attribute_indices = vec![self.attribute("profile.frame.type", frame_type)];
+        let i = self.dict.location_table.len() as i32;
+        self.dict.location_table.push(otlp::Location {
+            mapping_index,
+            address: loc.address,
+            lines,
+            attribute_indices,
+        });
+        self.locations.insert(location, i);
+        i
+    }
+
+    fn stack(&mut self, profile: &Profile, stack: &Stack) -> i32 {
+        let location_indices: Vec<i32> = stack
+            .locations
+            .iter()
+            .map(|&l| self.location(profile, l))
+            .collect();
+        if let Some(&i) = self.stacks.get(&location_indices) {
+            return i;
+        }
+        let i = self.dict.stack_table.len() as i32;
+        self.stacks.insert(location_indices.clone(), i);
+        self.dict.stack_table.push(otlp::Stack { location_indices });
+        i
+    }
+}
+
+fn string_value(s: &str) -> AnyValue {
+    AnyValue {
+        value: Some(any_value::Value::StringValue(s.to_string())),
+    }
+}
+
+fn key_value(key: &str, value: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue { value: Some(value) }),
+        key_strindex: 0,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One request with its own dictionary for the given (process, stacks) parts.
+fn build(
+    profile: &Profile,
+    host: &HostInfo,
+    parts: &[(u32, Vec<&Stack>)],
+) -> ExportProfilesServiceRequest {
+    use any_value::Value;
+    let mut d = Dictionary::new();
+    let time_unix_nano = profile
+        .start
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_nanos() as u64);
+    let mut resource_profiles = Vec::with_capacity(parts.len());
+    for (pid, stacks) in parts {
+        let meta = profile.processes.get(pid);
+        let mut attributes = vec![
+            key_value("host.name", Value::StringValue(host.host_name.clone())),
+            key_value("process.pid", Value::IntValue(i64::from(*pid))),
+        ];
+        let name = meta
+            .map(|m| m.name.to_string())
+            .or_else(|| stacks.first().map(|s| s.process.to_string()));
+        if let Some(name) = name {
+            attributes.push(key_value(
+                "process.executable.name",
+                Value::StringValue(name),
+            ));
+        }
+        if let Some(exe) = meta.and_then(|m| m.exe.as_deref()) {
+            attributes.push(key_value(
+                "process.executable.path",
+                Value::StringValue(exe.to_string()),
+            ));
+        }
+        if let Some(id) = meta.and_then(|m| m.container_id.as_deref()) {
+            attributes.push(key_value(
+                "container.id",
+                Value::StringValue(id.to_string()),
+            ));
+        }
+        let samples = stacks
+            .iter()
+            .map(|s| otlp::Sample {
+                stack_index: d.stack(profile, s),
+                attribute_indices: vec![d.attribute("thread.name", &s.thread)],
+                link_index: 0,
+                values: vec![s.count as i64],
+                timestamps_unix_nano: vec![],
+            })
+            .collect();
+        let samples_strindex = d.string("samples");
+        let count_strindex = d.string("count");
+        let cpu_strindex = d.string("cpu");
+        let ns_strindex = d.string("nanoseconds");
+        resource_profiles.push(otlp::ResourceProfiles {
+            resource: Some(Resource {
+                attributes,
+                dropped_attributes_count: 0,
+                entity_refs: vec![],
+            }),
+            scope_profiles: vec![otlp::ScopeProfiles {
+                scope: Some(InstrumentationScope {
+                    name: SCOPE_NAME.to_string(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    attributes: vec![],
+                    dropped_attributes_count: 0,
+                }),
+                profiles: vec![otlp::Profile {
+                    sample_type: Some(otlp::ValueType {
+                        type_strindex: samples_strindex,
+                        unit_strindex: count_strindex,
+                    }),
+                    samples,
+                    time_unix_nano,
+                    duration_nano: profile.duration.as_nanos() as u64,
+                    period_type: Some(otlp::ValueType {
+                        type_strindex: cpu_strindex,
+                        unit_strindex: ns_strindex,
+                    }),
+                    period: profile.period_ns() as i64,
+                    profile_id: vec![],
+                    dropped_attributes_count: 0,
+                    original_payload_format: String::new(),
+                    original_payload: vec![],
+                    attribute_indices: vec![],
+                }],
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        });
+    }
+    ExportProfilesServiceRequest {
+        resource_profiles,
+        dictionary: Some(d.dict),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::test_profile;
+
+    fn host() -> HostInfo {
+        HostInfo {
+            host_name: "test-host".into(),
+        }
+    }
+
+    /// Every table starts with its zero value and every index used resolves.
+    #[test]
+    fn dictionary_is_consistent() {
+        let profile = test_profile();
+        let enc = encode(&profile, &host(), 4 << 20);
+        assert_eq!(enc.requests.len(), 1);
+        let req = &enc.requests[0];
+        let d = req.dictionary.as_ref().unwrap();
+        assert_eq!(d.string_table[0], "");
+        assert_eq!(d.mapping_table[0], Default::default());
+        assert_eq!(d.location_table[0], Default::default());
+        assert_eq!(d.function_table[0], Default::default());
+        assert_eq!(d.stack_table[0], Default::default());
+        assert_eq!(d.attribute_table[0], Default::default());
+        let mut total = 0;
+        for rp in &req.resource_profiles {
+            for p in &rp.scope_profiles[0].profiles {
+                for s in &p.samples {
+                    total += s.values[0];
+                    let stack = &d.stack_table[s.stack_index as usize];
+                    assert!(!stack.location_indices.is_empty());
+                    for &l in &stack.location_indices {
+                        let loc = &d.location_table[l as usize];
+                        assert!((loc.mapping_index as usize) < d.mapping_table.len());
+                        for line in &loc.lines {
+                            let f = &d.function_table[line.function_index as usize];
+                            assert!((f.name_strindex as usize) < d.string_table.len());
+                        }
+                    }
+                    for &a in &s.attribute_indices {
+                        let kv = &d.attribute_table[a as usize];
+                        assert_eq!(d.string_table[kv.key_strindex as usize], "thread.name");
+                    }
+                }
+            }
+        }
+        assert_eq!(total as u64, profile.samples());
+    }
+
+    /// A small size limit splits the profile into several requests, each within the
+    /// limit, without losing a sample.
+    #[test]
+    fn splits_to_size() {
+        let mut profile = test_profile();
+        // Many processes, each with the two stacks.
+        let stacks = profile.stacks.clone();
+        for pid in 0..50 {
+            for s in &stacks {
+                let mut s = s.clone();
+                s.pid = 1000 + pid;
+                profile.stacks.push(s);
+            }
+        }
+        let whole = encode(&profile, &host(), usize::MAX);
+        assert_eq!(whole.requests.len(), 1);
+        let limit = whole.sizes[0] / 5;
+        let split = encode(&profile, &host(), limit);
+        assert!(
+            split.requests.len() >= 5,
+            "{} requests",
+            split.requests.len()
+        );
+        assert!(
+            split.sizes.iter().all(|&s| s <= limit),
+            "{:?} > {limit}",
+            split.sizes
+        );
+        let count = |e: &Encoded| -> i64 {
+            e.requests
+                .iter()
+                .flat_map(|r| &r.resource_profiles)
+                .flat_map(|rp| &rp.scope_profiles[0].profiles[0].samples)
+                .map(|s| s.values[0])
+                .sum()
+        };
+        assert_eq!(count(&split), count(&whole));
+        assert_eq!(split.oversized_stacks, 0);
+    }
+
+    /// A stack that cannot fit even alone is counted, not sent oversized.
+    #[test]
+    fn oversized_stack_is_counted() {
+        let profile = test_profile();
+        let enc = encode(&profile, &host(), 10);
+        assert!(enc.requests.is_empty());
+        assert_eq!(enc.oversized_stacks, profile.stacks.len() as u64);
+    }
+}

@@ -1,0 +1,407 @@
+//! `profiler agent` against a real OTLP receiver we did not write: Python's
+//! opentelemetry-proto (official generated classes) and grpcio, on loopback.
+
+use std::time::Duration;
+
+use profiler_tests::*;
+use serde_json::Value;
+
+const CHAIN_LEAF_FIRST: [&str; 5] = [
+    "spin_leaf",
+    "chain_inner",
+    "chain_middle",
+    "chain_outer",
+    "main",
+];
+
+/// Every request the receiver decoded had all dictionary indices resolving.
+fn assert_well_formed(requests: &[Value]) {
+    for r in requests {
+        assert_eq!(
+            r["errors"],
+            Value::Array(vec![]),
+            "dictionary problems: {r}"
+        );
+    }
+}
+
+/// (resource attributes, profile) of every profile received, for one pid.
+fn profiles_of(requests: &[Value], pid: u32) -> Vec<(Value, Value)> {
+    let mut out = vec![];
+    for r in requests.iter().filter(|r| r["status"] == "OK") {
+        for res in r["resources"].as_array().unwrap() {
+            if res["attributes"]["process.pid"] == pid {
+                for p in res["profiles"].as_array().unwrap() {
+                    out.push((res["attributes"].clone(), p.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn samples_with_chain(profiles: &[(Value, Value)]) -> i64 {
+    profiles
+        .iter()
+        .flat_map(|(_, p)| p["samples"].as_array().unwrap())
+        .filter(|s| {
+            let frames: Vec<String> = s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_string())
+                .collect();
+            contains_chain(&frames, &CHAIN_LEAF_FIRST)
+        })
+        .map(|s| s["values"][0].as_i64().unwrap())
+        .sum()
+}
+
+/// The known chain of a test program arrives leaf first, with OTel resource
+/// attributes, sample type and period; counts match the local files written in the
+/// same run; SIGTERM exits 0.
+#[test]
+fn exports_known_chain_with_resource_attributes() {
+    let receiver = Receiver::start(0, &[]);
+    let target = start("chain", &["30"]);
+    settle();
+    let files = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let mut agent = Agent::start(&[
+        "--endpoint",
+        &endpoint,
+        "--interval",
+        "2",
+        "--pid",
+        &target.pid().to_string(),
+        "--output-dir",
+        files.path().to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_secs(5));
+    let status = agent
+        .terminate(Duration::from_secs(20))
+        .expect("agent exits on SIGTERM");
+    assert!(status.success(), "{}", agent.log());
+    let requests = receiver.requests();
+    assert!(
+        !requests.is_empty(),
+        "nothing received; log:\n{}",
+        agent.log()
+    );
+    assert_well_formed(&requests);
+
+    let profiles = profiles_of(&requests, target.pid());
+    assert!(
+        !profiles.is_empty(),
+        "no profile for the target: {requests:?}"
+    );
+    let (attrs, profile) = &profiles[0];
+    assert_eq!(attrs["process.executable.name"], "chain");
+    assert_eq!(
+        attrs["process.executable.path"],
+        program("chain").to_str().unwrap()
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(attrs["host.name"], host.trim());
+    assert_eq!(
+        profile["sample_type"],
+        serde_json::json!(["samples", "count"])
+    );
+    assert_eq!(
+        profile["period_type"],
+        serde_json::json!(["cpu", "nanoseconds"])
+    );
+    assert_eq!(profile["period"], 1_000_000_000 / 97);
+    let sample = &profile["samples"][0];
+    assert_eq!(sample["attributes"]["thread.name"], "chain");
+    assert!(sample["frame_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t == "native" || t == "kernel"));
+
+    let total: i64 = profiles
+        .iter()
+        .flat_map(|(_, p)| p["samples"].as_array().unwrap())
+        .map(|s| s["values"][0].as_i64().unwrap())
+        .sum();
+    let chain = samples_with_chain(&profiles);
+    assert!(chain * 2 > total, "chain in {chain} of {total} samples");
+
+    // The same profiles were written locally: the counts agree.
+    let local: u64 = std::fs::read_dir(files.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".folded"))
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .lines()
+                .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert_eq!(local as i64, total, "OTLP and local files disagree");
+}
+
+/// With the backend down, the agent keeps its memory bounded, drops the oldest
+/// profiles (and says so), and resumes exporting when the backend comes back,
+/// without a restart.
+#[test]
+fn backend_outage_is_bounded_and_recovers() {
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut agent = Agent::start(&[
+        "--endpoint",
+        &endpoint,
+        "--interval",
+        "1",
+        "--queue-kib",
+        "64",
+        "--max-request-kib",
+        "64",
+        "--timeout",
+        "1",
+    ]);
+    let busy = start("chain", &["40"]);
+    // Long enough for ~8 KiB profiles every second to fill the 64 KiB queue.
+    std::thread::sleep(Duration::from_secs(15));
+    let rss_down = agent.rss_kib();
+    let log = agent.log();
+    assert_eq!(log.matches("OTLP backend unavailable").count(), 1, "{log}");
+
+    let receiver = Receiver::start(port, &[]);
+    let requests = receiver.wait_for(2, Duration::from_secs(45));
+    assert!(
+        requests.len() >= 2,
+        "export did not resume; log:\n{}",
+        agent.log()
+    );
+    assert_well_formed(&requests);
+    std::thread::sleep(Duration::from_secs(1));
+    let log = agent.log();
+    assert!(log.contains("OTLP backend is reachable again"), "{log}");
+    assert_eq!(log.matches("export queue full").count(), 1, "{log}");
+    assert!(rss_down < 64 * 1024, "RSS {rss_down} KiB during the outage");
+    assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
+    drop(busy);
+}
+
+/// A receiver that never answers: requests time out and are retried, nothing piles
+/// up beyond the bound, and SIGTERM still ends the agent within its deadline.
+#[test]
+fn stalled_backend_times_out() {
+    let receiver = Receiver::start(0, &["--mode", "stall", "--stall", "60"]);
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let mut agent = Agent::start(&[
+        "--endpoint",
+        &endpoint,
+        "--interval",
+        "1",
+        "--timeout",
+        "1",
+        "--shutdown-timeout",
+        "2",
+    ]);
+    std::thread::sleep(Duration::from_secs(6));
+    let log = agent.log();
+    assert!(
+        log.contains("DeadlineExceeded") || log.contains("Cancelled"),
+        "{log}"
+    );
+    let started = std::time::Instant::now();
+    let status = agent.terminate(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{}", agent.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Permanent rejections are logged once per cause and the agent carries on;
+/// RESOURCE_EXHAUSTED is retried (the receiver sees the same data again).
+#[test]
+fn rejections_by_status_class() {
+    for (code, permanent) in [
+        ("INVALID_ARGUMENT", true),
+        ("UNAUTHENTICATED", true),
+        ("RESOURCE_EXHAUSTED", false),
+    ] {
+        let receiver = Receiver::start(0, &["--mode", "reject", "--code", code]);
+        let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+        let mut agent = Agent::start(&["--endpoint", &endpoint, "--interval", "1"]);
+        let requests = receiver.wait_for(3, Duration::from_secs(20));
+        assert!(requests.len() >= 3, "{code}: {} requests", requests.len());
+        assert!(
+            agent.terminate(Duration::from_secs(20)).unwrap().success(),
+            "{code}"
+        );
+        let log = agent.log();
+        if permanent {
+            assert_eq!(
+                log.matches("rejected profiles permanently").count(),
+                1,
+                "{code}: {log}"
+            );
+            assert!(!log.contains("OTLP backend unavailable"), "{code}: {log}");
+        } else {
+            assert_eq!(
+                log.matches("OTLP backend unavailable").count(),
+                1,
+                "{code}: {log}"
+            );
+            assert!(
+                !log.contains("rejected profiles permanently"),
+                "{code}: {log}"
+            );
+        }
+    }
+}
+
+/// A wrong token: UNAUTHENTICATED appears once in the log, no crash; the right
+/// token (from OTEL_EXPORTER_OTLP_HEADERS) is accepted.
+#[test]
+fn token_from_otel_headers() {
+    let receiver = Receiver::start(0, &["--token", "s3cret"]);
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let mut wrong = Agent::start_with_env(
+        &["--interval", "1"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20wrong"),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(wrong.terminate(Duration::from_secs(20)).unwrap().success());
+    let log = wrong.log();
+    assert_eq!(log.matches("Unauthenticated").count(), 1, "{log}");
+
+    let mut right = Agent::start_with_env(
+        &["--interval", "1"],
+        &[
+            ("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT", &endpoint),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "authorization=Bearer%20s3cret",
+            ),
+        ],
+    );
+    let ok = || {
+        receiver
+            .requests()
+            .iter()
+            .filter(|r| r["status"] == "OK")
+            .count()
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while ok() == 0 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ok() > 0, "{}", right.log());
+    assert!(right.terminate(Duration::from_secs(20)).unwrap().success());
+}
+
+/// TLS with a self-signed CA: trusted with --ca-file, refused without it.
+#[test]
+fn tls_with_self_signed_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let (ca_pem, cert_pem, key_pem) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(&cert_pem, server.pem()).unwrap();
+    std::fs::write(&key_pem, server_key.serialize_pem()).unwrap();
+
+    let receiver = Receiver::start(
+        0,
+        &[
+            "--tls-cert",
+            cert_pem.to_str().unwrap(),
+            "--tls-key",
+            key_pem.to_str().unwrap(),
+        ],
+    );
+    let endpoint = format!("https://localhost:{}", receiver.port);
+    let mut untrusted = Agent::start(&["--endpoint", &endpoint, "--interval", "1"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(untrusted
+        .terminate(Duration::from_secs(20))
+        .unwrap()
+        .success());
+    assert!(
+        receiver.requests().is_empty(),
+        "an untrusted server got data"
+    );
+    assert!(
+        untrusted.log().contains("OTLP backend unavailable"),
+        "{}",
+        untrusted.log()
+    );
+
+    let mut trusted = Agent::start(&[
+        "--endpoint",
+        &endpoint,
+        "--interval",
+        "1",
+        "--ca-file",
+        ca_pem.to_str().unwrap(),
+    ]);
+    let requests = receiver.wait_for(1, Duration::from_secs(20));
+    assert!(!requests.is_empty(), "{}", trusted.log());
+    assert_well_formed(&requests);
+    assert!(trusted
+        .terminate(Duration::from_secs(20))
+        .unwrap()
+        .success());
+}
+
+/// Without an endpoint the agent writes rotating local files (pprof that Google's
+/// pprof reads), keeping at most --max-files.
+#[test]
+fn local_files_rotate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&[
+        "--interval",
+        "1",
+        "--max-files",
+        "2",
+        "--output-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        agent.terminate(Duration::from_secs(20)).unwrap().success(),
+        "{}",
+        agent.log()
+    );
+    let mut pprofs: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".pb.gz"))
+        .collect();
+    pprofs.sort();
+    assert_eq!(pprofs.len(), 2, "{pprofs:?}");
+    let out = std::process::Command::new(pprof_bin())
+        .arg("-raw")
+        .arg(&pprofs[1])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
