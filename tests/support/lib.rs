@@ -84,7 +84,12 @@ impl Drop for KillOnDrop {
 }
 
 /// Starts `programs/NAME.c` with arguments.
+///
+/// The profiler binary is built first: on a cold 2-core CI machine that build can
+/// take longer than the program runs, and a target that exits before the agent
+/// starts yields an empty profile, not a failure of the code under test.
 pub fn start(name: &str, args: &[&str]) -> KillOnDrop {
+    profiler_bin();
     KillOnDrop::spawn(Command::new(program(name)).args(args))
 }
 
