@@ -20,4 +20,5 @@ pub mod process;
 pub mod profile;
 pub mod record;
 pub mod sink;
+pub mod supervise;
 pub mod symbolize;

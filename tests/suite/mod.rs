@@ -1,3 +1,4 @@
 mod agent;
 mod native;
 mod pprof;
+mod supervise;

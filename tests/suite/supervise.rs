@@ -1,0 +1,431 @@
+//! The child-process supervisor under load, measured from outside: thousands of runs
+//! that finish, crash, hang, flood and exit at once leave no fd, thread, child,
+//! zombie or memory behind, and a burst of targets never runs more children at once
+//! than allowed.
+//!
+//! These tests measure the whole process (/proc/self), which the other tests of this
+//! binary disturb when they run in parallel, so each runs alone in a fresh process of
+//! this test binary (see [`alone`]).
+
+use std::{
+    collections::VecDeque,
+    ffi::OsString,
+    future::Future,
+    pin::Pin,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use profiler::supervise::{
+    Backoff, ChildOutcome, ChildSpec, Exit, Refused, Supervisor, SupervisorConfig,
+    DEFAULT_CAPTURE_BYTES,
+};
+
+/// Set to a test's name in the process that runs it alone.
+const ALONE_ENV: &str = "PROFILER_TESTS_ALONE";
+
+/// True in the process where test `name` runs alone. Elsewhere it re-executes this
+/// test binary filtered to exactly that test, passes its output through, asserts it
+/// passed, and returns false.
+fn alone(name: &str) -> bool {
+    if std::env::var(ALONE_ENV).as_deref() == Ok(name) {
+        return true;
+    }
+    let module = module_path!()
+        .split_once("::")
+        .map_or(module_path!(), |(_, rest)| rest);
+    let test = format!("{module}::{name}");
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([&test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ALONE_ENV, name)
+        .output()
+        .expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{test} failed in its own process");
+    assert!(stdout.contains("1 passed"), "{test} did not run");
+    false
+}
+
+/// What the test process holds, as the kernel sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resources {
+    fds: usize,
+    threads: u64,
+    /// Processes whose parent is us, zombies included.
+    children: usize,
+    zombies: usize,
+    rss_kib: u64,
+}
+
+fn status_kib_or_count(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+/// (children, zombie children) of this process, from /proc/*/stat.
+fn children() -> (usize, usize) {
+    let me = std::process::id().to_string();
+    let (mut children, mut zombies) = (0, 0);
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue; // exited meanwhile
+        };
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = rest.split(' ');
+        let (state, ppid) = (fields.next(), fields.next());
+        if ppid == Some(me.as_str()) {
+            children += 1;
+            zombies += usize::from(state == Some("Z"));
+        }
+    }
+    (children, zombies)
+}
+
+fn resources() -> Resources {
+    let (children, zombies) = children();
+    Resources {
+        fds: std::fs::read_dir("/proc/self/fd").expect("fds").count(),
+        threads: status_kib_or_count("Threads:"),
+        children,
+        zombies,
+        rss_kib: status_kib_or_count("VmRSS:"),
+    }
+}
+
+/// Not running: gone, or a zombie (of init, after we killed it).
+fn not_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// The kinds of child the soak mixes, each with its expected outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `true`: exits at once.
+    Instant,
+    /// Writes a line to each stream and exits 0.
+    Finish,
+    /// Exits 3.
+    Exit3,
+    /// Kills itself with SIGSEGV.
+    Segv,
+    /// Stops itself (SIGSTOP): only the deadline ends it.
+    Stop,
+    /// Ignores SIGTERM and stops itself: only SIGKILL ends it.
+    StopIgnoringTerm,
+    /// 1 MiB on stdout, then exits.
+    FloodStdout,
+    /// 1 MiB on stderr, then exits.
+    FloodStderr,
+    /// `yes`: writes until the deadline.
+    Endless,
+    /// Leaves a `sleep 100` holding its stdout and exits.
+    Orphan,
+}
+
+/// One cycle of the mix: 20 runs.
+const MIX: [Kind; 20] = {
+    use Kind::*;
+    [
+        Instant,
+        Finish,
+        Exit3,
+        Segv,
+        Instant,
+        FloodStdout,
+        Stop,
+        Finish,
+        Exit3,
+        Instant,
+        Endless,
+        Segv,
+        FloodStderr,
+        Finish,
+        StopIgnoringTerm,
+        Instant,
+        Exit3,
+        Stop,
+        FloodStdout,
+        Orphan,
+    ]
+};
+
+const FLOOD: u64 = 1 << 20;
+/// Deadline of runs that only end by it.
+const HANG_DEADLINE: Duration = Duration::from_millis(50);
+/// Deadline of runs that end by themselves (never reached).
+const DEADLINE: Duration = Duration::from_secs(20);
+
+impl Kind {
+    fn spec(self, key: String) -> ChildSpec {
+        let (program, args, deadline): (&str, &[&str], Duration) = match self {
+            Kind::Instant => ("true", &[], DEADLINE),
+            Kind::Finish => ("sh", &["-c", "echo out; echo err >&2"], DEADLINE),
+            Kind::Exit3 => ("sh", &["-c", "exit 3"], DEADLINE),
+            Kind::Segv => ("sh", &["-c", "kill -SEGV $$"], DEADLINE),
+            Kind::Stop => ("sh", &["-c", "kill -STOP $$"], HANG_DEADLINE),
+            Kind::StopIgnoringTerm => (
+                "sh",
+                &["-c", "trap '' TERM; kill -STOP $$; exec sleep 100"],
+                HANG_DEADLINE,
+            ),
+            Kind::FloodStdout => ("head", &["-c", "1M", "/dev/zero"], DEADLINE),
+            Kind::FloodStderr => ("sh", &["-c", "head -c 1M /dev/zero >&2"], DEADLINE),
+            Kind::Endless => ("yes", &[], HANG_DEADLINE),
+            Kind::Orphan => ("sh", &["-c", "sleep 100 & echo $!"], DEADLINE),
+        };
+        ChildSpec {
+            key,
+            program: program.into(),
+            args: args.iter().map(OsString::from).collect(),
+            deadline,
+            env: vec![],
+        }
+    }
+
+    fn hangs(self) -> bool {
+        matches!(self, Kind::Stop | Kind::StopIgnoringTerm | Kind::Endless)
+    }
+
+    /// Asserts the outcome is this kind's; returns the orphan's pid for `Orphan`.
+    fn check(self, o: &ChildOutcome) -> Option<u32> {
+        assert_eq!(o.timed_out, self.hangs(), "{self:?}: {o:?}");
+        match self {
+            Kind::Instant | Kind::Finish | Kind::FloodStdout | Kind::FloodStderr => {
+                assert_eq!(o.exit, Exit::Code(0), "{self:?}: {o:?}")
+            }
+            Kind::Exit3 => assert_eq!(o.exit, Exit::Code(3)),
+            Kind::Segv => assert_eq!(o.exit, Exit::Signal(libc::SIGSEGV)),
+            Kind::Stop | Kind::Endless => assert!(matches!(o.exit, Exit::Signal(_)), "{o:?}"),
+            Kind::StopIgnoringTerm => assert_eq!(o.exit, Exit::Signal(libc::SIGKILL)),
+            Kind::Orphan => {}
+        }
+        match self {
+            Kind::Finish => assert_eq!(
+                (&o.stdout_tail[..], &o.stderr_tail[..]),
+                (&b"out\n"[..], &b"err\n"[..])
+            ),
+            Kind::FloodStdout => {
+                assert_eq!(o.stdout_bytes, FLOOD);
+                assert_eq!(o.stdout_tail.len(), DEFAULT_CAPTURE_BYTES);
+            }
+            Kind::FloodStderr => {
+                assert_eq!(o.stderr_bytes, FLOOD);
+                assert_eq!(o.stderr_tail.len(), DEFAULT_CAPTURE_BYTES);
+            }
+            Kind::Endless => assert_eq!(o.stdout_tail.len(), DEFAULT_CAPTURE_BYTES),
+            Kind::Orphan => {
+                let pid = String::from_utf8_lossy(&o.stdout_tail).trim().parse();
+                return Some(pid.expect("the orphan's pid"));
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
+/// A boxed outcome check, for the runtime's `spawn` (this crate does not name tokio).
+type Check = Pin<Box<dyn Future<Output = Option<u32>> + Send>>;
+
+/// Runs `runs` children of the mix (from `first`) through `sup`, at most its
+/// `max_concurrent` at once; checks every outcome on its own task via `spawn`, except
+/// that one run in seven drops its handle instead; returns the pids of the orphans
+/// left by `Orphan` runs.
+async fn run_mix<J, E>(
+    sup: &Supervisor,
+    spawn: &impl Fn(Check) -> J,
+    first: usize,
+    runs: usize,
+) -> Vec<u32>
+where
+    J: Future<Output = Result<Option<u32>, E>> + Unpin,
+    E: std::fmt::Debug,
+{
+    let mut waiting = VecDeque::new();
+    let mut orphans = vec![];
+    for i in first..first + runs {
+        let kind = MIX[i % MIX.len()];
+        sup.capacity_available().await;
+        let handle = match sup.start(kind.spec(format!("soak:{i}"))) {
+            Ok(h) => h,
+            Err(e) => panic!("run {i} ({kind:?}) refused: {e}"),
+        };
+        if i % 7 == 0 {
+            drop(handle);
+            continue;
+        }
+        waiting.push_back(spawn(Box::pin(
+            async move { kind.check(&handle.wait().await) },
+        )));
+        // The oldest check is almost surely done: collect it, so few are held.
+        if waiting.len() > 64 {
+            let oldest = waiting.pop_front().unwrap();
+            orphans.extend(oldest.await.expect("outcome as expected"));
+        }
+    }
+    for w in waiting {
+        orphans.extend(w.await.expect("outcome as expected"));
+    }
+    sup.idle().await; // the runs whose handles were dropped
+    orphans
+}
+
+/// Runs of the soak (after a warm-up of one mix cycle).
+const SOAK_RUNS: usize = 2000;
+/// RSS the soak may add: allocator slack, the failing keys' history (~1 300 keys).
+const RSS_GROWTH_KIB: u64 = 20 * 1024;
+
+/// 2000 runs mixing children that exit at once, finish, exit 3, crash (SIGSEGV),
+/// stop themselves (with and without ignoring SIGTERM), flood stdout or stderr, write
+/// forever, or leave an orphan holding their pipe, 4 at a time: every outcome is as
+/// expected, and afterwards fds, threads, children are back to their baseline, no
+/// zombie and no orphan is left, and RSS grew by less than 20 MiB.
+#[test]
+fn soak_leaves_nothing_behind() {
+    if !alone("soak_leaves_nothing_behind") {
+        return;
+    }
+    let rt = profiler::record::runtime().expect("runtime");
+    let rt_handle = rt.handle().clone();
+    let spawn = move |check: Check| rt_handle.spawn(check);
+    rt.block_on(async {
+        let sup = Supervisor::new(SupervisorConfig {
+            max_concurrent: 4,
+            kill_grace: ms(50),
+            failure_backoff: Backoff {
+                initial: ms(1000),
+                max: ms(1000),
+            },
+            ..SupervisorConfig::default()
+        });
+        // One cycle first, so what tokio and the allocator keep for good (signal
+        // pipe, pidfd support, arenas) is in the baseline.
+        let mut orphans = run_mix(&sup, &spawn, 0, MIX.len()).await;
+        let before = resources();
+        let t0 = Instant::now();
+        orphans.extend(run_mix(&sup, &spawn, MIX.len(), SOAK_RUNS).await);
+        let elapsed = t0.elapsed();
+        sup.shutdown(Duration::from_secs(5))
+            .await
+            .expect("all reaped");
+        let after = resources();
+        let stats = sup.stats().snapshot();
+        println!(
+            "soak: {SOAK_RUNS} runs in {elapsed:.2?}; before {before:?}; after {after:?}; \
+             RSS +{} KiB (peak {} KiB); {stats:?}",
+            after.rss_kib as i64 - before.rss_kib as i64,
+            status_kib_or_count("VmHWM:")
+        );
+
+        assert_eq!(before.children, 0);
+        assert_eq!(before.zombies, 0);
+        assert_eq!((after.fds, after.threads), (before.fds, before.threads));
+        assert_eq!((after.children, after.zombies), (0, 0));
+        assert!(
+            after.rss_kib < before.rss_kib + RSS_GROWTH_KIB,
+            "RSS grew from {} to {} KiB",
+            before.rss_kib,
+            after.rss_kib
+        );
+        let leftover: Vec<u32> = orphans.into_iter().filter(|&p| !not_running(p)).collect();
+        assert!(leftover.is_empty(), "orphans still running: {leftover:?}");
+
+        let total = (MIX.len() + SOAK_RUNS) as u64;
+        let hangs = (0..MIX.len() + SOAK_RUNS)
+            .filter(|i| MIX[i % MIX.len()].hangs())
+            .count() as u64;
+        assert_eq!(stats.started, total);
+        assert_eq!(stats.live, 0);
+        assert_eq!(stats.cancelled, 0);
+        assert_eq!(stats.timed_out, hangs);
+        assert_eq!(
+            stats.succeeded + stats.failed + stats.timed_out,
+            total,
+            "{stats:?}"
+        );
+    });
+}
+
+/// 200 targets started at once: only `max_concurrent` start, the rest are refused
+/// as at capacity; run through as slots free up, no more than `max_concurrent`
+/// children are ever alive and no thread is created.
+#[test]
+fn burst_never_exceeds_max_concurrent() {
+    if !alone("burst_never_exceeds_max_concurrent") {
+        return;
+    }
+    const TARGETS: usize = 200;
+    const MAX: usize = 3;
+    let rt = profiler::record::runtime().expect("runtime");
+    let rt_handle = rt.handle().clone();
+    rt.block_on(async {
+        let sup = Supervisor::new(SupervisorConfig {
+            max_concurrent: MAX,
+            ..SupervisorConfig::default()
+        });
+        let spec = |i: usize| ChildSpec {
+            key: format!("py-spy:{i}"),
+            program: "sleep".into(),
+            args: vec!["0.02".into()],
+            deadline: Duration::from_secs(20),
+            env: vec![],
+        };
+        let threads = resources().threads;
+        let mut most_children = 0;
+        let mut check = |sup: &Supervisor| {
+            let (children, _) = children();
+            assert!(children <= MAX, "{children} children alive");
+            assert!(sup.live() <= MAX);
+            assert_eq!(resources().threads, threads, "a thread was created");
+            most_children = most_children.max(children);
+        };
+
+        let mut waiting = vec![];
+        let mut refused = vec![];
+        for i in 0..TARGETS {
+            match sup.start(spec(i)) {
+                Ok(h) => waiting.push(rt_handle.spawn(h.wait())),
+                Err(Refused::AtCapacity) => refused.push(i),
+                Err(e) => panic!("target {i}: {e}"),
+            }
+            check(&sup);
+        }
+        assert_eq!((waiting.len(), refused.len()), (MAX, TARGETS - MAX));
+        for i in refused {
+            sup.capacity_available().await;
+            waiting.push(rt_handle.spawn(sup.start(spec(i)).expect("a slot is free").wait()));
+            check(&sup);
+        }
+        for w in waiting {
+            assert!(w.await.expect("outcome").success());
+            check(&sup);
+        }
+        let stats = sup.stats().snapshot();
+        println!("burst: {TARGETS} targets, at most {most_children} children alive at once (max {MAX}), threads {threads}; {stats:?}");
+        assert_eq!(stats.started, TARGETS as u64);
+        assert_eq!(stats.succeeded, TARGETS as u64);
+        assert_eq!(stats.refused_at_capacity, (TARGETS - MAX) as u64);
+    });
+}
