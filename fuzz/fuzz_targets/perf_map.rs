@@ -1,0 +1,35 @@
+//! Arbitrary bytes as a perf map: parsing never panics; the result is sorted, without
+//! overlaps, within its entry limit, finds every symbol at its own start, and its
+//! normalized text parses back to the same symbols.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use profiler::runtimes::perfmap::PerfMap;
+
+fuzz_target!(|data: &[u8]| {
+    let map = PerfMap::parse_with_limit(data, 16);
+    assert!(map.len() <= 16);
+    let symbols: Vec<_> = map.symbols().collect();
+    for pair in symbols.windows(2) {
+        assert!(pair[0].start + pair[0].size <= pair[1].start, "{pair:?}");
+    }
+    for s in &symbols {
+        assert_eq!(map.lookup(s.start), Some(s.name));
+        assert_eq!(map.lookup(s.start + (s.size - 1)), Some(s.name));
+    }
+    let text = map.normalized_text();
+    // Bare hex, as blazesym requires.
+    for line in text.lines() {
+        let mut fields = line.splitn(3, ' ');
+        for _ in 0..2 {
+            let field = fields.next().unwrap_or_default();
+            assert!(
+                !field.is_empty() && field.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{line}"
+            );
+        }
+    }
+    let again = PerfMap::parse_with_limit(text.as_bytes(), 16);
+    assert_eq!(again.symbols().collect::<Vec<_>>(), symbols);
+    assert_eq!(again.stats().malformed_lines, 0);
+});

@@ -1,0 +1,369 @@
+//! Which interpreted runtime a process runs, from its executable and mappings in /proc.
+//!
+//! [`detect`] reads `/proc/PID/{stat,status,exe,maps}` and asks [`classify`], which is
+//! pure (it takes the executable path and the mapped file paths) so every rule is
+//! unit-tested without real processes. It also captures what later stages need to
+//! trust files the process writes: its uid, its pid inside its own pid namespace and
+//! its start time (which tells a reused pid from this process).
+//!
+//! Must never: panic on a process that vanished or an entry we may not read (both
+//! are typed errors), or keep the mapping list (it is read, classified and dropped).
+
+use std::path::{Path, PathBuf};
+
+use procfs::process::{MMapPath, Process};
+
+use super::{perfmap::perf_map_stamp, Runtime};
+
+/// A process whose runtime was looked at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetProcess {
+    /// Pid in our pid namespace.
+    pub pid: u32,
+    /// Pid inside the process's own pid namespace (last `NSpid:` field of
+    /// /proc/PID/status): the number in the name of the `/tmp/perf-PID.map` it writes.
+    pub ns_pid: u32,
+    /// Effective uid: the owner of files the process creates (its perf map).
+    pub uid: u32,
+    /// Start time in clock ticks since boot (field 22 of /proc/PID/stat).
+    pub start_time: u64,
+    /// Executable path, when readable (kernel threads have none).
+    pub exe: Option<PathBuf>,
+    /// The runtime, or `None` for native code.
+    pub runtime: Option<Runtime>,
+}
+
+impl TargetProcess {
+    /// Whether `pid` still belongs to this process (it did not exit, or exit and have its
+    /// pid reused).
+    pub fn is_alive(&self) -> bool {
+        start_time(self.pid).is_ok_and(|t| t == self.start_time)
+    }
+}
+
+/// Why a process could not be looked at.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    /// The process exited (or never existed) before or while we read it.
+    #[error("process {pid} is gone")]
+    Gone { pid: u32 },
+    /// A /proc entry of the process exists but could not be read (permission, or a
+    /// kernel without the entry).
+    #[error("cannot read /proc/{pid}/{entry}: {source}")]
+    Unreadable {
+        pid: u32,
+        entry: &'static str,
+        source: procfs::ProcError,
+    },
+}
+
+/// Looks at process `pid`: its runtime, uid, namespace pid and start time.
+pub fn detect(pid: u32) -> Result<TargetProcess, DetectError> {
+    let error = |entry: &'static str| {
+        move |e: procfs::ProcError| match e {
+            procfs::ProcError::NotFound(_) => DetectError::Gone { pid },
+            source => DetectError::Unreadable { pid, entry, source },
+        }
+    };
+    let process =
+        Process::new(pid_arg(pid).ok_or(DetectError::Gone { pid })?).map_err(error(""))?;
+    let stat = process.stat().map_err(error("stat"))?;
+    let status = process.status().map_err(error("status"))?;
+    // exe is unreadable for kernel threads, zombies and (without ptrace rights) others:
+    // the mappings still tell the runtime.
+    let exe = process.exe().ok();
+    let maps = process.maps().map_err(error("maps"))?;
+    let ns_pid = status
+        .nspid
+        .as_ref()
+        .and_then(|ids| ids.last())
+        .and_then(|&id| u32::try_from(id).ok())
+        .unwrap_or(pid);
+    // Through the same no-symlink path the reader uses; any refusal means "none".
+    let has_perf_map = matches!(perf_map_stamp(pid, ns_pid), Ok(Some(_)));
+    let paths = maps.iter().filter_map(|m| match &m.pathname {
+        MMapPath::Path(p) => Some(p.as_path()),
+        _ => None,
+    });
+    let runtime = classify(exe.as_deref(), paths, has_perf_map);
+    let target = TargetProcess {
+        pid,
+        ns_pid,
+        uid: status.euid,
+        start_time: stat.starttime,
+        exe,
+        runtime,
+    };
+    // Everything above must describe one process: if the pid was reused meanwhile,
+    // report the one we started with as gone.
+    if !target.is_alive() {
+        return Err(DetectError::Gone { pid });
+    }
+    Ok(target)
+}
+
+/// Start time (clock ticks since boot) of process `pid`.
+pub fn start_time(pid: u32) -> Result<u64, DetectError> {
+    let gone = |_| DetectError::Gone { pid };
+    let process = Process::new(pid_arg(pid).ok_or(DetectError::Gone { pid })?).map_err(gone)?;
+    Ok(process.stat().map_err(gone)?.starttime)
+}
+
+fn pid_arg(pid: u32) -> Option<i32> {
+    i32::try_from(pid).ok().filter(|&p| p > 0)
+}
+
+/// The runtime of a process from its executable path, the paths of the files it maps
+/// and whether it has a `/tmp/perf-PID.map`. `None` means native code.
+///
+/// The executable's name decides first (`python3.11`, `java`, `php-fpm8.2`, `ruby`,
+/// `node`); then a mapped runtime library (`libjvm.so`, `libpython*.so*`,
+/// `libphp*.so`, `libruby*.so*`), which catches embedders such as uwsgi or mod_php;
+/// last, a perf map names the process Node (whose `--perf-basic-prof` writes one; a
+/// JVM's comes through jattach and is found by `libjvm.so` first).
+pub fn classify<I, P>(exe: Option<&Path>, mappings: I, has_perf_map: bool) -> Option<Runtime>
+where
+    I: IntoIterator<Item = P>,
+    P: AsRef<Path>,
+{
+    if let Some(runtime) = exe.and_then(file_name).and_then(runtime_of_executable) {
+        return Some(runtime);
+    }
+    // Strongest library evidence wins whatever the mapping order.
+    let mut found: Option<Runtime> = None;
+    for path in mappings {
+        let Some(runtime) = file_name(path.as_ref()).and_then(runtime_of_library) else {
+            continue;
+        };
+        if runtime == Runtime::Java {
+            return Some(runtime);
+        }
+        found.get_or_insert(runtime);
+    }
+    found.or(has_perf_map.then_some(Runtime::Node))
+}
+
+/// Last path component, without the ` (deleted)` the kernel appends to removed files.
+fn file_name(path: &Path) -> Option<&str> {
+    let name = path.file_name()?.to_str()?;
+    Some(name.strip_suffix(" (deleted)").unwrap_or(name))
+}
+
+/// `prefix` alone or followed by a version: `python3`, `python3.11`, `php8.2`.
+fn is_versioned(name: &str, prefix: &str) -> bool {
+    match name.strip_prefix(prefix) {
+        Some("") => true,
+        Some(v) => {
+            v.starts_with(|c: char| c.is_ascii_digit())
+                && v.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                && !v.ends_with('.')
+        }
+        None => false,
+    }
+}
+
+fn runtime_of_executable(name: &str) -> Option<Runtime> {
+    if is_versioned(name, "python") {
+        Some(Runtime::Python)
+    } else if name == "java" {
+        Some(Runtime::Java)
+    } else if ["php", "php-fpm", "php-cgi"]
+        .iter()
+        .any(|p| is_versioned(name, p))
+    {
+        Some(Runtime::Php)
+    } else if is_versioned(name, "ruby") {
+        Some(Runtime::Ruby)
+    } else if name == "node" || name == "nodejs" {
+        Some(Runtime::Node)
+    } else {
+        None
+    }
+}
+
+/// `libjvm.so`, `libpython3.11.so.1.0`, `libphp8.2.so`, `libruby-3.1.so.3.1`.
+fn runtime_of_library(name: &str) -> Option<Runtime> {
+    let shared = |lib: &str| {
+        name.strip_prefix(lib)
+            .and_then(|rest| rest.find(".so").map(|i| (&rest[..i], &rest[i + 3..])))
+            .filter(|(_, after)| after.is_empty() || after.starts_with('.'))
+            .map(|(version, _)| version)
+    };
+    if name == "libjvm.so" {
+        Some(Runtime::Java)
+    } else if shared("libpython").is_some() {
+        Some(Runtime::Python)
+    } else if shared("libphp").is_some() {
+        Some(Runtime::Php)
+    } else if shared("libruby").is_some() {
+        Some(Runtime::Ruby)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        process::{Child, Command},
+        time::{Duration, Instant},
+    };
+
+    fn classify_paths(exe: &str, maps: &[&str], perf_map: bool) -> Option<Runtime> {
+        classify(Some(Path::new(exe)), maps.iter().map(Path::new), perf_map)
+    }
+
+    /// Executable names decide: versioned interpreters count, look-alikes do not.
+    #[test]
+    fn executables() {
+        for (exe, want) in [
+            ("/usr/bin/python3", Some(Runtime::Python)),
+            ("/usr/bin/python", Some(Runtime::Python)),
+            (
+                "/root/.pyenv/versions/3.11.7/bin/python3.11",
+                Some(Runtime::Python),
+            ),
+            ("/usr/bin/python2.7 (deleted)", Some(Runtime::Python)),
+            (
+                "/usr/lib/jvm/java-17-openjdk-amd64/bin/java",
+                Some(Runtime::Java),
+            ),
+            ("/usr/bin/php8.2", Some(Runtime::Php)),
+            ("/usr/sbin/php-fpm8.2", Some(Runtime::Php)),
+            ("/usr/bin/php-cgi", Some(Runtime::Php)),
+            ("/usr/bin/ruby3.1", Some(Runtime::Ruby)),
+            ("/usr/bin/node", Some(Runtime::Node)),
+            ("/usr/bin/nodejs", Some(Runtime::Node)),
+            ("/usr/bin/python3-config", None),
+            ("/usr/bin/python3.", None),
+            ("/usr/bin/pythonista", None),
+            ("/usr/bin/phpstorm", None),
+            ("/usr/bin/rubyfmt", None),
+            ("/usr/bin/sleep", None),
+            ("/usr/bin/javac", None),
+        ] {
+            assert_eq!(classify_paths(exe, &[], false), want, "{exe}");
+        }
+    }
+
+    /// Runtime libraries mapped by another executable name the runtime; libjvm wins.
+    #[test]
+    fn libraries() {
+        let uwsgi = "/usr/bin/uwsgi";
+        let py = "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0";
+        let jvm = "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so";
+        let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+        assert_eq!(
+            classify_paths(uwsgi, &[libc, py], false),
+            Some(Runtime::Python)
+        );
+        assert_eq!(
+            classify_paths(uwsgi, &[py, jvm], false),
+            Some(Runtime::Java)
+        );
+        assert_eq!(
+            classify_paths(
+                "/usr/sbin/apache2",
+                &["/usr/lib/apache2/modules/libphp8.2.so"],
+                false
+            ),
+            Some(Runtime::Php)
+        );
+        assert_eq!(
+            classify_paths("/usr/bin/app", &["/usr/lib/libruby-3.1.so.3.1"], false),
+            Some(Runtime::Ruby)
+        );
+        assert_eq!(
+            classify_paths("/usr/bin/app", &["/usr/lib/libruby.so.3.1"], false),
+            Some(Runtime::Ruby)
+        );
+        assert_eq!(
+            classify_paths("/usr/bin/app", &["/usr/lib/libpythonista.sox"], false),
+            None
+        );
+        assert_eq!(
+            classify_paths("/usr/bin/app", &["/usr/lib/libjvm.so.bak"], false),
+            None
+        );
+        assert_eq!(classify_paths("/usr/bin/app", &[libc], false), None);
+    }
+
+    /// A perf map names a process Node only when nothing stronger does.
+    #[test]
+    fn perf_map_means_node_last() {
+        assert_eq!(
+            classify_paths("/opt/app/server", &[], true),
+            Some(Runtime::Node)
+        );
+        let jvm = "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so";
+        assert_eq!(
+            classify_paths("/opt/app/launcher", &[jvm], true),
+            Some(Runtime::Java)
+        );
+        assert_eq!(classify(None, Vec::<&Path>::new(), false), None);
+    }
+
+    /// Kills and reaps its child on drop, whatever the test did.
+    struct Spawned(Child);
+
+    impl Drop for Spawned {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Detects until the answer is stable: `python3` may be a shim (pyenv) that execs
+    /// the interpreter a moment after it starts.
+    fn detect_eventually(pid: u32, want: Option<Runtime>) -> TargetProcess {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let target = detect(pid).unwrap();
+            if target.runtime == want || Instant::now() > deadline {
+                return target;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A real python3 child is Python and a real `sleep` child is native; both carry our
+    /// uid, their namespace pid and a start time that tells them alive.
+    #[test]
+    fn real_children() {
+        let python = Spawned(
+            Command::new("python3")
+                .args(["-c", "import time; time.sleep(5)"])
+                .spawn()
+                .expect("python3 is needed for this test"),
+        );
+        let sleep = Spawned(Command::new("sleep").arg("5").spawn().unwrap());
+        let py = detect_eventually(python.0.id(), Some(Runtime::Python));
+        assert_eq!(py.runtime, Some(Runtime::Python), "{py:?}");
+        let native = detect(sleep.0.id()).unwrap();
+        assert_eq!(native.runtime, None, "{native:?}");
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        for t in [&py, &native] {
+            assert_eq!(t.uid, uid);
+            assert_eq!(t.ns_pid, t.pid, "same pid namespace as the test");
+            assert!(t.start_time > 0);
+            assert!(t.is_alive());
+        }
+    }
+
+    /// A reaped child, and a pid that cannot exist, are `Gone`, not a panic.
+    #[test]
+    fn vanished_process_is_gone() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        // The pid could be reused in between; then it is simply another process.
+        if let Err(e) = detect(pid) {
+            assert!(matches!(e, DetectError::Gone { pid: p } if p == pid), "{e}");
+        }
+        assert!(matches!(detect(0), Err(DetectError::Gone { pid: 0 })));
+        assert!(matches!(detect(u32::MAX), Err(DetectError::Gone { .. })));
+        assert!(matches!(detect(0x3fff_fff0), Err(DetectError::Gone { .. })));
+    }
+}

@@ -1,0 +1,772 @@
+//! Safe reading of the `/tmp/perf-PID.map` files JIT runtimes write (Node with
+//! `--perf-basic-prof`, a JVM asked through jattach), and a lookup structure over them.
+//!
+//! The file belongs to the target, and we read it as root: so it is opened through
+//! `/proc/PID/root/tmp/perf-NSPID.map` (the process's own /tmp and its own pid number,
+//! so containers work) one component at a time with `O_NOFOLLOW` (an absolute symlink
+//! planted in a container would otherwise resolve against *our* root), must be a
+//! regular file (`O_NONBLOCK`, so a FIFO cannot hang us) owned by the target's uid
+//! (checked with fstat on the opened file, so nothing can be swapped in between), and
+//! at most [`MAX_PERF_MAP_BYTES`] are read.
+//!
+//! Lines are `START SIZE NAME`, START and SIZE hex with or without `0x`:
+//!
+//! ```text
+//! 0x00007f6e50ec7600 0x00000000000000b8 long Busy.work(long)    (jcmd Compiler.perfmap)
+//! 3d5c1a2b 1c JS:*work /path/busy.js:1:14                        (node --perf-basic-prof)
+//! ```
+//!
+//! Malformed lines are skipped and counted. Where entries overlap, the later line wins
+//! (JIT code space is reused, and these files are appended to) and the earlier one is
+//! dropped and counted. [`PerfMap::normalized_text`] renders bare hex, which blazesym
+//! 0.2.7's perf map parser requires (it rejects `0x`).
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    ffi::{CStr, CString},
+    fs::{File, OpenOptions},
+    io::{self, Read as _, Seek as _, SeekFrom},
+    mem::MaybeUninit,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    },
+    path::{Path, PathBuf},
+};
+
+use super::detect::TargetProcess;
+
+/// Bytes of a perf map read (64 MiB, held while parsing). From a larger file only the
+/// last 64 MiB are read: the file is appended to, so the end is the newest code.
+pub const MAX_PERF_MAP_BYTES: u64 = 64 << 20;
+/// Entries kept (512 Ki): 24 bytes each, 12 MiB, plus their names (at most the bytes
+/// read). Past it the oldest entries are dropped and counted. Building the map peaks
+/// at ~2.5x that (a queue of candidates and an interval tree).
+pub const MAX_PERF_MAP_ENTRIES: usize = 512 << 10;
+
+/// Why a perf map could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PerfMapError {
+    /// The process exited, or its pid now belongs to another process.
+    #[error("process {pid} is gone")]
+    Gone { pid: u32 },
+    /// There is no perf map file (the runtime was not asked to write one).
+    #[error("no perf map at {}", path.display())]
+    NotFound { path: PathBuf },
+    /// The file, or the directory holding it, is a symbolic link: refused, since
+    /// following it as root could read any file.
+    #[error("refusing {}: it is a symbolic link", path.display())]
+    Symlink { path: PathBuf },
+    /// The path is not a regular file (a FIFO, device, socket or directory).
+    #[error("refusing {}: not a regular file", path.display())]
+    NotRegularFile { path: PathBuf },
+    /// The file is owned by another uid than the process: someone else planted it.
+    #[error("refusing {}: owned by uid {owner}, the process runs as uid {expected}", path.display())]
+    WrongOwner {
+        path: PathBuf,
+        owner: u32,
+        expected: u32,
+    },
+    /// Opening failed for another reason (permission, a name with a NUL byte).
+    #[error("cannot open {}: {source}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    /// Reading the opened file failed.
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+}
+
+/// What the parse skipped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PerfMapStats {
+    /// Lines that are not `START SIZE NAME` (including a last line without newline,
+    /// which may be half-written, and names that are not UTF-8).
+    pub malformed_lines: u64,
+    /// Entries dropped because a later line overlaps them.
+    pub overlapped: u64,
+    /// Oldest entries dropped past [`MAX_PERF_MAP_ENTRIES`].
+    pub over_limit: u64,
+    /// Bytes at the start of the file not read because it is larger than
+    /// [`MAX_PERF_MAP_BYTES`].
+    pub skipped_bytes: u64,
+}
+
+/// One symbol of a perf map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PerfMapSymbol<'a> {
+    pub start: u64,
+    pub size: u64,
+    pub name: &'a str,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    start: u64,
+    size: u64,
+    name_start: u32,
+    name_len: u32,
+}
+
+/// Non-overlapping symbols sorted by address.
+#[derive(Clone, Debug, Default)]
+pub struct PerfMap {
+    entries: Vec<Entry>,
+    names: String,
+    stats: PerfMapStats,
+}
+
+impl PerfMap {
+    /// Parses perf map text, keeping at most [`MAX_PERF_MAP_ENTRIES`].
+    pub fn parse(input: &[u8]) -> PerfMap {
+        Self::parse_with_limit(input, MAX_PERF_MAP_ENTRIES)
+    }
+
+    /// Parses perf map text, keeping at most `max_entries` (the newest).
+    pub fn parse_with_limit(input: &[u8], max_entries: usize) -> PerfMap {
+        let mut stats = PerfMapStats::default();
+        // (start, end, name) in file order, newest last.
+        let mut parsed: VecDeque<(u64, u64, &str)> = VecDeque::new();
+        let mut rest = input;
+        while !rest.is_empty() {
+            let Some(newline) = rest.iter().position(|&b| b == b'\n') else {
+                stats.malformed_lines += 1;
+                break;
+            };
+            let line = &rest[..newline];
+            rest = &rest[newline + 1..];
+            match parse_line(line) {
+                Some(entry) => {
+                    if parsed.len() >= max_entries {
+                        parsed.pop_front();
+                        stats.over_limit += 1;
+                    }
+                    if max_entries > 0 {
+                        parsed.push_back(entry);
+                    }
+                }
+                None if line.iter().all(u8::is_ascii_whitespace) => {}
+                None => stats.malformed_lines += 1,
+            }
+        }
+        // Newest first: an entry is kept only if no newer kept entry overlaps it.
+        let mut kept: BTreeMap<u64, (u64, usize)> = BTreeMap::new();
+        for (i, &(start, end, _)) in parsed.iter().enumerate().rev() {
+            let before = kept
+                .range(..=start)
+                .next_back()
+                .is_some_and(|(_, &(e, _))| e > start);
+            let after = kept
+                .range(start + 1..)
+                .next()
+                .is_some_and(|(&s, _)| s < end);
+            if before || after {
+                stats.overlapped += 1;
+            } else {
+                kept.insert(start, (end, i));
+            }
+        }
+        let mut map = PerfMap {
+            entries: Vec::with_capacity(kept.len()),
+            names: String::new(),
+            stats,
+        };
+        for (start, (end, i)) in kept {
+            let name = parsed[i].2;
+            // Names come from at most MAX_PERF_MAP_BYTES of input when read from a file;
+            // an in-memory input past 4 GiB of names stops here rather than wrap.
+            let (Ok(name_start), Ok(name_len)) =
+                (u32::try_from(map.names.len()), u32::try_from(name.len()))
+            else {
+                map.stats.over_limit += 1;
+                continue;
+            };
+            map.names.push_str(name);
+            map.entries.push(Entry {
+                start,
+                size: end - start,
+                name_start,
+                name_len,
+            });
+        }
+        map
+    }
+
+    /// The name of the symbol containing `addr`.
+    pub fn lookup(&self, addr: u64) -> Option<&str> {
+        let i = self.entries.partition_point(|e| e.start <= addr);
+        let e = self.entries.get(i.checked_sub(1)?)?;
+        (addr - e.start < e.size).then(|| self.name(e))
+    }
+
+    /// Symbols in address order.
+    pub fn symbols(&self) -> impl Iterator<Item = PerfMapSymbol<'_>> + '_ {
+        self.entries.iter().map(|e| PerfMapSymbol {
+            start: e.start,
+            size: e.size,
+            name: self.name(e),
+        })
+    }
+
+    /// Number of symbols.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// No symbols at all.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// What the parse (and the read) skipped.
+    pub fn stats(&self) -> &PerfMapStats {
+        &self.stats
+    }
+
+    /// The map as `START SIZE NAME` lines in bare lower-case hex, sorted and without
+    /// overlaps: a file blazesym's perf map parser reads.
+    pub fn normalized_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::with_capacity(self.names.len() + self.entries.len() * 20);
+        for s in self.symbols() {
+            let _ = writeln!(out, "{:x} {:x} {}", s.start, s.size, s.name);
+        }
+        out
+    }
+
+    fn name(&self, e: &Entry) -> &str {
+        let start = e.name_start as usize;
+        &self.names[start..start + e.name_len as usize]
+    }
+}
+
+/// `START SIZE NAME` -> (start, end, name). Fields are separated by spaces or tabs
+/// (as perf and blazesym accept). A name holding a carriage return is refused:
+/// blazesym splits lines at `\r` too, and one bad line makes it reject the whole file.
+fn parse_line(line: &[u8]) -> Option<(u64, u64, &str)> {
+    let line = std::str::from_utf8(line).ok()?;
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let blank = |c: char| c == ' ' || c == '\t';
+    let (start, rest) = line.split_once(blank)?;
+    let (size, name) = rest.trim_start_matches(blank).split_once(blank)?;
+    let name = name.trim_start_matches(blank);
+    let (start, size) = (hex(start)?, hex(size)?);
+    if size == 0 || name.trim().is_empty() || name.contains('\r') {
+        return None;
+    }
+    Some((start, start.checked_add(size)?, name))
+}
+
+/// Hex with or without `0x`: at most 16 digits, no sign.
+fn hex(s: &str) -> Option<u64> {
+    let digits = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(digits, 16).ok()
+}
+
+/// Size, modification time and identity of a perf map, to tell whether it changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    pub ino: u64,
+    pub uid: u32,
+}
+
+/// Reads the perf map of `target`, with every check in the module overview.
+pub fn read_perf_map(target: &TargetProcess) -> Result<PerfMap, PerfMapError> {
+    let root = open_root(target.pid)?;
+    // The root was opened by pid: make sure the pid still named our process then.
+    if !target.is_alive() {
+        return Err(PerfMapError::Gone { pid: target.pid });
+    }
+    let display = |name: &str| PathBuf::from(format!("/proc/{}/root/tmp/{name}", target.pid));
+    read_under_root(
+        root.as_fd(),
+        &perf_map_name(target.ns_pid),
+        target.uid,
+        display,
+    )
+}
+
+/// The perf map's stamp without reading it (`None`: there is none), through the same
+/// no-symlink path as [`read_perf_map`]. The owner is reported, not checked.
+pub fn perf_map_stamp(pid: u32, ns_pid: u32) -> Result<Option<FileStamp>, PerfMapError> {
+    let root = open_root(pid)?;
+    let name = perf_map_name(ns_pid);
+    let path = PathBuf::from(format!("/proc/{pid}/root/tmp/{name}"));
+    let tmp = open_tmp(root.as_fd(), &path)?;
+    let st = match lstat_at(tmp.as_fd(), &c_name(&name, &path)?) {
+        Ok(st) => st,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PerfMapError::Open { path, source }),
+    };
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => Ok(Some(FileStamp {
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+            ino: st.st_ino,
+            uid: st.st_uid,
+        })),
+        libc::S_IFLNK => Err(PerfMapError::Symlink { path }),
+        _ => Err(PerfMapError::NotRegularFile { path }),
+    }
+}
+
+/// Reads `dir/file_name` (following `dir`, which the caller trusts, but not
+/// `file_name`) with the same checks as [`read_perf_map`]: for tests and for files
+/// that are not in a process's /tmp.
+pub fn read_perf_map_in(
+    dir: &Path,
+    file_name: &str,
+    owner_uid: u32,
+) -> Result<PerfMap, PerfMapError> {
+    let path = dir.join(file_name);
+    let dir = open_dir(dir).map_err(|source| PerfMapError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    read_file_at(dir.as_fd(), file_name, path, owner_uid)
+}
+
+fn perf_map_name(ns_pid: u32) -> String {
+    format!("perf-{ns_pid}.map")
+}
+
+fn open_root(pid: u32) -> Result<OwnedFd, PerfMapError> {
+    let path = PathBuf::from(format!("/proc/{pid}/root"));
+    open_dir(&path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => PerfMapError::Gone { pid },
+        _ => PerfMapError::Open { path, source },
+    })
+}
+
+/// `tmp/NAME` under a root directory descriptor, neither component followed.
+fn read_under_root(
+    root: BorrowedFd<'_>,
+    name: &str,
+    owner_uid: u32,
+    display: impl Fn(&str) -> PathBuf,
+) -> Result<PerfMap, PerfMapError> {
+    let path = display(name);
+    let tmp = open_tmp(root, &path)?;
+    read_file_at(tmp.as_fd(), name, path, owner_uid)
+}
+
+/// The `tmp` directory under `root`, refusing a symlink (checked, and enforced by
+/// `O_NOFOLLOW` should it be swapped in after the check).
+fn open_tmp(root: BorrowedFd<'_>, path: &Path) -> Result<OwnedFd, PerfMapError> {
+    let tmp_path = path.parent().unwrap_or(path).to_path_buf();
+    let open_error = |source: io::Error| match source.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::ENOTDIR) => PerfMapError::Symlink {
+            path: tmp_path.clone(),
+        },
+        _ if source.kind() == io::ErrorKind::NotFound => PerfMapError::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => PerfMapError::Open {
+            path: tmp_path.clone(),
+            source,
+        },
+    };
+    let st = lstat_at(root, c"tmp").map_err(open_error)?;
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => {}
+        libc::S_IFLNK => return Err(PerfMapError::Symlink { path: tmp_path }),
+        // A /tmp that is not a directory holds no perf map.
+        _ => {
+            return Err(PerfMapError::NotFound {
+                path: path.to_path_buf(),
+            })
+        }
+    }
+    open_at(
+        root,
+        c"tmp",
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+    )
+    .map_err(open_error)
+}
+
+/// Opens `name` in `dir` without following it, and checks type and owner on the
+/// opened file before reading at most [`MAX_PERF_MAP_BYTES`].
+fn read_file_at(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    path: PathBuf,
+    owner_uid: u32,
+) -> Result<PerfMap, PerfMapError> {
+    let c = c_name(name, &path)?;
+    match lstat_at(dir, &c) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
+            return Err(PerfMapError::Symlink { path })
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(PerfMapError::NotFound { path })
+        }
+        Err(source) => return Err(PerfMapError::Open { path, source }),
+    }
+    let fd = open_at(
+        dir,
+        &c,
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+    )
+    .map_err(|source| match source.raw_os_error() {
+        Some(libc::ELOOP) => PerfMapError::Symlink { path: path.clone() },
+        Some(libc::ENOENT) => PerfMapError::NotFound { path: path.clone() },
+        _ => PerfMapError::Open {
+            path: path.clone(),
+            source,
+        },
+    })?;
+    let mut file = File::from(fd);
+    let meta = file.metadata().map_err(|source| PerfMapError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(PerfMapError::NotRegularFile { path });
+    }
+    if meta.uid() != owner_uid {
+        return Err(PerfMapError::WrongOwner {
+            path,
+            owner: meta.uid(),
+            expected: owner_uid,
+        });
+    }
+    let (bytes, skipped) = read_tail(&mut file, meta.len(), MAX_PERF_MAP_BYTES)
+        .map_err(|source| PerfMapError::Read { path, source })?;
+    let mut map = PerfMap::parse(&bytes);
+    map.stats.skipped_bytes = skipped;
+    Ok(map)
+}
+
+/// At most `cap` bytes: the whole file, or its last `cap` bytes starting at a line.
+/// Returns the bytes and how many were skipped before them.
+fn read_tail(file: &mut File, size: u64, cap: u64) -> io::Result<(Vec<u8>, u64)> {
+    if size <= cap {
+        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        // The file may grow while we read (node appends): read no more than the cap.
+        file.take(cap).read_to_end(&mut bytes)?;
+        return Ok((bytes, 0));
+    }
+    // Start one byte early: if that byte is a newline, the first line is whole.
+    let from = size - cap - 1;
+    file.seek(SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    file.take(cap + 1).read_to_end(&mut bytes)?;
+    let cut = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| i + 1);
+    bytes.drain(..cut);
+    Ok((bytes, from + cut as u64))
+}
+
+fn c_name(name: &str, path: &Path) -> Result<CString, PerfMapError> {
+    CString::new(name).map_err(|e| PerfMapError::Open {
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })
+}
+
+/// A directory, following symlinks (for paths we trust, like /proc/PID/root).
+fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(path)?;
+    Ok(OwnedFd::from(file))
+}
+
+fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: `dir` is an open descriptor borrowed for the call and `name` is a
+    // NUL-terminated string that outlives it.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat, is valid and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`: what `name` is, without following it.
+fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `dir` is open for the call, `name` is NUL-terminated, and `st` points to
+    // writable memory the size of a `stat`.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatat returned 0, so it filled `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// Lines as jcmd Compiler.perfmap (JDK 17) writes them.
+    const JVM: &str = "\
+0x00007f6e50ec7600 0x00000000000000b8 long Busy.work(long)
+0x00007f6e50ec7800 0x0000000000000120 void Busy.main(java.lang.String[])
+";
+    /// Lines as node --perf-basic-prof writes them.
+    const NODE: &str = "\
+3d5c1a2b 1c JS:*work /path/busy.js:1:14
+3d5c1b00 40 JS:~main /path/busy.js:5:1
+";
+
+    fn root_uid() -> u32 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() }
+    }
+
+    /// An entry costs the 24 bytes [`MAX_PERF_MAP_ENTRIES`] is costed with.
+    #[test]
+    fn documented_entry_size() {
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
+    }
+
+    /// JDK 17's 0x-prefixed lines parse and look up, names with spaces intact.
+    #[test]
+    fn jvm_format() {
+        let map = PerfMap::parse(JVM.as_bytes());
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.stats(), &PerfMapStats::default());
+        assert_eq!(map.lookup(0x7f6e50ec7600), Some("long Busy.work(long)"));
+        assert_eq!(map.lookup(0x7f6e50ec76b7), Some("long Busy.work(long)"));
+        assert_eq!(map.lookup(0x7f6e50ec76b8), None);
+        assert_eq!(
+            map.lookup(0x7f6e50ec7900),
+            Some("void Busy.main(java.lang.String[])")
+        );
+        assert_eq!(map.lookup(0x7f6e50ec75ff), None);
+        assert_eq!(map.lookup(0), None);
+    }
+
+    /// Node's bare-hex lines parse and look up.
+    #[test]
+    fn node_format() {
+        let map = PerfMap::parse(NODE.as_bytes());
+        assert_eq!(map.len(), 2);
+        assert_eq!(
+            map.lookup(0x3d5c1a2b + 0x1b),
+            Some("JS:*work /path/busy.js:1:14")
+        );
+        assert_eq!(map.lookup(0x3d5c1a2b + 0x1c), None);
+        assert_eq!(map.lookup(0x3d5c1b3f), Some("JS:~main /path/busy.js:5:1"));
+    }
+
+    /// The normalized text is bare hex, sorted, and parses back to the same map.
+    #[test]
+    fn normalized_text_is_bare_hex() {
+        let map = PerfMap::parse(format!("{NODE}{JVM}").as_bytes());
+        let text = map.normalized_text();
+        assert_eq!(
+            text,
+            "3d5c1a2b 1c JS:*work /path/busy.js:1:14\n\
+             3d5c1b00 40 JS:~main /path/busy.js:5:1\n\
+             7f6e50ec7600 b8 long Busy.work(long)\n\
+             7f6e50ec7800 120 void Busy.main(java.lang.String[])\n"
+        );
+        assert!(!text.contains("0x"));
+        let again = PerfMap::parse(text.as_bytes());
+        assert_eq!(
+            again.symbols().collect::<Vec<_>>(),
+            map.symbols().collect::<Vec<_>>()
+        );
+    }
+
+    /// Garbage lines are skipped and counted; so is an unterminated last line.
+    #[test]
+    fn garbage_lines() {
+        let input = b"10 10 good\nnot a line\n+10 10 signed\n10 0 zero\nzz 10 nothex\n10 10\n10 10  \n\
+                      ffffffffffffffff 10 wraps\n0x 10 empty\n11111111111111111 1 long\n\xff 1 x\n\n30 10 \xff\xfe\n50 10 half";
+        let map = PerfMap::parse(input);
+        assert_eq!(map.len(), 1);
+        assert_eq!(map.lookup(0x15), Some("good"));
+        assert_eq!(map.stats().malformed_lines, 12);
+        // Tabs and runs of spaces separate fields; a carriage return inside a name does not
+        // belong in a perf map.
+        let map = PerfMap::parse(b"10\t10\tA\n100  10   B c\r\n200 10 x\ry\n");
+        assert_eq!(map.lookup(0x10), Some("A"));
+        assert_eq!(map.lookup(0x100), Some("B c"));
+        assert_eq!(map.stats().malformed_lines, 1);
+    }
+
+    /// Where entries overlap the later line wins and the earlier is counted.
+    #[test]
+    fn later_entries_win() {
+        let map = PerfMap::parse(b"100 100 old_big\n150 10 new_inside\n300 10 a\n305 10 b\n");
+        assert_eq!(map.lookup(0x150), Some("new_inside"));
+        assert_eq!(map.lookup(0x120), None, "old_big was replaced");
+        assert_eq!(map.lookup(0x309), Some("b"));
+        assert_eq!(map.lookup(0x302), None);
+        assert_eq!(map.stats().overlapped, 2);
+    }
+
+    /// Past the entry limit the oldest entries go, counted.
+    #[test]
+    fn entry_limit_keeps_newest() {
+        let input: String = (0..10)
+            .map(|i| format!("{:x} 10 f{i}\n", i * 0x100))
+            .collect();
+        let map = PerfMap::parse_with_limit(input.as_bytes(), 3);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map.stats().over_limit, 7);
+        assert_eq!(map.lookup(0x905), Some("f9"));
+        assert_eq!(map.lookup(0x005), None);
+    }
+
+    /// A file over the size cap is read from its tail, starting at a whole line, and the
+    /// skipped bytes are counted.
+    #[test]
+    fn size_cap_reads_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.map");
+        // 18 bytes per line.
+        let lines: String = (0..1000)
+            .map(|i| format!("{:08x} 10 f{i:04}\n", i * 0x100))
+            .collect();
+        let len = lines.len() as u64;
+        std::fs::write(&path, &lines).unwrap();
+        let mut file = File::open(&path).unwrap();
+        // A cap of 100 bytes ends inside a line: that partial line is dropped.
+        let (bytes, skipped) = read_tail(&mut file, len, 100).unwrap();
+        assert_eq!((bytes.len() as u64, skipped), (90, len - 90));
+        let map = PerfMap::parse(&bytes);
+        assert_eq!(map.len(), 5);
+        assert_eq!(map.stats().malformed_lines, 0);
+        assert_eq!(map.lookup(995 * 0x100), Some("f0995"));
+        assert_eq!(map.lookup(994 * 0x100), None);
+        // A cap landing right after a newline keeps the first line whole.
+        let (bytes, skipped) = read_tail(&mut file, len, 90).unwrap();
+        assert_eq!((bytes.len() as u64, skipped), (90, len - 90));
+        // Under the cap, everything.
+        file.seek(SeekFrom::Start(0)).unwrap();
+        let (bytes, skipped) = read_tail(&mut file, len, len).unwrap();
+        assert_eq!((bytes.len() as u64, skipped), (len, 0));
+    }
+
+    /// A real file owned by us reads through the checked path.
+    #[test]
+    fn reads_owned_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("perf-1.map"), JVM).unwrap();
+        let map = read_perf_map_in(dir.path(), "perf-1.map", root_uid()).unwrap();
+        assert_eq!(map.len(), 2);
+        assert!(matches!(
+            read_perf_map_in(dir.path(), "perf-2.map", root_uid()),
+            Err(PerfMapError::NotFound { .. })
+        ));
+    }
+
+    /// A symlink to a perfectly good map is refused.
+    #[test]
+    fn symlink_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("real.map"), JVM).unwrap();
+        symlink(dir.path().join("real.map"), dir.path().join("perf-1.map")).unwrap();
+        let err = read_perf_map_in(dir.path(), "perf-1.map", root_uid()).unwrap_err();
+        assert!(matches!(err, PerfMapError::Symlink { .. }), "{err}");
+    }
+
+    /// A `tmp` that is a symlink (pointing out of the root) is refused too.
+    #[test]
+    fn symlinked_tmp_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("perf-1.map"), JVM).unwrap();
+        symlink(elsewhere.path(), root.path().join("tmp")).unwrap();
+        let root_fd = open_dir(root.path()).unwrap();
+        let err = read_under_root(root_fd.as_fd(), "perf-1.map", root_uid(), |n| {
+            root.path().join("tmp").join(n)
+        })
+        .unwrap_err();
+        assert!(matches!(err, PerfMapError::Symlink { .. }), "{err}");
+        // The same layout with a real tmp directory reads.
+        std::fs::remove_file(root.path().join("tmp")).unwrap();
+        std::fs::create_dir(root.path().join("tmp")).unwrap();
+        std::fs::write(root.path().join("tmp/perf-1.map"), NODE).unwrap();
+        let map = read_under_root(root_fd.as_fd(), "perf-1.map", root_uid(), |n| {
+            root.path().join("tmp").join(n)
+        })
+        .unwrap();
+        assert_eq!(map.len(), 2);
+    }
+
+    /// A file owned by another uid (nobody) is refused.
+    #[test]
+    fn wrong_owner_refused() {
+        if root_uid() != 0 {
+            eprintln!("skipped: chown needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("perf-1.map");
+        std::fs::write(&path, JVM).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let err = read_perf_map_in(dir.path(), "perf-1.map", 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PerfMapError::WrongOwner {
+                    owner: 65534,
+                    expected: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            read_perf_map_in(dir.path(), "perf-1.map", 65534)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    /// A FIFO is refused without blocking on it.
+    #[test]
+    fn fifo_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = CString::new(
+            dir.path()
+                .join("perf-1.map")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: `path` is NUL-terminated and outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let err = read_perf_map_in(dir.path(), "perf-1.map", root_uid()).unwrap_err();
+        assert!(matches!(err, PerfMapError::NotRegularFile { .. }), "{err}");
+    }
+
+    /// Our own process has no perf map: not found, and no stamp; a pid that cannot
+    /// exist is gone.
+    #[test]
+    fn own_process_has_no_map() {
+        let pid = std::process::id();
+        assert!(matches!(perf_map_stamp(pid, pid), Ok(None)));
+        assert!(matches!(
+            perf_map_stamp(0x3fff_fff0, 1),
+            Err(PerfMapError::Gone { .. })
+        ));
+    }
+}
