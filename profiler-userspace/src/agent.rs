@@ -37,10 +37,6 @@ use crate::{
     symbolize::{IntervalMeta, Symbolizer, AGENT_MAX_DWARF_FILE_BYTES},
 };
 
-/// Cycles after which blazesym's parsed-file caches are dropped and rebuilt, so they
-/// cannot grow with every binary the host ever ran (the symbol LRU is kept).
-pub const SYMBOLIZER_REFRESH_CYCLES: u64 = 40;
-
 /// Counters of the agent itself.
 #[derive(Debug, Default)]
 pub struct AgentStats {
@@ -131,13 +127,14 @@ impl CycleWorker {
             .spawn(move || {
                 let mut symbolizer =
                     Symbolizer::default().with_max_dwarf_file_bytes(AGENT_MAX_DWARF_FILE_BYTES);
-                let mut cycles: u64 = 0;
                 while let Ok(job) = queue.recv() {
-                    cycles += 1;
-                    if cycles.is_multiple_of(SYMBOLIZER_REFRESH_CYCLES) {
-                        symbolizer.refresh_file_caches();
-                    }
                     let done = run_cycle(&ctx, &mut symbolizer, job.aggregate, job.meta);
+                    // blazesym keeps every binary it opened mapped, open and parsed
+                    // (a host running rustc or a JVM: >100 MiB of RSS and an fd per
+                    // file). Those caches live for one cycle only; our bounded
+                    // (binary, address) cache carries names across cycles, so only
+                    // new addresses pay for re-opening a file.
+                    symbolizer.refresh_file_caches();
                     let _ = job.reply.send(done);
                 }
             })
