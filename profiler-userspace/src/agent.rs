@@ -29,6 +29,7 @@ use crate::{
     ebpf::SamplerConfig,
     export::otlp::{self, HostInfo},
     process::ProcessTable,
+    runtime_profilers::{JitRefresh, Round, RuntimeProfilers, ROUND_MARGIN},
     sink::{
         files::{self, FilesWritten},
         grpc::{ExportStats, Exporter, QueuedRequest},
@@ -66,13 +67,14 @@ struct CycleContext {
     config: Arc<AgentConfig>,
 }
 
-fn run_cycle(
-    ctx: &CycleContext,
-    symbolizer: &mut Symbolizer,
-    aggregate: Aggregator,
-    meta: IntervalMeta,
-) -> CycleDone {
-    let profile = symbolizer.symbolize(&aggregate, &ctx.table, meta);
+fn run_cycle(ctx: &CycleContext, symbolizer: &mut Symbolizer, job: Job) -> CycleDone {
+    // JVMs first write their perf maps, and the interval's runtime profiler runs end
+    // (both bounded by their supervisor deadlines).
+    if let Some(jit) = job.jit {
+        jit.wait_blocking();
+    }
+    let interpreted = job.round.map(Round::wait_blocking).unwrap_or_default();
+    let profile = symbolizer.symbolize(&job.aggregate, &ctx.table, job.meta, &interpreted);
     let samples = profile.samples();
     let (requests, oversized) = match &ctx.config.grpc {
         Some(_) => {
@@ -108,34 +110,37 @@ fn run_cycle(
 struct Job {
     aggregate: Aggregator,
     meta: IntervalMeta,
-    reply: oneshot::Sender<CycleDone>,
+    /// The runtime profilers' round of this interval.
+    round: Option<Round>,
+    /// JVM perf map refreshes to wait for before symbolizing.
+    jit: Option<JitRefresh>,
 }
 
 /// The thread that runs cycles, one at a time. It owns the symbolizer (blazesym's is
 /// not `Send`), so its caches live across cycles. Dropping the sender ends it.
 struct CycleWorker {
-    jobs: SyncSender<Job>,
+    jobs: SyncSender<(Job, oneshot::Sender<CycleDone>)>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl CycleWorker {
     fn start(ctx: CycleContext) -> anyhow::Result<CycleWorker> {
         // Capacity 1 and at most one job in flight: cycles never overlap.
-        let (jobs, queue) = sync_channel::<Job>(1);
+        let (jobs, queue) = sync_channel::<(Job, oneshot::Sender<CycleDone>)>(1);
         let thread = std::thread::Builder::new()
             .name("cycle".into())
             .spawn(move || {
                 let mut symbolizer =
                     Symbolizer::default().with_max_dwarf_file_bytes(AGENT_MAX_DWARF_FILE_BYTES);
-                while let Ok(job) = queue.recv() {
-                    let done = run_cycle(&ctx, &mut symbolizer, job.aggregate, job.meta);
+                while let Ok((job, reply)) = queue.recv() {
+                    let done = run_cycle(&ctx, &mut symbolizer, job);
                     // blazesym keeps every binary it opened mapped, open and parsed
                     // (a host running rustc or a JVM: >100 MiB of RSS and an fd per
                     // file). Those caches live for one cycle only; our bounded
                     // (binary, address) cache carries names across cycles, so only
                     // new addresses pay for re-opening a file.
                     symbolizer.refresh_file_caches();
-                    let _ = job.reply.send(done);
+                    let _ = reply.send(done);
                 }
             })
             .context("cannot start the cycle thread")?;
@@ -143,18 +148,10 @@ impl CycleWorker {
     }
 
     /// Hands over an interval; the result arrives on the returned receiver.
-    fn submit(
-        &self,
-        aggregate: Aggregator,
-        meta: IntervalMeta,
-    ) -> anyhow::Result<oneshot::Receiver<CycleDone>> {
+    fn submit(&self, job: Job) -> anyhow::Result<oneshot::Receiver<CycleDone>> {
         let (reply, done) = oneshot::channel();
         self.jobs
-            .try_send(Job {
-                aggregate,
-                meta,
-                reply,
-            })
+            .try_send((job, reply))
             .map_err(|_| anyhow::anyhow!("the cycle thread is busy or gone"))?;
         Ok(done)
     }
@@ -275,6 +272,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         config: config.clone(),
     };
 
+    let profilers = RuntimeProfilers::new(config.runtimes.clone())
+        .context("cannot create the runtime profilers' directory")?;
+    if let Some(missing) = config.runtimes.missing_tools() {
+        warn!("runtime profilers {missing}");
+    }
+    // Rounds sample the processes that were on CPU in the last interval (or the
+    // --pid targets), inside the next one.
+    let round_window = config
+        .interval
+        .saturating_sub(ROUND_MARGIN)
+        .max(std::time::Duration::from_secs(1));
+    let mut round = (!config.pids.is_empty())
+        .then(|| profilers.start_round(config.pids.clone(), round_window))
+        .flatten();
+
     let worker = CycleWorker::start(ctx)?;
     let mut in_flight: Option<oneshot::Receiver<CycleDone>> = None;
     let mut interval_start = SystemTime::now();
@@ -306,7 +318,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                 let (meta, now) = meta_until_now(interval_start);
                 interval_start = now;
                 stats.cycles.fetch_add(1, Ordering::Relaxed);
-                in_flight = Some(worker.submit(aggregate, meta)?);
+                let pids = if config.pids.is_empty() {
+                    let mut pids: Vec<u32> = aggregate.tgids().collect();
+                    pids.sort_unstable();
+                    pids.dedup();
+                    pids
+                } else {
+                    config.pids.clone()
+                };
+                let jit = profilers.refresh_jit(pids.clone());
+                in_flight = Some(worker.submit(Job { aggregate, meta, round: round.take(), jit })?);
+                round = profilers.start_round(pids, round_window);
             }
             done = async { in_flight.as_mut().expect("guarded by the if").await }, if in_flight.is_some() => {
                 in_flight = None;
@@ -331,6 +353,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     // Shutdown: finish the cycle in flight, then the last interval, within the deadline.
     let deadline = Instant::now() + config.shutdown_timeout;
     info!("stopping: flushing the last profile");
+    // Runtime profiler runs end now (a cycle in flight may be waiting for them);
+    // what they had not written yet is lost.
+    profilers
+        .shutdown(
+            config
+                .shutdown_timeout
+                .min(std::time::Duration::from_secs(3)),
+        )
+        .await;
     let mut worker_free = true;
     if let Some(done) = in_flight.take() {
         match tokio::time::timeout_at(deadline, done).await {
@@ -344,7 +375,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     let stopped = collector.stop().await?;
     if worker_free {
         let (meta, _) = meta_until_now(interval_start);
-        let done = worker.submit(stopped.aggregate, meta)?;
+        let done = worker.submit(Job {
+            aggregate: stopped.aggregate,
+            meta,
+            round: round.take(),
+            jit: None,
+        })?;
         match tokio::time::timeout_at(deadline, done).await {
             Ok(Ok(mut done)) => {
                 stats.samples.fetch_add(done.samples, Ordering::Relaxed);
@@ -373,6 +409,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .process_stats
             .gone_before_capture
             .load(Ordering::Relaxed),
+        runtime_runs = profilers.stats().runs.load(Ordering::Relaxed),
+        runtime_runs_failed = profilers.stats().runs_failed.load(Ordering::Relaxed),
+        runtime_rounds_missed = profilers.stats().rounds_missed.load(Ordering::Relaxed),
+        runtime_targets_deferred = profilers.stats().targets_deferred.load(Ordering::Relaxed),
+        jvm_perf_map_requests = profilers.stats().jit_refreshes.load(Ordering::Relaxed),
         "stopped"
     );
     Ok(stats)

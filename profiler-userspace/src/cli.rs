@@ -11,9 +11,10 @@ use crate::{
             AgentArgs, AgentConfig, DEFAULT_INTERVAL, DEFAULT_MAX_REQUEST_BYTES,
             DEFAULT_SHUTDOWN_TIMEOUT,
         },
-        RecordConfig,
+        runtime_config, RecordConfig, RuntimeArgs,
     },
     record,
+    runtime_profilers::{RuntimeConfig, ToolPaths, DEFAULT_MAX_CHILDREN},
     sink::{files, queue::DEFAULT_QUEUE_BYTES},
 };
 
@@ -32,7 +33,7 @@ pub struct Cli {
 pub enum Command {
     /// Sample every CPU (or some processes) for a while and write a symbolized profile:
     /// profile.folded, profile.pb.gz (pprof) and flamegraph.svg.
-    Record(RecordArgs),
+    Record(Box<RecordArgs>),
     /// Profile continuously until SIGTERM: one profile per interval, exported over
     /// OTLP/gRPC and/or written to rotating local files. Reads the standard
     /// OTEL_EXPORTER_OTLP_* environment variables; flags win.
@@ -95,6 +96,8 @@ pub struct AgentCliArgs {
     /// Log level: error, warn, info (state changes), debug (every cycle), trace. RUST_LOG wins.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
+    #[command(flatten)]
+    pub runtimes: RuntimeCliArgs,
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +120,62 @@ pub struct RecordArgs {
     /// Do not print progress while recording.
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub runtimes: RuntimeCliArgs,
+}
+
+/// Runtime profilers: what the native unwinder cannot name.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Interpreted and JIT runtimes")]
+pub struct RuntimeCliArgs {
+    /// Runtimes to look inside, comma-separated: python (py-spy), ruby (rbspy), php
+    /// (phpspy), java (JIT names through jattach), node (JIT names from the perf map
+    /// --perf-basic-prof writes); all or none.
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "all",
+        value_delimiter = ','
+    )]
+    pub runtimes: Vec<String>,
+    /// Samples per second asked of py-spy, rbspy and phpspy [default: --frequency]
+    #[arg(long, value_name = "HZ")]
+    pub runtime_rate: Option<u64>,
+    /// Most runtime profiler processes running at once (they are niced, killed at
+    /// their deadline and reaped).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CHILDREN)]
+    pub max_runtime_children: usize,
+    /// py-spy program (path, or name in PATH).
+    #[arg(long, value_name = "PATH", default_value = "py-spy")]
+    pub py_spy: PathBuf,
+    /// rbspy program.
+    #[arg(long, value_name = "PATH", default_value = "rbspy")]
+    pub rbspy: PathBuf,
+    /// phpspy program.
+    #[arg(long, value_name = "PATH", default_value = "phpspy")]
+    pub phpspy: PathBuf,
+    /// jattach program.
+    #[arg(long, value_name = "PATH", default_value = "jattach")]
+    pub jattach: PathBuf,
+}
+
+impl RuntimeCliArgs {
+    fn config(self, frequency_hz: u64) -> Result<RuntimeConfig, crate::config::ConfigError> {
+        runtime_config(
+            RuntimeArgs {
+                runtimes: self.runtimes,
+                rate_hz: self.runtime_rate,
+                max_children: self.max_runtime_children,
+                tools: ToolPaths {
+                    py_spy: self.py_spy,
+                    rbspy: self.rbspy,
+                    phpspy: self.phpspy,
+                    jattach: self.jattach,
+                },
+            },
+            frequency_hz,
+        )
+    }
 }
 
 /// Parses `args`, runs the command, prints any error with its causes; returns the
@@ -147,7 +206,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Before the output directory is created: a user without privileges
             // should not be left with an empty directory.
             crate::ebpf::check_privileges()?;
-            let config = RecordConfig::new(
+            let runtimes = args.runtimes.config(args.frequency)?;
+            let mut config = RecordConfig::new(
                 args.duration,
                 args.frequency,
                 args.pids,
@@ -155,6 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 args.include_idle,
                 !args.quiet,
             )?;
+            config.runtimes = runtimes;
             let runtime = record::runtime()?;
             let summary = runtime.block_on(record::run(&config))?;
             eprint!("{}", summary.render());
@@ -163,7 +224,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => {
             init_logging(&args.log_level)?;
             crate::ebpf::check_privileges()?;
-            let config = AgentConfig::new(
+            let runtimes = args.runtimes.config(args.frequency)?;
+            let mut config = AgentConfig::new(
                 AgentArgs {
                     interval_secs: Some(args.interval),
                     frequency_hz: args.frequency,
@@ -185,6 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 &|name| std::env::var(name).ok(),
             )?;
+            config.runtimes = runtimes;
             let runtime = record::runtime()?;
             runtime.block_on(crate::agent::run(config))?;
             Ok(())

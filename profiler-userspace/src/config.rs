@@ -11,6 +11,11 @@ use std::{
 
 use profiler_common::MAX_PID_FILTER_ENTRIES;
 
+use crate::{
+    runtime_profilers::{RuntimeConfig, ToolPaths},
+    runtimes::Runtime,
+};
+
 /// Why the arguments cannot be used.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -54,6 +59,15 @@ pub enum ConfigError {
     /// A request size limit too small to be useful.
     #[error("--max-request-kib must be at least 64 KiB, got {0} bytes")]
     RequestSize(usize),
+    /// A runtime name we do not know.
+    #[error("--runtimes: unknown runtime {0:?} (use python, ruby, php, java, node, all or none)")]
+    Runtime(String),
+    /// A runtime profiler rate out of range.
+    #[error("--runtime-rate must be between 1 and 1000 Hz, got {0}")]
+    RuntimeRate(u64),
+    /// No room for any runtime profiler.
+    #[error("--max-runtime-children must be at least 1")]
+    RuntimeChildren,
     /// An export queue smaller than one request.
     #[error("--queue-kib ({queue} bytes) must hold at least one request of --max-request-kib ({request} bytes)")]
     QueueSize { queue: usize, request: usize },
@@ -72,6 +86,61 @@ pub struct RecordConfig {
     pub progress: bool,
     /// `None`: sized by CPU count.
     pub ring_buffer_bytes: Option<u32>,
+    /// Runtime profilers (py-spy, rbspy, phpspy, jattach); none unless asked.
+    pub runtimes: RuntimeConfig,
+}
+
+/// Raw runtime profiler flags, shared by `record` and `agent`.
+#[derive(Clone, Debug)]
+pub struct RuntimeArgs {
+    /// Names, `all` or `none`.
+    pub runtimes: Vec<String>,
+    /// `None`: the sampling frequency.
+    pub rate_hz: Option<u64>,
+    pub max_children: usize,
+    pub tools: ToolPaths,
+}
+
+/// Checks the runtime profiler flags; `frequency_hz` is the default rate.
+pub fn runtime_config(args: RuntimeArgs, frequency_hz: u64) -> Result<RuntimeConfig, ConfigError> {
+    let mut runtimes = Vec::new();
+    for name in &args.runtimes {
+        let name = name.trim();
+        let add: &[Runtime] = match name {
+            "python" => &[Runtime::Python],
+            "ruby" => &[Runtime::Ruby],
+            "php" => &[Runtime::Php],
+            "java" => &[Runtime::Java],
+            "node" => &[Runtime::Node],
+            "all" => &[
+                Runtime::Python,
+                Runtime::Ruby,
+                Runtime::Php,
+                Runtime::Java,
+                Runtime::Node,
+            ],
+            "none" | "" => &[],
+            other => return Err(ConfigError::Runtime(other.to_string())),
+        };
+        for r in add {
+            if !runtimes.contains(r) {
+                runtimes.push(*r);
+            }
+        }
+    }
+    let rate = args.rate_hz.unwrap_or(frequency_hz.min(1000));
+    if rate == 0 || rate > 1000 {
+        return Err(ConfigError::RuntimeRate(rate));
+    }
+    if args.max_children == 0 {
+        return Err(ConfigError::RuntimeChildren);
+    }
+    Ok(RuntimeConfig {
+        runtimes,
+        rate_hz: rate as u32,
+        max_children: args.max_children,
+        tools: args.tools,
+    })
 }
 
 /// Highest sampling rate the kernel allows (it lowers this itself when sampling
@@ -109,6 +178,7 @@ impl RecordConfig {
             include_idle,
             progress,
             ring_buffer_bytes: None,
+            runtimes: RuntimeConfig::none(),
         })
     }
 }
@@ -192,6 +262,44 @@ mod tests {
             config(5, u64::MAX, vec![], tmp.path()),
             Err(ConfigError::Frequency { .. })
         ));
+    }
+
+    fn runtime_args(names: &[&str]) -> RuntimeArgs {
+        RuntimeArgs {
+            runtimes: names.iter().map(|s| s.to_string()).collect(),
+            rate_hz: None,
+            max_children: 2,
+            tools: ToolPaths::default(),
+        }
+    }
+
+    /// Runtime lists: names, all, none; the rate defaults to the frequency.
+    #[test]
+    fn runtime_lists() {
+        let c = runtime_config(runtime_args(&["python", "java", "python"]), 97).unwrap();
+        assert_eq!(c.runtimes, vec![Runtime::Python, Runtime::Java]);
+        assert_eq!(c.rate_hz, 97);
+        assert_eq!(
+            runtime_config(runtime_args(&["all"]), 99)
+                .unwrap()
+                .runtimes
+                .len(),
+            5
+        );
+        assert!(runtime_config(runtime_args(&["none"]), 99)
+            .unwrap()
+            .runtimes
+            .is_empty());
+        assert_eq!(
+            runtime_config(runtime_args(&["perl"]), 99),
+            Err(ConfigError::Runtime("perl".into()))
+        );
+        let mut a = runtime_args(&["all"]);
+        a.rate_hz = Some(5000);
+        assert_eq!(runtime_config(a, 99), Err(ConfigError::RuntimeRate(5000)));
+        let mut a = runtime_args(&["all"]);
+        a.max_children = 0;
+        assert_eq!(runtime_config(a, 99), Err(ConfigError::RuntimeChildren));
     }
 
     /// A zero duration is refused.

@@ -19,6 +19,7 @@ pub mod export;
 pub mod process;
 pub mod profile;
 pub mod record;
+pub mod runtime_profilers;
 pub mod runtimes;
 pub mod sink;
 pub mod supervise;

@@ -13,10 +13,48 @@ use std::{
 /// What kind of code a frame is, so users (and exporters) can tell them apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FrameKind {
-    /// Kernel code (folded output suffixes these `_[k]`).
+    /// Kernel code.
     Kernel,
     /// Native user code (ELF).
     Native,
+    /// JIT-compiled Java, named from the JVM's perf map.
+    Java,
+    /// JIT-compiled JavaScript, named from node's perf map.
+    JavaScript,
+    /// A Python function, from py-spy.
+    Python,
+    /// A Ruby method, from rbspy.
+    Ruby,
+    /// A PHP function, from phpspy.
+    Php,
+}
+
+impl FrameKind {
+    /// Suffix on frame names in folded stacks, flamegraphs and pprof function names
+    /// (the flamegraph convention: `_[k]` kernel, `_[j]` JIT).
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            FrameKind::Kernel => "_[k]",
+            FrameKind::Native => "",
+            FrameKind::Java | FrameKind::JavaScript => "_[j]",
+            FrameKind::Python => "_[py]",
+            FrameKind::Ruby => "_[rb]",
+            FrameKind::Php => "_[php]",
+        }
+    }
+
+    /// OpenTelemetry `profile.frame.type`.
+    pub const fn otel_type(self) -> &'static str {
+        match self {
+            FrameKind::Kernel => "kernel",
+            FrameKind::Native => "native",
+            FrameKind::Java => "jvm",
+            FrameKind::JavaScript => "v8js",
+            FrameKind::Python => "cpython",
+            FrameKind::Ruby => "ruby",
+            FrameKind::Php => "php",
+        }
+    }
 }
 
 /// One function at one source position; several make an inlined chain.
@@ -129,6 +167,8 @@ pub struct Profile {
     /// Metadata of the processes in `stacks`, when they were captured.
     pub processes: BTreeMap<u32, ProcessMeta>,
     pub unknown: UnknownCounts,
+    /// JIT frames named from perf maps.
+    pub jit: crate::symbolize::JitCounts,
 }
 
 impl Profile {
@@ -142,15 +182,15 @@ impl Profile {
         self.stacks.iter().map(|s| s.count).sum()
     }
 
-    /// Function names of a stack, root first, inlined frames expanded, with a
-    /// `_[k]` suffix on kernel frames (the folded/flamegraph convention).
+    /// Function names of a stack, root first, inlined frames expanded, each with
+    /// its kind's suffix (`_[k]` for kernel frames, see [`FrameKind::suffix`]).
     pub fn folded_frames<'a>(&'a self, stack: &'a Stack) -> impl Iterator<Item = String> + 'a {
         stack.locations.iter().rev().flat_map(move |&id| {
             let loc = &self.locations[id];
-            loc.lines.iter().rev().map(move |line| match loc.kind {
-                FrameKind::Kernel => format!("{}_[k]", line.function),
-                FrameKind::Native => line.function.to_string(),
-            })
+            loc.lines
+                .iter()
+                .rev()
+                .map(move |line| format!("{}{}", line.function, loc.kind.suffix()))
         })
     }
 }
@@ -216,5 +256,6 @@ pub fn test_profile() -> Profile {
             },
         )]),
         unknown: UnknownCounts::default(),
+        jit: Default::default(),
     }
 }

@@ -21,7 +21,8 @@ use crate::{
     ebpf::{KernelCounters, ProgramStats, SamplerConfig},
     export::{self, Written},
     profile::UnknownCounts,
-    symbolize::{IntervalMeta, Symbolizer},
+    runtime_profilers::{self, RuntimeProfilers},
+    symbolize::{IntervalMeta, JitCounts, Symbolizer},
 };
 
 /// Threads for blocking work (symbolization, file writes): the pool never grows past
@@ -59,6 +60,23 @@ pub struct RecordSummary {
     pub gone_before_capture: u64,
     pub unknown: UnknownCounts,
     pub bpf: ProgramStats,
+    pub runtimes: RuntimeSummary,
+}
+
+/// What the runtime profilers added to a recording.
+#[derive(Debug, Default)]
+pub struct RuntimeSummary {
+    /// Tools that could not be found (one sentence).
+    pub missing_tools: Option<String>,
+    /// Runs of py-spy, rbspy, phpspy; those that gave stacks; failed or refused.
+    pub runs: u64,
+    pub runs_parsed: u64,
+    pub runs_failed: u64,
+    /// Samples from the runtime profilers, merged into the profile.
+    pub samples: u64,
+    /// jattach runs (JVM perf maps written).
+    pub jit_refreshes: u64,
+    pub jit: JitCounts,
 }
 
 impl RecordSummary {
@@ -131,6 +149,14 @@ impl RecordSummary {
                 self.bpf.run_time_ns as f64 / 1e9
             );
         }
+        let rt = &self.runtimes;
+        if rt.runs > 0 || rt.jit_refreshes > 0 || rt.jit.named > 0 {
+            let _ = writeln!(
+                s,
+                "  runtimes: {} runtime profiler runs ({} failed), {} interpreted samples; {} JVM perf maps requested, {} JIT frames named",
+                rt.runs, rt.runs_failed, rt.samples, rt.jit_refreshes, rt.jit.named
+            );
+        }
         if self.aggregate.samples == 0 {
             let _ = writeln!(
                 s,
@@ -170,11 +196,64 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         AggregateLimits::default(),
     )?;
 
+    let profilers = RuntimeProfilers::new(config.runtimes.clone())
+        .context("cannot create the runtime profilers' directory")?;
+    let missing_tools = config.runtimes.missing_tools();
+    if let (true, Some(missing)) = (config.progress, &missing_tools) {
+        eprintln!("note: runtime profilers {missing}");
+    }
+    // The whole host has no previous interval to tell the busy processes: look at
+    // every process now.
+    let candidates = if config.pids.is_empty() {
+        runtime_profilers::all_pids()
+    } else {
+        config.pids.clone()
+    };
+    let round = profilers.start_round(candidates, config.duration);
+
     let interrupted = wait_for_end(config, &collector).await;
 
     let stopped = collector.stop().await?;
     let elapsed = started.elapsed();
     let aggregate = stopped.aggregate;
+    if interrupted {
+        // Stopped early: the runs end now, and what they wrote is lost.
+        profilers.shutdown(Duration::from_secs(2)).await;
+    }
+    let interpreted = match round {
+        Some(round) => {
+            if config.progress && !interrupted {
+                eprintln!("waiting for the runtime profilers...");
+            }
+            round.wait().await
+        }
+        None => vec![],
+    };
+    let mut tgids: Vec<u32> = aggregate.tgids().collect();
+    tgids.sort_unstable();
+    tgids.dedup();
+    // JVMs write their perf map now, covering the code that ran (after Ctrl-C the
+    // supervisor is already shut down: maps already on disk are still read).
+    if !interrupted {
+        if let Some(jit) = profilers.refresh_jit(tgids) {
+            jit.wait().await;
+        }
+    }
+    profilers.shutdown(Duration::from_secs(2)).await;
+    let rt_stats = profilers.stats();
+    let mut runtimes = RuntimeSummary {
+        missing_tools,
+        runs: rt_stats.runs.load(Ordering::Relaxed),
+        runs_parsed: rt_stats.runs_parsed.load(Ordering::Relaxed),
+        runs_failed: rt_stats.runs_failed.load(Ordering::Relaxed),
+        samples: interpreted
+            .iter()
+            .flat_map(|s| &s.stacks)
+            .map(|s| s.count)
+            .sum(),
+        jit_refreshes: rt_stats.jit_refreshes.load(Ordering::Relaxed),
+        jit: JitCounts::default(),
+    };
     if config.progress {
         eprintln!(
             "symbolizing {} stacks from {} processes...",
@@ -191,13 +270,14 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     let output_dir = config.output_dir.clone();
     let table = stopped.table;
     let (profile, written, aggregate_stats, stacks) = tokio::task::spawn_blocking(move || {
-        let profile = Symbolizer::default().symbolize(&aggregate, &table, meta);
+        let profile = Symbolizer::default().symbolize(&aggregate, &table, meta, &interpreted);
         let written = export::write_all(&profile, &output_dir, &title);
         (profile, written, aggregate.stats(), aggregate.len())
     })
     .await
     .context("symbolization failed")?;
     let written = written?;
+    runtimes.jit = profile.jit;
 
     Ok(RecordSummary {
         written,
@@ -223,6 +303,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
             .load(Ordering::Relaxed),
         unknown: profile.unknown,
         bpf: stopped.bpf,
+        runtimes,
     })
 }
 

@@ -1,4 +1,5 @@
 mod agent;
 mod native;
 mod pprof;
+mod runtimes;
 mod supervise;

@@ -159,24 +159,28 @@ fn build_pprof() -> Result<PathBuf> {
 
 /// PyPI versions of the OTLP receiver the tests run (a peer we did not write).
 const OTLP_PIP_PACKAGES: &[&str] = &["opentelemetry-proto==1.45.2", "grpcio==1.85.3"];
+/// py-spy from PyPI: the Python profiler the agent supervises.
+const PY_SPY_PIP_PACKAGES: &[&str] = &["py-spy==0.4.3"];
+/// rbspy from crates.io: the Ruby profiler the agent supervises.
+const RBSPY_VERSION: &str = "0.55.0";
 
-/// A Python virtualenv with PyPI's opentelemetry-proto and grpcio, for the tests'
-/// OTLP receiver.
-fn ensure_otlp_venv() -> Result<PathBuf> {
-    let venv = workspace_root().join("target/tools/otlp-venv");
-    let python = venv.join("bin/python");
+/// A Python virtualenv under target/tools/NAME with `packages` from PyPI; returns
+/// its bin directory.
+fn ensure_venv(name: &str, packages: &[&str], purpose: &str) -> Result<PathBuf> {
+    let venv = workspace_root().join("target/tools").join(name);
+    let bin = venv.join("bin");
     let ready = venv.join(".installed");
-    let want = OTLP_PIP_PACKAGES.join(" ");
+    let want = packages.join(" ");
     if std::fs::read_to_string(&ready).ok().as_deref() == Some(want.as_str()) {
-        return Ok(python);
+        return Ok(bin);
     }
     eprintln!(
-        "xtask: installing the tests' OTLP receiver into {} (PyPI: {want})",
+        "xtask: installing {purpose} into {} (PyPI: {want})",
         venv.display()
     );
     run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
         .context("python3 -m venv failed (on Debian: apt-get install python3-venv)")?;
-    run(Command::new(&python)
+    run(Command::new(bin.join("python"))
         .args([
             "-m",
             "pip",
@@ -184,10 +188,48 @@ fn ensure_otlp_venv() -> Result<PathBuf> {
             "--quiet",
             "--disable-pip-version-check",
         ])
-        .args(OTLP_PIP_PACKAGES))
-    .context("pip install of the OTLP receiver's packages failed")?;
+        .args(packages))
+    .with_context(|| format!("pip install of {want} failed"))?;
     std::fs::write(&ready, &want)?;
-    Ok(python)
+    Ok(bin)
+}
+
+/// A Python virtualenv with PyPI's opentelemetry-proto and grpcio, for the tests'
+/// OTLP receiver.
+fn ensure_otlp_venv() -> Result<PathBuf> {
+    Ok(ensure_venv("otlp-venv", OTLP_PIP_PACKAGES, "the tests' OTLP receiver")?.join("python"))
+}
+
+/// py-spy, for the Python runtime tests.
+fn ensure_py_spy() -> Result<PathBuf> {
+    Ok(ensure_venv(
+        "pyspy-venv",
+        PY_SPY_PIP_PACKAGES,
+        "py-spy for the Python tests",
+    )?
+    .join("py-spy"))
+}
+
+/// rbspy, built from crates.io into target/tools/rbspy (a few minutes, once).
+fn ensure_rbspy() -> Result<PathBuf> {
+    let root = workspace_root().join("target/tools/rbspy");
+    let bin = root.join("bin/rbspy");
+    let ready = root.join(".installed");
+    if bin.exists() && std::fs::read_to_string(&ready).ok().as_deref() == Some(RBSPY_VERSION) {
+        return Ok(bin);
+    }
+    eprintln!(
+        "xtask: building rbspy {RBSPY_VERSION} from crates.io into {} for the Ruby tests (a few minutes, once)",
+        root.display()
+    );
+    run(Command::new("cargo")
+        .args(["install", "--locked", "--quiet"])
+        .arg(format!("rbspy@{RBSPY_VERSION}"))
+        .arg("--root")
+        .arg(&root))
+    .context("cargo install rbspy failed")?;
+    std::fs::write(&ready, RBSPY_VERSION)?;
+    Ok(bin)
 }
 
 fn test(args: Vec<String>) -> Result<()> {
@@ -195,6 +237,8 @@ fn test(args: Vec<String>) -> Result<()> {
     setup::ensure_packages(&[setup::TEST])?;
     let pprof = build_pprof()?;
     let otlp_python = ensure_otlp_venv()?;
+    let py_spy = ensure_py_spy()?;
+    let rbspy = ensure_rbspy()?;
     if !setup::is_root() {
         bail!("the tests load eBPF programs and need root: run `sudo -E cargo xtask test`");
     }
@@ -225,7 +269,9 @@ fn test(args: Vec<String>) -> Result<()> {
         .args(["test", "--workspace"])
         .args(&args)
         .env("PPROF_BIN", &pprof)
-        .env("OTLP_PYTHON", &otlp_python))?;
+        .env("OTLP_PYTHON", &otlp_python)
+        .env("PY_SPY_BIN", &py_spy)
+        .env("RBSPY_BIN", &rbspy))?;
     eprintln!("xtask: all checks passed");
     Ok(())
 }

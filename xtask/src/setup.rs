@@ -45,8 +45,18 @@ pub const BUILD: PackageGroup = PackageGroup {
 /// Peers the tests check our output against: Google's pprof is built from
 /// Debian's Go sources; test programs are built with gcc.
 pub const TEST: PackageGroup = PackageGroup {
-    purpose: "for the tests (gcc for test programs, Go + Google's pprof sources to check our pprof output, util-linux's setpriv to run as an unprivileged user)",
-    packages: &["gcc", "golang-go", "golang-github-google-pprof-dev", "util-linux"],
+    purpose: "for the tests (gcc for test programs, Go + Google's pprof sources to check our pprof output, util-linux's setpriv to run as an unprivileged user, Ruby, Java 17, Node and jattach for the runtime tests, python3-venv for py-spy and the OTLP receiver)",
+    packages: &[
+        "gcc",
+        "golang-go",
+        "golang-github-google-pprof-dev",
+        "util-linux",
+        "ruby",
+        "openjdk-17-jdk-headless",
+        "nodejs",
+        "jattach",
+        "python3-venv",
+    ],
 };
 
 /// The reference profilers the overhead benchmark runs beside ours.

@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub max_request_bytes: usize,
     pub shutdown_timeout: Duration,
     pub host_name: String,
+    /// Runtime profilers; set by the caller after [`AgentConfig::new`] (none there).
+    pub runtimes: crate::runtime_profilers::RuntimeConfig,
 }
 
 /// Raw values from the command line (None = not given).
@@ -237,6 +239,7 @@ impl AgentConfig {
                 .shutdown_timeout_secs
                 .map_or(DEFAULT_SHUTDOWN_TIMEOUT, Duration::from_secs),
             host_name: host_name(),
+            runtimes: crate::runtime_profilers::RuntimeConfig::none(),
         })
     }
 }

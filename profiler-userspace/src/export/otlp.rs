@@ -5,7 +5,8 @@
 //! `process.pid`, `process.executable.name`, `process.executable.path` and
 //! `container.id` (when known); one `Profile` in it with sample type `samples/count`
 //! and period `cpu/nanoseconds`. Samples carry `thread.name`; locations carry
-//! `profile.frame.type` (`kernel`, `native`); mappings carry
+//! `profile.frame.type` (`kernel`, `native`, `jvm`, `v8js`, `cpython`, `ruby`,
+//! `php`); mappings carry
 //! `process.executable.build_id.gnu`. Each request has its own dictionary, and every
 //! dictionary table starts with its zero value, as the format requires.
 
@@ -19,7 +20,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 
-use crate::profile::{FrameKind, Profile, Stack};
+use crate::profile::{Profile, Stack};
 
 /// The instrumentation scope our profiles are reported under.
 pub const SCOPE_NAME: &str = "profiler";
@@ -227,11 +228,7 @@ impl Dictionary {
                 }
             })
             .collect();
-        let frame_type = match loc.kind {
-            FrameKind::Kernel => "kernel",
-            FrameKind::Native => "native",
-        };
-        let attribute_indices = vec![self.attribute("profile.frame.type", frame_type)];
+        let attribute_indices = vec![self.attribute("profile.frame.type", loc.kind.otel_type())];
         let i = self.dict.location_table.len() as i32;
         self.dict.location_table.push(otlp::Location {
             mapping_index,

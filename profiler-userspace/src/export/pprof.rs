@@ -16,7 +16,7 @@ use std::{
 use flate2::{write::GzEncoder, Compression};
 use prost::Message as _;
 
-use crate::profile::{FrameKind, Profile};
+use crate::profile::Profile;
 
 /// Types generated from profile.proto.
 pub mod proto {
@@ -88,9 +88,9 @@ pub fn build(profile: &Profile) -> proto::Profile {
             .lines
             .iter()
             .map(|l| {
-                let name = match loc.kind {
-                    FrameKind::Kernel => strings.get(&format!("{}_[k]", l.function)),
-                    FrameKind::Native => strings.get(&l.function),
+                let name = match loc.kind.suffix() {
+                    "" => strings.get(&l.function),
+                    suffix => strings.get(&format!("{}{suffix}", l.function)),
                 };
                 let file = strings.get(l.file.as_deref().unwrap_or(""));
                 let id = *function_ids.entry((name, file)).or_insert_with(|| {

@@ -122,6 +122,16 @@ pub struct InterpStack {
     pub thread: Option<String>,
 }
 
+/// The stacks a runtime profiler saw in one process during one interval: what the
+/// symbolizer merges into that interval's profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterpretedSamples {
+    pub pid: u32,
+    pub runtime: Runtime,
+    /// Root first, as parsed.
+    pub stacks: Vec<InterpStack>,
+}
+
 /// What one parse produced, and what it skipped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Parsed {

@@ -10,6 +10,7 @@
 //! and is counted by reason in [`UnknownCounts`]; no sample is dropped.
 
 mod cache;
+mod jit;
 pub mod kallsyms;
 
 use std::{
@@ -25,11 +26,13 @@ use blazesym::symbolize::{
 use profiler_common::TASK_COMM_LEN;
 
 pub use cache::{SymbolCache, MAX_SYMBOL_CACHE_ENTRIES};
+pub use jit::JitCounts;
 
 use crate::{
     aggregate::Aggregator,
     process::{MappedObject, ObjectFile, ProcessInfo, ProcessTable},
     profile::{FrameKind, Line, Location, Object, ProcessMeta, Profile, Stack, UnknownCounts},
+    runtimes::{InterpretedSamples, Runtime},
 };
 
 /// Name of the pseudo-object kernel locations belong to (as perf calls it).
@@ -68,11 +71,20 @@ enum FrameRef {
     Unknown {
         module: Arc<str>,
         offset: u64,
+        /// The address in the process, for the perf map lookup of JIT code.
+        ip: u64,
         reason: Reason,
+    },
+    /// JIT code named from the process's perf map.
+    Jit {
+        pid: u32,
+        ip: u64,
+        name: Arc<str>,
+        kind: FrameKind,
     },
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Reason {
     ObjectUnavailable,
     Anonymous,
@@ -84,6 +96,8 @@ enum Reason {
 enum LocKey {
     Sym(SymKey),
     Unknown(Arc<str>, u64),
+    Jit(u32, u64),
+    Interpreted(FrameKind, Arc<str>, Option<Arc<str>>, u32),
     TableFull,
 }
 
@@ -153,15 +167,18 @@ impl Symbolizer {
         self.cache.len()
     }
 
-    /// Symbolizes every stack of `aggregate`. Processes not captured yet are read
-    /// from /proc now if they are still alive.
+    /// Symbolizes every stack of `aggregate`, and adds the stacks runtime profilers
+    /// (py-spy, rbspy, phpspy) saw in the same interval. Processes not captured yet
+    /// are read from /proc now if they are still alive; JIT frames are named from
+    /// their process's perf map.
     pub fn symbolize(
         &mut self,
         aggregate: &Aggregator,
         processes: &Mutex<ProcessTable>,
         meta: IntervalMeta,
+        interpreted: &[InterpretedSamples],
     ) -> Profile {
-        let procs = resolve_processes(aggregate, processes);
+        let procs = resolve_processes(aggregate, interpreted, processes);
 
         // 1. Addresses to objects and offsets.
         let mut refs: Vec<Vec<FrameRef>> = Vec::with_capacity(aggregate.len());
@@ -183,6 +200,8 @@ impl Symbolizer {
             }
             refs.push(frames);
         }
+        let tgids: Vec<u32> = aggregate.stacks().map(|s| s.tgid).collect();
+        let jit = jit::name_jit_frames(&mut refs, &tgids);
 
         // 2. Look up what the cache does not know, one batch per binary.
         let resolved = self.resolve(&refs);
@@ -209,6 +228,32 @@ impl Symbolizer {
                 locations: vec![loc],
                 count,
             });
+        }
+        for samples in interpreted {
+            let kind = interpreted_kind(samples.runtime);
+            let process: Arc<str> = match procs.get(&samples.pid) {
+                Some(Some(info)) if !info.name.is_empty() => info.name.as_str().into(),
+                _ => samples.runtime.as_str().into(),
+            };
+            for stack in &samples.stacks {
+                // Root first from the tools; locations are leaf first.
+                let locations = stack
+                    .frames
+                    .iter()
+                    .rev()
+                    .map(|f| b.interpreted(kind, f))
+                    .collect();
+                stacks.push(Stack {
+                    pid: samples.pid,
+                    process: process.clone(),
+                    thread: stack
+                        .thread
+                        .as_deref()
+                        .map_or_else(|| process.clone(), Arc::from),
+                    locations,
+                    count: stack.count,
+                });
+            }
         }
         let unattributed = aggregate.stats().unattributed_samples;
         if unattributed > 0 {
@@ -244,6 +289,7 @@ impl Symbolizer {
             stacks,
             processes,
             unknown: b.unknown,
+            jit,
         }
     }
 
@@ -260,7 +306,7 @@ impl Symbolizer {
                     ino: object.ino,
                     offset: *offset,
                 },
-                FrameRef::Unknown { .. } => continue,
+                FrameRef::Unknown { .. } | FrameRef::Jit { .. } => continue,
             };
             if resolved.contains_key(&key) {
                 continue;
@@ -277,7 +323,7 @@ impl Symbolizer {
                     .or_insert_with(|| (object.clone(), Vec::new()))
                     .1
                     .push(*offset),
-                FrameRef::Unknown { .. } => unreachable!(),
+                FrameRef::Unknown { .. } | FrameRef::Jit { .. } => unreachable!(),
             }
         }
 
@@ -356,13 +402,25 @@ fn caller_adjusted(ip: u64, index: usize) -> u64 {
     }
 }
 
+/// The frame kind of a runtime profiler's frames.
+fn interpreted_kind(runtime: Runtime) -> FrameKind {
+    match runtime {
+        Runtime::Python => FrameKind::Python,
+        Runtime::Ruby => FrameKind::Ruby,
+        Runtime::Php => FrameKind::Php,
+        Runtime::Java => FrameKind::Java,
+        Runtime::Node => FrameKind::JavaScript,
+    }
+}
+
 fn resolve_processes(
     aggregate: &Aggregator,
+    interpreted: &[InterpretedSamples],
     processes: &Mutex<ProcessTable>,
 ) -> HashMap<u32, Option<Arc<ProcessInfo>>> {
     let mut table = processes.lock().expect("process table lock");
     let mut procs = HashMap::new();
-    for tgid in aggregate.tgids() {
+    for tgid in aggregate.tgids().chain(interpreted.iter().map(|s| s.pid)) {
         procs.entry(tgid).or_insert_with(|| {
             table.get(tgid).or_else(|| {
                 if tgid == 0 {
@@ -387,6 +445,7 @@ fn user_frame(
         return FrameRef::Unknown {
             module: "[unknown process]".into(),
             offset: ip,
+            ip,
             reason: Reason::ProcessGone,
         };
     };
@@ -402,6 +461,7 @@ fn user_frame(
         return FrameRef::Unknown {
             module: "[unmapped]".into(),
             offset: ip,
+            ip,
             reason: Reason::Unmapped,
         };
     };
@@ -411,11 +471,13 @@ fn user_frame(
         MappedObject::Unopened { ref path, .. } => FrameRef::Unknown {
             module: path.as_str().into(),
             offset,
+            ip,
             reason: Reason::ObjectUnavailable,
         },
         MappedObject::Anonymous(ref name) => FrameRef::Unknown {
             module: name.as_str().into(),
             offset: ip - mapping.start,
+            ip,
             reason: Reason::Anonymous,
         },
     }
@@ -487,6 +549,23 @@ impl Builder {
         id
     }
 
+    fn interpreted(&mut self, kind: FrameKind, frame: &crate::runtimes::InterpFrame) -> usize {
+        let function: Arc<str> = frame.function.as_str().into();
+        let file: Option<Arc<str>> = frame.file.as_deref().map(Into::into);
+        let line = frame.line.unwrap_or(0);
+        let key = LocKey::Interpreted(kind, function.clone(), file.clone(), line);
+        self.push_location(key, |_| Location {
+            address: 0,
+            object: None,
+            kind,
+            lines: Arc::new([Line {
+                function,
+                file,
+                line,
+            }]),
+        })
+    }
+
     fn table_full(&mut self) -> usize {
         self.push_location(LocKey::TableFull, |_| Location {
             address: 0,
@@ -550,10 +629,33 @@ impl Builder {
                     }
                 })
             }
+            FrameRef::Jit {
+                pid,
+                ip,
+                name,
+                kind,
+            } => self.push_location(LocKey::Jit(*pid, *ip), |b| {
+                let path: Arc<str> = format!("/tmp/perf-{pid}.map").into();
+                let id = b.object(ObjKey::Named(path.clone()), || Object {
+                    path,
+                    build_id: None,
+                });
+                Location {
+                    address: *ip,
+                    object: Some(id),
+                    kind: *kind,
+                    lines: Arc::new([Line {
+                        function: name.clone(),
+                        file: None,
+                        line: 0,
+                    }]),
+                }
+            }),
             FrameRef::Unknown {
                 module,
                 offset,
                 reason,
+                ..
             } => self.push_location(LocKey::Unknown(module.clone(), *offset), |b| {
                 match reason {
                     Reason::ObjectUnavailable => b.unknown.object_unavailable += 1,

@@ -1,0 +1,752 @@
+//! Stage 3b: the runtime profilers that see inside interpreters and JITs, run each
+//! interval through the [`Supervisor`].
+//!
+//! Per interval, a *round*: the processes of interest (those on CPU in the last
+//! interval, or the `--pid` targets) are classified ([`crate::runtimes::detect`]);
+//! Python, Ruby and PHP processes get a `py-spy` / `rbspy` / `phpspy` run, at most
+//! `max_children` at once, each short enough that the round ends inside the interval.
+//! Their output files are parsed (bounded, garbage counted) into
+//! [`InterpretedSamples`] that the symbolizer merges into the interval's profile.
+//! When there are more targets than fit, runs get shorter (down to
+//! [`MIN_RUN_SECS`]) and the rest wait for the next round, in turn; they are counted.
+//! Before an interval is symbolized, JVMs are asked (`jattach PID jcmd
+//! Compiler.perfmap`) to write their perf map when their code cache grew; Node
+//! writes its own with `--perf-basic-prof`.
+//!
+//! Rounds never overlap: a round still running when the next one is due makes that
+//! one miss its slot (counted). Every child is owned by the supervisor, which reaps
+//! it and closes its pipes on every path and kills it at its deadline.
+//!
+//! Owns: which runs to start and when, their output files (in one private
+//! directory, each removed once parsed), the per-process runtime cache (bounded by
+//! [`MAX_TRACKED_PROCESSES`]). Must never: start more than `max_children`
+//! children, block the drain (detection and parsing run on the blocking pool), or
+//! keep a run's output past its round.
+
+use std::{
+    collections::HashMap,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use tokio::{
+    sync::{oneshot, OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
+
+use crate::{
+    runtimes::{
+        detect::{detect, TargetProcess},
+        jattach::{self, JitSnapshot, RefreshDecision, RefreshPolicy},
+        phpspy::{self, PhpSpyRecord},
+        pyspy::{self, PySpyRecord},
+        rbspy::{self, RbSpyRecord},
+        InterpretedSamples, ParseLimits, Parsed, Runtime,
+    },
+    supervise::{ChildSpec, Refused, Supervisor, SupervisorConfig},
+};
+
+/// Processes whose runtime is remembered between rounds (~200 bytes each with their
+/// JIT snapshot: ~0.8 MiB at the bound). When full, entries of exited processes are
+/// dropped first, then everything (it is a cache: detection simply runs again).
+pub const MAX_TRACKED_PROCESSES: usize = 4096;
+
+/// Processes looked at per round: candidates beyond it wait for a later round.
+/// Bounds the blocking detection work of one round (one read of /proc/PID/maps
+/// each, for new processes).
+pub const MAX_CANDIDATES_PER_ROUND: usize = 1024;
+
+/// Shortest run of a runtime profiler: the tools take whole seconds.
+pub const MIN_RUN_SECS: u64 = 1;
+
+/// Time a run may take beyond its sampling duration (the tool's start-up and
+/// writing its output) before the supervisor stops it.
+pub const RUN_DEADLINE_SLACK: Duration = Duration::from_secs(3);
+
+/// Part of an interval a round leaves free, so that it ends before the next one.
+pub const ROUND_MARGIN: Duration = Duration::from_secs(1);
+
+/// Time a jattach run may take (attaching and the JVM writing its map).
+pub const JATTACH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Default most runtime profiler children alive at once.
+pub const DEFAULT_MAX_CHILDREN: usize = crate::supervise::DEFAULT_MAX_CONCURRENT;
+
+/// Which runtimes to look inside, and with what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Runtimes profiled; empty: none (native stacks only).
+    pub runtimes: Vec<Runtime>,
+    /// Samples per second asked of py-spy, rbspy and phpspy.
+    pub rate_hz: u32,
+    /// Most children alive at once.
+    pub max_children: usize,
+    pub tools: ToolPaths,
+}
+
+/// The external programs, as paths or names searched in PATH.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolPaths {
+    pub py_spy: PathBuf,
+    pub rbspy: PathBuf,
+    pub phpspy: PathBuf,
+    pub jattach: PathBuf,
+}
+
+impl Default for ToolPaths {
+    fn default() -> Self {
+        ToolPaths {
+            py_spy: pyspy::PROGRAM.into(),
+            rbspy: rbspy::PROGRAM.into(),
+            phpspy: phpspy::PROGRAM.into(),
+            jattach: jattach::PROGRAM.into(),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Every runtime, tools from PATH, at `rate_hz`.
+    pub fn all(rate_hz: u32) -> Self {
+        RuntimeConfig {
+            runtimes: vec![
+                Runtime::Python,
+                Runtime::Ruby,
+                Runtime::Php,
+                Runtime::Java,
+                Runtime::Node,
+            ],
+            rate_hz,
+            max_children: DEFAULT_MAX_CHILDREN,
+            tools: ToolPaths::default(),
+        }
+    }
+
+    /// Native stacks only.
+    pub fn none() -> Self {
+        RuntimeConfig {
+            runtimes: vec![],
+            ..Self::all(1)
+        }
+    }
+
+    fn tool(&self, runtime: Runtime) -> Option<&Path> {
+        match runtime {
+            Runtime::Python => Some(&self.tools.py_spy),
+            Runtime::Ruby => Some(&self.tools.rbspy),
+            Runtime::Php => Some(&self.tools.phpspy),
+            Runtime::Java => Some(&self.tools.jattach),
+            Runtime::Node => None,
+        }
+    }
+
+    /// The enabled runtimes whose tool cannot be found, as one sentence to say once
+    /// at start (`None`: every tool is there). The runtimes stay enabled (the
+    /// supervisor refuses their runs cheaply and probes again now and then), so
+    /// installing a tool later takes effect without a restart.
+    pub fn missing_tools(&self) -> Option<String> {
+        let missing: Vec<String> = self
+            .runtimes
+            .iter()
+            .filter_map(|&r| {
+                let tool = self.tool(r)?;
+                find_program(tool)
+                    .is_none()
+                    .then(|| format!("{} for {r}{}", tool.display(), install_hint(r)))
+            })
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "not found: {}; those runtimes are profiled natively only (their interpreter's frames, not their functions)",
+                missing.join(", ")
+            )
+        })
+    }
+}
+
+fn install_hint(runtime: Runtime) -> &'static str {
+    match runtime {
+        Runtime::Python => " (pip install py-spy)",
+        Runtime::Ruby => " (cargo install rbspy)",
+        Runtime::Php => " (https://github.com/adsr/phpspy)",
+        Runtime::Java => " (apt-get install jattach)",
+        Runtime::Node => "",
+    }
+}
+
+/// `program` itself if it has a slash, else the first match in PATH; must be an
+/// executable file.
+pub fn find_program(program: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.components().count() > 1 {
+        return executable(program).then(|| program.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|p| executable(p))
+    })
+}
+
+/// Counters of the runtime profilers (the supervisor counts its children itself).
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    /// Rounds started.
+    pub rounds: AtomicU64,
+    /// Rounds not started because the previous one was still running.
+    pub rounds_missed: AtomicU64,
+    /// Runs started (py-spy, rbspy, phpspy).
+    pub runs: AtomicU64,
+    /// Runs that produced stacks.
+    pub runs_parsed: AtomicU64,
+    /// Runs that failed, timed out or wrote unreadable output.
+    pub runs_failed: AtomicU64,
+    /// Runs the supervisor refused (target busy, backing off, tool missing).
+    pub runs_refused: AtomicU64,
+    /// Targets that did not fit in their round and wait for a later one.
+    pub targets_deferred: AtomicU64,
+    /// Lines of tool output skipped as malformed.
+    pub malformed_lines: AtomicU64,
+    /// Samples a tool reported that were thrown away (malformed) or folded into the
+    /// overflow stack.
+    pub samples_dropped: AtomicU64,
+    /// Processes that could not be classified (exited, unreadable).
+    pub detect_errors: AtomicU64,
+    /// jattach runs asking a JVM for its perf map, and those that failed.
+    pub jit_refreshes: AtomicU64,
+    pub jit_refresh_failures: AtomicU64,
+}
+
+/// What is remembered of a process between rounds.
+struct Tracked {
+    process: TargetProcess,
+    /// Taken right after our last successful jattach run.
+    jit_refreshed: Option<JitSnapshot>,
+}
+
+/// State the round tasks share.
+struct Shared {
+    config: RuntimeConfig,
+    supervisor: Supervisor,
+    tracked: Mutex<HashMap<u32, Tracked>>,
+    stats: Arc<RuntimeStats>,
+    /// Where runs write their output: private to this agent, removed on drop.
+    scratch: tempfile::TempDir,
+    /// Run counter, for unique output names.
+    seq: AtomicU64,
+    /// Round-robin start among this round's targets.
+    turn: AtomicUsize,
+}
+
+/// The runtime profilers of one agent (or recording).
+pub struct RuntimeProfilers {
+    shared: Arc<Shared>,
+    /// Held by the running round: rounds never overlap.
+    round_slot: Arc<Semaphore>,
+}
+
+/// A round in progress; its stacks arrive when every run has ended.
+pub struct Round {
+    done: oneshot::Receiver<Vec<InterpretedSamples>>,
+}
+
+impl Round {
+    /// Waits, on a thread outside the runtime, for the round's stacks. A round whose
+    /// task was dropped (shutdown) gives none.
+    pub fn wait_blocking(self) -> Vec<InterpretedSamples> {
+        self.done.blocking_recv().unwrap_or_default()
+    }
+
+    /// Waits for the round's stacks in async code.
+    pub async fn wait(self) -> Vec<InterpretedSamples> {
+        self.done.await.unwrap_or_default()
+    }
+}
+
+/// JVM perf map refreshes in progress.
+pub struct JitRefresh {
+    done: oneshot::Receiver<()>,
+}
+
+impl JitRefresh {
+    /// Waits, on a thread outside the runtime, until the JVMs have written their maps.
+    pub fn wait_blocking(self) {
+        let _ = self.done.blocking_recv();
+    }
+
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+impl RuntimeProfilers {
+    /// Must be called within the tokio runtime the rounds will run on.
+    pub fn new(config: RuntimeConfig) -> std::io::Result<RuntimeProfilers> {
+        let scratch = tempfile::Builder::new()
+            .prefix("profiler-runtimes-")
+            .tempdir()?;
+        let supervisor = Supervisor::new(SupervisorConfig {
+            max_concurrent: config.max_children.max(1),
+            ..SupervisorConfig::default()
+        });
+        Ok(RuntimeProfilers {
+            shared: Arc::new(Shared {
+                config,
+                supervisor,
+                tracked: Mutex::new(HashMap::new()),
+                stats: Arc::new(RuntimeStats::default()),
+                scratch,
+                seq: AtomicU64::new(0),
+                turn: AtomicUsize::new(0),
+            }),
+            round_slot: Arc::new(Semaphore::new(1)),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.shared.config.runtimes.is_empty()
+    }
+
+    pub fn stats(&self) -> &Arc<RuntimeStats> {
+        &self.shared.stats
+    }
+
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.shared.supervisor
+    }
+
+    /// Starts a round over `pids` that ends within `window`; `None` when no
+    /// interpreted runtime is enabled, or the previous round still runs (counted).
+    pub fn start_round(&self, pids: Vec<u32>, window: Duration) -> Option<Round> {
+        let shared = &self.shared;
+        let interpreted = shared
+            .config
+            .runtimes
+            .iter()
+            .any(|r| matches!(r, Runtime::Python | Runtime::Ruby | Runtime::Php));
+        if !interpreted {
+            return None;
+        }
+        let Ok(permit) = self.round_slot.clone().try_acquire_owned() else {
+            shared.stats.rounds_missed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        let (tx, done) = oneshot::channel();
+        let shared = shared.clone();
+        let end = Instant::now() + window;
+        tokio::spawn(async move {
+            let stacks = round(shared, pids, end, permit).await;
+            let _ = tx.send(stacks);
+        });
+        Some(Round { done })
+    }
+
+    /// Asks the JVMs among `pids` whose code changed since their last map to write
+    /// it again; `None` when Java is not enabled.
+    pub fn refresh_jit(&self, pids: Vec<u32>) -> Option<JitRefresh> {
+        if !self.shared.config.runtimes.contains(&Runtime::Java) || pids.is_empty() {
+            return None;
+        }
+        let (tx, done) = oneshot::channel();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            refresh_jit(shared, pids).await;
+            let _ = tx.send(());
+        });
+        Some(JitRefresh { done })
+    }
+
+    /// Kills every child and waits for them, until `deadline`.
+    pub async fn shutdown(&self, deadline: Duration) {
+        let _ = self.shared.supervisor.shutdown(deadline).await;
+    }
+}
+
+/// Every live pid of the host (for `record` of the whole host, which has no previous
+/// interval to learn the busy processes from), at most [`MAX_CANDIDATES_PER_ROUND`].
+pub fn all_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .take(MAX_CANDIDATES_PER_ROUND)
+        .collect()
+}
+
+impl Shared {
+    /// The runtime of each pid (cached by pid and start time), for the enabled
+    /// runtimes only. Blocking: reads /proc.
+    fn classify(&self, pids: &[u32], wanted: impl Fn(Runtime) -> bool) -> Vec<TargetProcess> {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for &pid in pids.iter().take(MAX_CANDIDATES_PER_ROUND) {
+            if pid == 0 || pid == std::process::id() {
+                continue;
+            }
+            let known = tracked.get(&pid).filter(|t| t.process.is_alive());
+            let process = match known {
+                Some(t) => t.process.clone(),
+                None => match detect(pid) {
+                    Ok(process) => {
+                        if tracked.len() >= MAX_TRACKED_PROCESSES {
+                            tracked.retain(|_, t| t.process.is_alive());
+                            if tracked.len() >= MAX_TRACKED_PROCESSES {
+                                tracked.clear();
+                            }
+                        }
+                        tracked.insert(
+                            pid,
+                            Tracked {
+                                process: process.clone(),
+                                jit_refreshed: None,
+                            },
+                        );
+                        process
+                    }
+                    Err(_) => {
+                        self.stats.detect_errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                },
+            };
+            if process
+                .runtime
+                .is_some_and(|r| self.config.runtimes.contains(&r) && wanted(r))
+            {
+                out.push(process);
+            }
+        }
+        out
+    }
+
+    fn output_path(&self, runtime: Runtime, pid: u32, suffix: &str) -> PathBuf {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.scratch
+            .path()
+            .join(format!("{runtime}-{pid}-{seq}{suffix}"))
+    }
+}
+
+/// One planned run: its spec and the files it writes.
+struct PlannedRun {
+    target: TargetProcess,
+    runtime: Runtime,
+    spec: ChildSpec,
+    output: PathBuf,
+    /// Other files the tool writes that we remove (rbspy's raw samples).
+    extra: Option<PathBuf>,
+}
+
+fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<PlannedRun> {
+    let runtime = target.runtime?;
+    let config = &shared.config;
+    let rate_hz = config.rate_hz;
+    let output = shared.output_path(runtime, target.pid, ".txt");
+    let mut extra = None;
+    let (program, args): (&Path, Vec<OsString>) = match runtime {
+        Runtime::Python => (
+            &config.tools.py_spy,
+            PySpyRecord {
+                pid: target.pid,
+                rate_hz: rate_hz.min(pyspy::MAX_RATE_HZ),
+                duration_secs: run_secs,
+                output: &output,
+                threads: false,
+            }
+            .args()
+            .ok()?,
+        ),
+        Runtime::Ruby => {
+            let raw = shared.output_path(runtime, target.pid, ".raw.gz");
+            let args = RbSpyRecord {
+                pid: target.pid,
+                rate_hz: rate_hz.min(rbspy::MAX_RATE_HZ),
+                duration_secs: run_secs,
+                output: &output,
+                raw_output: &raw,
+            }
+            .args()
+            .ok()?;
+            extra = Some(raw);
+            (&config.tools.rbspy, args)
+        }
+        Runtime::Php => (
+            &config.tools.phpspy,
+            PhpSpyRecord {
+                pid: target.pid,
+                rate_hz: rate_hz.min(phpspy::MAX_RATE_HZ),
+                duration_ms: run_secs * 1000,
+                output: &output,
+            }
+            .args()
+            .ok()?,
+        ),
+        Runtime::Java | Runtime::Node => return None,
+    };
+    Some(PlannedRun {
+        spec: ChildSpec {
+            key: format!("{}:{}", program.display(), target.pid),
+            program: program.to_path_buf(),
+            args,
+            deadline: Duration::from_secs(run_secs) + RUN_DEADLINE_SLACK,
+            env: vec![],
+        },
+        target,
+        runtime,
+        output,
+        extra,
+    })
+}
+
+/// Reads a finished run's output and removes its files.
+fn collect(shared: &Shared, run: &PlannedRun, ok: bool) -> Option<InterpretedSamples> {
+    let limits = ParseLimits::default();
+    let parsed: Option<Parsed> = if ok {
+        match run.runtime {
+            Runtime::Python => pyspy::read_output(&run.output, &limits).ok(),
+            Runtime::Ruby => rbspy::read_output(&run.output, &limits).ok(),
+            Runtime::Php => phpspy::read_output(&run.output, &limits).ok(),
+            Runtime::Java | Runtime::Node => None,
+        }
+    } else {
+        None
+    };
+    let _ = std::fs::remove_file(&run.output);
+    if let Some(extra) = &run.extra {
+        let _ = std::fs::remove_file(extra);
+    }
+    let stats = &shared.stats;
+    let Some(parsed) = parsed else {
+        stats.runs_failed.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    stats.runs_parsed.fetch_add(1, Ordering::Relaxed);
+    stats
+        .malformed_lines
+        .fetch_add(parsed.malformed_lines, Ordering::Relaxed);
+    stats.samples_dropped.fetch_add(
+        parsed.malformed_samples + parsed.overflow_samples,
+        Ordering::Relaxed,
+    );
+    (!parsed.stacks.is_empty()).then_some(InterpretedSamples {
+        pid: run.target.pid,
+        runtime: run.runtime,
+        stacks: parsed.stacks,
+    })
+}
+
+/// Length of each run so that `targets` runs, `slots` at a time, sample within
+/// `window` (each run's start-up and output may take [`RUN_DEADLINE_SLACK`] more).
+pub fn run_secs(window: Duration, targets: usize, slots: usize) -> u64 {
+    let window = window.as_secs();
+    if targets == 0 {
+        return window.max(MIN_RUN_SECS);
+    }
+    let waves = targets.div_ceil(slots.max(1)) as u64;
+    (window / waves).clamp(MIN_RUN_SECS, window.max(MIN_RUN_SECS))
+}
+
+async fn round(
+    shared: Arc<Shared>,
+    pids: Vec<u32>,
+    end: Instant,
+    _permit: OwnedSemaphorePermit,
+) -> Vec<InterpretedSamples> {
+    let classify = shared.clone();
+    let Ok(mut targets) = tokio::task::spawn_blocking(move || {
+        classify.classify(&pids, |r| {
+            matches!(r, Runtime::Python | Runtime::Ruby | Runtime::Php)
+        })
+    })
+    .await
+    else {
+        return vec![];
+    };
+    if targets.is_empty() {
+        return vec![];
+    }
+    // Whoever waited longest goes first.
+    let turn = shared.turn.load(Ordering::Relaxed) % targets.len();
+    targets.rotate_left(turn);
+    let slots = shared.supervisor.config().max_concurrent;
+    let secs = run_secs(
+        end.saturating_duration_since(Instant::now()),
+        targets.len(),
+        slots,
+    );
+    // A run may start while its sampling still ends inside the window (with a
+    // tolerance for the time classification took).
+    let run_time = Duration::from_secs(secs).saturating_sub(Duration::from_millis(500));
+
+    let mut runs = tokio::task::JoinSet::new();
+    // Targets given their turn: run, refused, or nothing to run.
+    let mut started = 0usize;
+    let total = targets.len();
+    'targets: for target in targets {
+        let Some(run) = plan(&shared, target, secs) else {
+            started += 1;
+            continue;
+        };
+        let handle = loop {
+            if Instant::now() + run_time > end {
+                break 'targets; // no time left in this round: the rest wait
+            }
+            match shared.supervisor.start(run.spec.clone()) {
+                Ok(handle) => break Some(handle),
+                Err(Refused::AtCapacity) => {
+                    let _ =
+                        tokio::time::timeout_at(end, shared.supervisor.capacity_available()).await;
+                }
+                Err(_) => {
+                    shared.stats.runs_refused.fetch_add(1, Ordering::Relaxed);
+                    break None;
+                }
+            }
+        };
+        started += 1;
+        let Some(handle) = handle else { continue };
+        shared.stats.runs.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        runs.spawn(async move {
+            let outcome = handle.wait().await;
+            let ok = outcome.success();
+            tokio::task::spawn_blocking(move || collect(&shared, &run, ok))
+                .await
+                .ok()
+                .flatten()
+        });
+    }
+    let deferred = total - started;
+    shared
+        .stats
+        .targets_deferred
+        .fetch_add(deferred as u64, Ordering::Relaxed);
+    shared.turn.fetch_add(started, Ordering::Relaxed);
+
+    let mut out = Vec::new();
+    while let Some(result) = runs.join_next().await {
+        if let Ok(Some(samples)) = result {
+            out.push(samples);
+        }
+    }
+    out
+}
+
+async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
+    let classify = shared.clone();
+    let Ok(jvms) = tokio::task::spawn_blocking(move || {
+        classify
+            .classify(&pids, |r| r == Runtime::Java)
+            .into_iter()
+            .filter_map(|jvm| {
+                let now = JitSnapshot::capture(&jvm, std::time::Instant::now()).ok()?;
+                let tracked = classify.tracked.lock().unwrap_or_else(|p| p.into_inner());
+                let last = tracked.get(&jvm.pid).and_then(|t| t.jit_refreshed.as_ref());
+                match jattach::refresh_decision(last, &now, &RefreshPolicy::default()) {
+                    RefreshDecision::Refresh(_) => Some(jvm),
+                    RefreshDecision::Keep => None,
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    else {
+        return;
+    };
+    let end = Instant::now() + JATTACH_DEADLINE;
+    let mut runs = tokio::task::JoinSet::new();
+    for jvm in jvms {
+        let spec = ChildSpec {
+            key: format!("{}:{}", shared.config.tools.jattach.display(), jvm.pid),
+            program: shared.config.tools.jattach.clone(),
+            args: jattach::perfmap_args(jvm.pid),
+            deadline: JATTACH_DEADLINE,
+            env: vec![],
+        };
+        let handle = loop {
+            match shared.supervisor.start(spec.clone()) {
+                Ok(handle) => break Some(handle),
+                Err(Refused::AtCapacity) if Instant::now() < end => {
+                    let _ =
+                        tokio::time::timeout_at(end, shared.supervisor.capacity_available()).await;
+                }
+                Err(_) => break None,
+            }
+        };
+        let Some(handle) = handle else {
+            shared
+                .stats
+                .jit_refresh_failures
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        shared.stats.jit_refreshes.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        runs.spawn(async move {
+            let ok = handle.wait().await.success();
+            let _ = tokio::task::spawn_blocking(move || {
+                let snapshot = ok
+                    .then(|| JitSnapshot::capture(&jvm, std::time::Instant::now()).ok())
+                    .flatten();
+                match snapshot {
+                    Some(snapshot) => {
+                        let mut tracked = shared.tracked.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(t) = tracked.get_mut(&jvm.pid) {
+                            t.jit_refreshed = Some(snapshot);
+                        }
+                    }
+                    None => {
+                        shared
+                            .stats
+                            .jit_refresh_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+        });
+    }
+    while runs.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs shrink as targets grow, never below a second, never past the window.
+    #[test]
+    fn run_length_fits_the_window() {
+        let w = Duration::from_secs(15);
+        assert_eq!(run_secs(w, 1, 2), 15);
+        assert_eq!(run_secs(w, 2, 2), 15);
+        assert_eq!(run_secs(w, 4, 2), 7);
+        assert_eq!(run_secs(w, 50, 2), MIN_RUN_SECS);
+        assert_eq!(run_secs(Duration::from_secs(2), 1, 2), 2);
+        assert_eq!(run_secs(Duration::ZERO, 1, 2), MIN_RUN_SECS);
+    }
+
+    /// A program is found in PATH or by path; a missing one is reported once per
+    /// runtime that needs it.
+    #[test]
+    fn missing_tools_are_named() {
+        assert!(find_program(Path::new("sh")).is_some());
+        assert!(find_program(Path::new("/bin/sh")).is_some());
+        assert!(find_program(Path::new("no-such-tool-here")).is_none());
+        let mut config = RuntimeConfig::all(97);
+        config.tools.py_spy = "no-such-py-spy".into();
+        let missing = config.missing_tools().unwrap();
+        assert!(
+            missing.starts_with("not found: no-such-py-spy for python"),
+            "{missing}"
+        );
+        assert!(RuntimeConfig::none().missing_tools().is_none());
+    }
+}

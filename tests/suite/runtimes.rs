@@ -1,0 +1,361 @@
+//! Interpreted and JIT runtimes, end to end: real Python (py-spy from PyPI), Ruby
+//! (rbspy from crates.io), Java 17 (jattach from Debian) and Node (--perf-basic-prof)
+//! programs with known call chains, profiled by the `profiler` binary.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use profiler_tests::*;
+use serde_json::Value;
+
+/// A tool `cargo xtask test` installs, from the environment variable it sets.
+fn tool(var: &str) -> PathBuf {
+    let path = PathBuf::from(std::env::var_os(var).unwrap_or_else(|| {
+        panic!("{var} is not set: run the tests with `cargo xtask test`, which installs it")
+    }));
+    assert!(path.is_file(), "{var}={} does not exist", path.display());
+    path
+}
+
+fn programs_dir() -> PathBuf {
+    crate_dir().join("programs")
+}
+
+/// `profiler record --pid PID` for `secs` with every runtime enabled and the tools
+/// the tests installed; returns the run's stderr.
+fn record_cli(pid: u32, secs: u64, dir: &Path) -> String {
+    let out = Command::new(profiler_bin())
+        .args(["record", "--quiet", "--duration", &secs.to_string()])
+        .args(["--pid", &pid.to_string()])
+        .arg("--output-dir")
+        .arg(dir)
+        .arg("--py-spy")
+        .arg(tool("PY_SPY_BIN"))
+        .arg("--rbspy")
+        .arg(tool("RBSPY_BIN"))
+        .output()
+        .expect("run profiler record");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "profiler record failed:\n{stderr}");
+    stderr
+}
+
+fn spawn(cmd: &mut Command) -> KillOnDrop {
+    profiler_bin();
+    KillOnDrop::spawn(cmd.stdout(std::process::Stdio::null()))
+}
+
+/// py-spy's stacks of a Python program arrive root first, marked `_[py]`, under the
+/// process, beside the interpreter's native frames from eBPF.
+#[test]
+fn python_chain_from_py_spy() {
+    let target = spawn(
+        Command::new("python3")
+            .arg(programs_dir().join("chain.py"))
+            .arg("60"),
+    );
+    settle();
+    let dir = tempfile::tempdir().unwrap();
+    let log = record_cli(target.pid(), 4, dir.path());
+    let stacks = read_folded(dir.path());
+    let chain = ["py_outer_[py]", "py_middle_[py]", "py_inner_[py]"];
+    let python = samples_with_chain(&stacks, "python3", &chain);
+    assert!(
+        python > 50,
+        "{python} samples with the Python chain:\n{log}"
+    );
+    let native: u64 = stacks
+        .iter()
+        .filter(|s| s.frames[0] == "python3" && !s.frames.iter().any(|f| f.ends_with("_[py]")))
+        .map(|s| s.count)
+        .sum();
+    assert!(native > 50, "native samples of python3: {native}");
+    // pprof keeps the mark in the function name.
+    let p = read_pprof(dir.path());
+    assert!(p.string_table.iter().any(|s| s == "py_inner_[py]"));
+}
+
+/// rbspy's stacks of a Ruby program arrive root first, marked `_[rb]`.
+#[test]
+fn ruby_chain_from_rbspy() {
+    let target = spawn(
+        Command::new("ruby")
+            .arg(programs_dir().join("chain.rb"))
+            .arg("60"),
+    );
+    settle();
+    let dir = tempfile::tempdir().unwrap();
+    let log = record_cli(target.pid(), 4, dir.path());
+    let stacks = read_folded(dir.path());
+    let chain = ["rb_outer_[rb]", "rb_middle_[rb]", "rb_inner_[rb]"];
+    let ruby = samples_with_chain(&stacks, "ruby", &chain);
+    assert!(ruby > 50, "{ruby} samples with the Ruby chain:\n{log}");
+}
+
+/// A JVM run with -XX:+PreserveFramePointer: jattach makes it write its perf map
+/// (JDK 17's `0x` addresses), and the eBPF stacks through JIT code get method names,
+/// the whole chain in order.
+#[test]
+fn java_jit_frames_named_through_jattach() {
+    let classes = tempfile::tempdir().unwrap();
+    let status = Command::new("javac")
+        .arg("-d")
+        .arg(classes.path())
+        .arg(programs_dir().join("Chain.java"))
+        .status()
+        .expect("javac (Java 17) is installed");
+    assert!(status.success(), "javac failed");
+    let target = spawn(
+        Command::new("java")
+            .args([
+                "-XX:+PreserveFramePointer",
+                // Separate compiled methods, so each is a frame of its own.
+                "-XX:CompileCommand=quiet",
+                "-XX:CompileCommand=dontinline,Chain::*",
+                "-cp",
+            ])
+            .arg(classes.path())
+            .args(["Chain", "60"]),
+    );
+    // Time for the JIT to compile the hot methods.
+    std::thread::sleep(Duration::from_secs(3));
+    let dir = tempfile::tempdir().unwrap();
+    let log = record_cli(target.pid(), 4, dir.path());
+    let stacks = read_folded(dir.path());
+    let chain = [
+        "long Chain.javaOuter(long)_[j]",
+        "long Chain.javaMiddle(long)_[j]",
+        "long Chain.javaInner(long)_[j]",
+    ];
+    let named = samples_with_chain(&stacks, "java", &chain);
+    assert!(
+        named > 50,
+        "{named} samples with the Java chain:\n{log}\n{:?}",
+        stacks
+            .iter()
+            .filter(|s| s.frames[0] == "java")
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    assert!(log.contains("JVM perf maps requested"), "{log}");
+}
+
+/// Node with --perf-basic-prof: its JIT frames are named from the perf map it writes.
+#[test]
+fn node_jit_frames_named_from_perf_map() {
+    // node writes an isolate-*.log into its working directory: keep it out of ours.
+    let cwd = tempfile::tempdir().unwrap();
+    let target = spawn(
+        Command::new("node")
+            .current_dir(cwd.path())
+            .arg("--perf-basic-prof")
+            .arg(programs_dir().join("chain.js"))
+            .arg("60"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let dir = tempfile::tempdir().unwrap();
+    let log = record_cli(target.pid(), 3, dir.path());
+    let stacks = read_folded(dir.path());
+    let named: u64 = stacks
+        .iter()
+        .filter(|s| s.frames[0] == "node")
+        .filter(|s| {
+            s.frames
+                .iter()
+                .any(|f| f.contains("jsInner") && f.ends_with("_[j]"))
+        })
+        .map(|s| s.count)
+        .sum();
+    assert!(named > 50, "{named} samples in jsInner:\n{log}");
+}
+
+/// A missing tool is said once, and the native profile is still written.
+#[test]
+fn missing_tool_is_one_note_and_native_still_works() {
+    let target = spawn(
+        Command::new("python3")
+            .arg(programs_dir().join("chain.py"))
+            .arg("30"),
+    );
+    settle();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(profiler_bin())
+        .args(["record", "--duration", "2", "--runtimes", "python"])
+        .args(["--pid", &target.pid().to_string()])
+        .arg("--output-dir")
+        .arg(dir.path())
+        .args(["--py-spy", "/nonexistent/py-spy"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr
+            .matches("not found: /nonexistent/py-spy for python")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    let stacks = read_folded(dir.path());
+    assert!(stacks.iter().any(|s| s.frames[0] == "python3"));
+    assert!(!stacks
+        .iter()
+        .flat_map(|s| &s.frames)
+        .any(|f| f.ends_with("_[py]")));
+}
+
+/// The agent merges py-spy's stacks into its OTLP profiles: frames typed `cpython`
+/// with the chain in order, in the Python process's resource.
+#[test]
+fn agent_exports_python_frames_over_otlp() {
+    let receiver = Receiver::start(0, &[]);
+    let target = spawn(
+        Command::new("python3")
+            .arg(programs_dir().join("chain.py"))
+            .arg("60"),
+    );
+    settle();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let py_spy = tool("PY_SPY_BIN");
+    let mut agent = Agent::start(&[
+        "--endpoint",
+        &endpoint,
+        "--interval",
+        "3",
+        "--pid",
+        &target.pid().to_string(),
+        "--runtimes",
+        "python",
+        "--py-spy",
+        py_spy.to_str().unwrap(),
+    ]);
+    let requests = receiver.wait_for(2, Duration::from_secs(30));
+    let status = agent
+        .terminate(Duration::from_secs(20))
+        .expect("agent exits");
+    assert!(status.success(), "{}", agent.log());
+    let mut python_samples = 0;
+    for r in requests.iter().filter(|r| r["status"] == "OK") {
+        assert_eq!(r["errors"], Value::Array(vec![]), "{r}");
+        for res in r["resources"].as_array().unwrap() {
+            if res["attributes"]["process.pid"] != target.pid() {
+                continue;
+            }
+            for p in res["profiles"].as_array().unwrap() {
+                for s in p["samples"].as_array().unwrap() {
+                    let frames: Vec<String> = s["frames"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f.as_str().unwrap().to_string())
+                        .collect();
+                    let types: Vec<&str> = s["frame_types"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|t| t.as_str().unwrap())
+                        .collect();
+                    if contains_chain(&frames, &["py_inner", "py_middle", "py_outer"]) {
+                        assert!(types.iter().all(|t| *t == "cpython"), "{types:?}");
+                        python_samples += s["values"][0].as_i64().unwrap();
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        python_samples > 50,
+        "{python_samples} Python samples; log:\n{}",
+        agent.log()
+    );
+}
+
+/// Children and threads of process `pid`, read from /proc.
+fn children_and_threads(pid: u32) -> (usize, usize) {
+    let mut children = 0;
+    let mut threads = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            threads += 1;
+            children += std::fs::read_to_string(task.path().join("children"))
+                .map(|s| s.split_whitespace().count())
+                .unwrap_or(0);
+        }
+    }
+    (children, threads)
+}
+
+/// 24 Python processes at once: the agent never runs more py-spy children than
+/// --max-runtime-children, nor grows threads with them; the targets that do not fit
+/// a round are counted and wait their turn; after SIGTERM no child is left.
+#[test]
+fn many_python_processes_stay_within_the_child_cap() {
+    let targets: Vec<KillOnDrop> = (0..24)
+        .map(|_| {
+            spawn(Command::new("python3").args([
+                "-c",
+                "import time\nwhile True: sum(range(20000)); time.sleep(0.02)",
+            ]))
+        })
+        .collect();
+    settle();
+    let py_spy = tool("PY_SPY_BIN");
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = vec![
+        "--interval".into(),
+        "3".into(),
+        "--runtimes".into(),
+        "python".into(),
+        "--max-runtime-children".into(),
+        "2".into(),
+        "--py-spy".into(),
+        py_spy.to_str().unwrap().into(),
+        "--output-dir".into(),
+        dir.path().to_str().unwrap().into(),
+    ];
+    for t in &targets {
+        args.push("--pid".into());
+        args.push(t.pid().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Agent::start(&args);
+    let agent_pid = agent.child.pid();
+    let (mut max_children, mut max_threads) = (0, 0);
+    let end = std::time::Instant::now() + Duration::from_secs(14);
+    while std::time::Instant::now() < end {
+        let (c, t) = children_and_threads(agent_pid);
+        max_children = max_children.max(c);
+        max_threads = max_threads.max(t);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = agent
+        .terminate(Duration::from_secs(20))
+        .expect("agent exits");
+    assert!(status.success(), "{}", agent.log());
+    assert!(max_children <= 2, "{max_children} children at once");
+    assert!(max_children >= 1, "py-spy never ran:\n{}", agent.log());
+    // The runtime, the blocking pool (2), the cycle thread, the drain: not 24.
+    assert!(max_threads <= 8, "{max_threads} threads");
+    let log = agent.log();
+    let deferred: u64 = log
+        .split("runtime_targets_deferred=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no deferred count in the log:\n{log}"));
+    assert!(
+        deferred > 0,
+        "24 targets in 2 slots must wait for turns:\n{log}"
+    );
+    let runs: u64 = log
+        .split("runtime_runs=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(runs >= 4, "{runs} py-spy runs:\n{log}");
+    assert_eq!(children_and_threads(agent_pid).0, 0);
+}
