@@ -35,8 +35,13 @@ use crate::{
         grpc::{ExportStats, Exporter, QueuedRequest},
         queue::ExportQueue,
     },
-    symbolize::{IntervalMeta, Symbolizer, AGENT_MAX_DWARF_FILE_BYTES},
+    symbolize::{IntervalMeta, Symbolizer, AGENT_BLAZESYM_FILE_BUDGET, AGENT_MAX_DWARF_FILE_BYTES},
 };
+
+/// Cycles after which blazesym's caches are dropped even within their budget, so
+/// binaries of processes that exited are not held for ever, and the kernel's
+/// symbols are read again (modules).
+pub const SYMBOLIZER_REFRESH_CYCLES: u64 = 40;
 
 /// Counters of the agent itself.
 #[derive(Debug, Default)]
@@ -130,16 +135,28 @@ impl CycleWorker {
         let thread = std::thread::Builder::new()
             .name("cycle".into())
             .spawn(move || {
-                let mut symbolizer =
-                    Symbolizer::default().with_max_dwarf_file_bytes(AGENT_MAX_DWARF_FILE_BYTES);
+                let mut symbolizer = Symbolizer::default()
+                    .with_max_dwarf_file_bytes(AGENT_MAX_DWARF_FILE_BYTES)
+                    .with_kernel_table();
+                let mut cycles: u64 = 0;
                 while let Ok((job, reply)) = queue.recv() {
                     let done = run_cycle(&ctx, &mut symbolizer, job);
                     // blazesym keeps every binary it opened mapped, open and parsed
                     // (a host running rustc or a JVM: >100 MiB of RSS and an fd per
-                    // file). Those caches live for one cycle only; our bounded
-                    // (binary, address) cache carries names across cycles, so only
-                    // new addresses pay for re-opening a file.
-                    symbolizer.refresh_file_caches();
+                    // file). Those caches are dropped after a cycle that took them
+                    // past the budget, and every SYMBOLIZER_REFRESH_CYCLES anyway
+                    // (binaries of exited processes); our bounded (binary, address)
+                    // cache carries names across, so only new addresses pay for
+                    // re-reading a file.
+                    cycles += 1;
+                    if !symbolizer.release_file_caches_over(AGENT_BLAZESYM_FILE_BUDGET)
+                        && cycles.is_multiple_of(SYMBOLIZER_REFRESH_CYCLES)
+                    {
+                        symbolizer.refresh_file_caches();
+                    }
+                    if cycles.is_multiple_of(SYMBOLIZER_REFRESH_CYCLES) {
+                        symbolizer.refresh_kernel_table();
+                    }
                     let _ = reply.send(done);
                 }
             })
@@ -340,6 +357,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     requests = done.requests.len(),
                     lost_total = collector.kernel_counters().lost(),
                     queued = sinks.queue.as_ref().map_or(0, |q| q.len()),
+                    runtime_runs = profilers.stats().runs.load(Ordering::Relaxed),
+                    runtime_children = profilers.supervisor().live(),
                     "cycle done"
                 );
                 sinks.deliver(&mut done, &stats);

@@ -113,11 +113,26 @@ pub struct Symbolizer {
     cache: SymbolCache,
     /// Normally /proc/kallsyms.
     kallsyms: std::path::PathBuf,
+    /// Binaries blazesym has opened since its caches were last dropped, and their
+    /// total size: what it holds mapped and parsed.
+    held: std::collections::HashSet<(u64, u64)>,
+    held_bytes: u64,
+    /// Kernel symbols held in memory (agent); `None`: two streaming passes over
+    /// kallsyms per batch (record), or not loaded yet.
+    kernel_table: Option<kallsyms::KernelTable>,
+    hold_kernel_table: bool,
     /// Binaries larger than this are named from ELF symbols only: parsing DWARF
     /// takes memory in proportion to the binary's debug info (~100 MB for a 70 MB
     /// debug build). `None`: always use DWARF when present.
     max_dwarf_file_bytes: Option<u64>,
 }
+
+/// Total size of the binaries the agent lets blazesym keep mapped and parsed from one
+/// cycle to the next (48 MiB of files: their symbol tables and the pages touched
+/// stay resident). Past it, the caches are dropped after the cycle: a host running
+/// huge binaries (librustc_driver, libLLVM: >100 MiB each) pays CPU to re-read them,
+/// not memory; a host of ordinary binaries keeps them parsed.
+pub const AGENT_BLAZESYM_FILE_BUDGET: u64 = 48 << 20;
 
 /// The agent's DWARF limit: binaries up to 16 MiB (most distribution binaries have
 /// no DWARF at all; this bounds what a large unstripped one can cost).
@@ -146,6 +161,10 @@ impl Symbolizer {
             blaze: new_blazesym(),
             cache: SymbolCache::new(cache_entries),
             kallsyms: kallsyms::KALLSYMS.into(),
+            held: Default::default(),
+            held_bytes: 0,
+            kernel_table: None,
+            hold_kernel_table: false,
             max_dwarf_file_bytes: None,
         }
     }
@@ -156,10 +175,39 @@ impl Symbolizer {
         self
     }
 
+    /// Keeps the kernel's text symbols in memory (~4.5 MB) instead of reading
+    /// kallsyms for every batch: for the agent, which symbolizes every interval.
+    pub fn with_kernel_table(mut self) -> Self {
+        self.hold_kernel_table = true;
+        self
+    }
+
+    /// Reads the kernel symbols again at the next batch (modules load and unload).
+    pub fn refresh_kernel_table(&mut self) {
+        self.kernel_table = None;
+    }
+
     /// Drops blazesym's parsed files (symbol tables, DWARF) so they cannot grow with
     /// every binary ever seen; our bounded lookup cache is kept.
     pub fn refresh_file_caches(&mut self) {
         self.blaze = new_blazesym();
+        self.held.clear();
+        self.held_bytes = 0;
+    }
+
+    /// Drops blazesym's caches if the binaries it holds exceed `budget` bytes;
+    /// returns whether it did.
+    pub fn release_file_caches_over(&mut self, budget: u64) -> bool {
+        let over = self.held_bytes > budget;
+        if over {
+            self.refresh_file_caches();
+        }
+        over
+    }
+
+    /// Total size of the binaries blazesym holds now.
+    pub fn held_file_bytes(&self) -> u64 {
+        self.held_bytes
     }
 
     /// Lookups held in the cache.
@@ -330,8 +378,18 @@ impl Symbolizer {
         if !kernel_pending.is_empty() {
             // A failure (kallsyms unreadable or hidden) leaves the addresses unnamed;
             // they are counted as unknown kernel frames.
-            let names = kallsyms::resolve(&self.kallsyms, &kernel_pending)
-                .unwrap_or_else(|_| vec![None; kernel_pending.len()]);
+            let names = if self.hold_kernel_table {
+                if self.kernel_table.is_none() {
+                    self.kernel_table = kallsyms::KernelTable::load(&self.kallsyms).ok();
+                }
+                match &self.kernel_table {
+                    Some(table) => table.resolve(&kernel_pending),
+                    None => vec![None; kernel_pending.len()],
+                }
+            } else {
+                kallsyms::resolve(&self.kallsyms, &kernel_pending)
+                    .unwrap_or_else(|_| vec![None; kernel_pending.len()])
+            };
             for (addr, name) in kernel_pending.iter().zip(names) {
                 let lines: Option<Arc<[Line]>> = name.map(|function| {
                     Arc::from([Line {
@@ -344,6 +402,9 @@ impl Symbolizer {
             }
         }
         for ((dev, ino), (object, offsets)) in file_pending {
+            if self.held.insert((dev, ino)) {
+                self.held_bytes = self.held_bytes.saturating_add(object.size);
+            }
             let mut elf = Elf::new(object.readable_path());
             elf.debug_syms = self
                 .max_dwarf_file_bytes
