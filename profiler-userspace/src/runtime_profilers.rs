@@ -56,6 +56,11 @@ use crate::{
 /// dropped first, then everything (it is a cache: detection simply runs again).
 pub const MAX_TRACKED_PROCESSES: usize = 4096;
 
+/// Classifications (two per interval: the round and the JVM refresh) after which a
+/// process no longer among the candidates is forgotten: exited processes leave the
+/// cache within a few intervals, not only when it is full.
+pub const FORGET_AFTER_CLASSIFICATIONS: u64 = 16;
+
 /// Processes looked at per round: candidates beyond it wait for a later round.
 /// Bounds the blocking detection work of one round (one read of /proc/PID/maps
 /// each, for new processes).
@@ -227,6 +232,8 @@ pub struct RuntimeStats {
 /// What is remembered of a process between rounds.
 struct Tracked {
     process: TargetProcess,
+    /// The classification that last saw it among the candidates.
+    seen: u64,
     /// Taken right after our last successful jattach run.
     jit_refreshed: Option<JitSnapshot>,
 }
@@ -236,6 +243,8 @@ struct Shared {
     config: RuntimeConfig,
     supervisor: Supervisor,
     tracked: Mutex<HashMap<u32, Tracked>>,
+    /// Classifications so far.
+    generation: AtomicU64,
     stats: Arc<RuntimeStats>,
     /// Where runs write their output: private to this agent, removed on drop.
     scratch: tempfile::TempDir,
@@ -301,6 +310,7 @@ impl RuntimeProfilers {
                 config,
                 supervisor,
                 tracked: Mutex::new(HashMap::new()),
+                generation: AtomicU64::new(0),
                 stats: Arc::new(RuntimeStats::default()),
                 scratch,
                 seq: AtomicU64::new(0),
@@ -385,15 +395,19 @@ impl Shared {
     /// The runtime of each pid (cached by pid and start time), for the enabled
     /// runtimes only. Blocking: reads /proc.
     fn classify(&self, pids: &[u32], wanted: impl Fn(Runtime) -> bool) -> Vec<TargetProcess> {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         for &pid in pids.iter().take(MAX_CANDIDATES_PER_ROUND) {
             if pid == 0 || pid == std::process::id() {
                 continue;
             }
-            let known = tracked.get(&pid).filter(|t| t.process.is_alive());
+            let known = tracked.get_mut(&pid).filter(|t| t.process.is_alive());
             let process = match known {
-                Some(t) => t.process.clone(),
+                Some(t) => {
+                    t.seen = generation;
+                    t.process.clone()
+                }
                 None => match detect(pid) {
                     Ok(process) => {
                         if tracked.len() >= MAX_TRACKED_PROCESSES {
@@ -406,6 +420,7 @@ impl Shared {
                             pid,
                             Tracked {
                                 process: process.clone(),
+                                seen: generation,
                                 jit_refreshed: None,
                             },
                         );
@@ -424,6 +439,7 @@ impl Shared {
                 out.push(process);
             }
         }
+        tracked.retain(|_, t| t.seen + FORGET_AFTER_CLASSIFICATIONS > generation);
         out
     }
 
@@ -731,6 +747,36 @@ mod tests {
         assert_eq!(run_secs(w, 50, 2), MIN_RUN_SECS);
         assert_eq!(run_secs(Duration::from_secs(2), 1, 2), 2);
         assert_eq!(run_secs(Duration::ZERO, 1, 2), MIN_RUN_SECS);
+    }
+
+    /// A real Python process is classified as Python; a native one is remembered
+    /// but not returned; both are forgotten once no longer among the candidates.
+    #[test]
+    fn classifies_and_forgets_processes() {
+        let p = RuntimeProfilers::new(RuntimeConfig::all(97)).unwrap();
+        let mut python = std::process::Command::new("python3")
+            .args(["-c", "import time; time.sleep(30)"])
+            .spawn()
+            .unwrap();
+        let mut native = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let pids = [python.id(), native.id()];
+        let found = p.shared.classify(&pids, |_| true);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].pid, python.id());
+        assert_eq!(found[0].runtime, Some(Runtime::Python));
+        assert_eq!(p.shared.tracked.lock().unwrap().len(), 2);
+        for _ in 0..FORGET_AFTER_CLASSIFICATIONS {
+            p.shared.classify(&[], |_| true);
+        }
+        assert!(p.shared.tracked.lock().unwrap().is_empty());
+        for child in [&mut python, &mut native] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
     }
 
     /// A program is found in PATH or by path; a missing one is reported once per

@@ -407,8 +407,10 @@ impl Supervisor {
                 .map(|(_, v)| v.clone())
                 .or_else(|| std::env::var_os("PATH"));
             if let Err(missing) = state.tools.check(&spec.program, path.as_deref(), now) {
+                // The owner says it once at start (RuntimeConfig::missing_tools);
+                // here only at debug, so a missing tool is never a warning per cycle.
                 if missing.new {
-                    tracing::warn!(program = %spec.program.display(), reason = %missing.reason,
+                    tracing::debug!(program = %spec.program.display(), reason = %missing.reason,
                         "tool not installed; its runs are refused");
                 }
                 return Err(Refused::MissingTool {
@@ -443,7 +445,7 @@ impl Supervisor {
                     io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
                 ) {
                     let reason = format!("exec failed: {err}");
-                    tracing::warn!(program = %spec.program.display(), %reason,
+                    tracing::debug!(program = %spec.program.display(), %reason,
                         "tool not installed; its runs are refused");
                     state.tools.mark_missing(&spec.program, reason.clone(), now);
                     return Err(Refused::MissingTool {
