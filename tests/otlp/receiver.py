@@ -13,12 +13,16 @@ one JSON line per request to --out:
                     "values": [..], "attributes": {...}}]}]}],
    "errors": ["..."], "bytes": N, "metadata": {...}}
 
+"bytes" is the request's uncompressed protobuf size; "gzip_bytes" is its size
+gzipped at level 6, the level tonic's gzip uses on the wire (bench/agent_outage.py).
+
 Modes: ok (default), reject (--code NAME: every call fails with that status),
 stall (--stall SECONDS before answering). --token T requires the header
 `authorization: Bearer T` (else UNAUTHENTICATED). --tls-cert/--tls-key serve TLS.
 Prints "LISTENING <port>" once ready. Stops on SIGTERM.
 """
 import argparse
+import gzip
 import json
 import signal
 import sys
@@ -166,6 +170,7 @@ class Servicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
         line = json.dumps({
             "status": status,
             "bytes": request.ByteSize(),
+            "gzip_bytes": len(gzip.compress(request.SerializeToString(), compresslevel=6)),
             "metadata": {k: v for k, v in md.items() if not k.startswith("grpc-")},
             "resources": resources,
             "errors": errors,
