@@ -55,7 +55,7 @@ TARGET_RSS_MIB = 64.0
 # over the last half of the outage (1 MiB per 16 minutes).
 DEFAULT_FLAT_KIB_PER_MIN = 64.0
 # Agent defaults, used when `profiler agent --help` cannot be read.
-FALLBACK_DEFAULTS = {"interval": 15, "queue-kib": 32768, "shutdown-timeout": 10, "frequency": 97}
+FALLBACK_DEFAULTS = {"interval": 15, "queue-kib": 20480, "shutdown-timeout": 10, "frequency": 97}
 
 VERBOSE = False
 

@@ -325,7 +325,7 @@ mod tests {
         assert_eq!(a.headers, vec!["a=b", "c=d"]);
         assert_eq!(
             (a.interval, a.queue_kib, a.max_request_kib),
-            (5, 32768, 4096)
+            (5, 20480, 4096)
         );
     }
 

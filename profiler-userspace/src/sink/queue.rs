@@ -15,9 +15,11 @@ use std::{
 
 use tokio::sync::Notify;
 
-/// Default bound: 32 MiB of encoded requests (~30 minutes of a busy 2-CPU host at
-/// 97 Hz, measured at ~15 KiB per 15 s interval... see bench/agent_outage.py).
-pub const DEFAULT_QUEUE_BYTES: usize = 32 << 20;
+/// Default bound: 20 MiB of encoded requests. With ~2 900 distinct stacks per 15 s
+/// interval on 2 CPUs (bench/agent_outage.py: ~78 KiB per interval) that holds ~65
+/// minutes of outage, and the agent's RSS with the queue full stays under 64 MiB
+/// (~40 MiB without it). Memory: this much, plus per-request overhead.
+pub const DEFAULT_QUEUE_BYTES: usize = 20 << 20;
 
 /// What happens when an item does not fit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
