@@ -20,6 +20,16 @@ fn tool(var: &str) -> PathBuf {
     path
 }
 
+/// The real interpreter behind `python3` (PATH may hold a pyenv shim, a shell script
+/// that costs more to start than Python itself).
+fn python_executable() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 is installed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 fn programs_dir() -> PathBuf {
     crate_dir().join("programs")
 }
@@ -52,6 +62,7 @@ fn spawn(cmd: &mut Command) -> KillOnDrop {
 /// process, beside the interpreter's native frames from eBPF.
 #[test]
 fn python_chain_from_py_spy() {
+    let _cpu = cpu_heavy_lock();
     let target = spawn(
         Command::new("python3")
             .arg(programs_dir().join("chain.py"))
@@ -81,6 +92,7 @@ fn python_chain_from_py_spy() {
 /// rbspy's stacks of a Ruby program arrive root first, marked `_[rb]`.
 #[test]
 fn ruby_chain_from_rbspy() {
+    let _cpu = cpu_heavy_lock();
     let target = spawn(
         Command::new("ruby")
             .arg(programs_dir().join("chain.rb"))
@@ -100,6 +112,7 @@ fn ruby_chain_from_rbspy() {
 /// the whole chain in order.
 #[test]
 fn java_jit_frames_named_through_jattach() {
+    let _cpu = cpu_heavy_lock();
     let classes = tempfile::tempdir().unwrap();
     let status = Command::new("javac")
         .arg("-d")
@@ -146,6 +159,7 @@ fn java_jit_frames_named_through_jattach() {
 /// Node with --perf-basic-prof: its JIT frames are named from the perf map it writes.
 #[test]
 fn node_jit_frames_named_from_perf_map() {
+    let _cpu = cpu_heavy_lock();
     // node writes an isolate-*.log into its working directory: keep it out of ours.
     let cwd = tempfile::tempdir().unwrap();
     let target = spawn(
@@ -211,6 +225,7 @@ fn missing_tool_is_one_note_and_native_still_works() {
 /// with the chain in order, in the Python process's resource.
 #[test]
 fn agent_exports_python_frames_over_otlp() {
+    let _cpu = cpu_heavy_lock();
     let receiver = Receiver::start(0, &[]);
     let target = spawn(
         Command::new("python3")
@@ -293,10 +308,14 @@ fn children_and_threads(pid: u32) -> (usize, usize) {
 /// a round are counted and wait their turn; after SIGTERM no child is left.
 #[test]
 fn many_python_processes_stay_within_the_child_cap() {
+    let _cpu = cpu_heavy_lock();
     // Mostly asleep, so 200 of them do not starve the other tests of CPU.
+    let python = python_executable();
     let targets: Vec<KillOnDrop> = (0..200)
         .map(|_| {
-            spawn(Command::new("python3").args([
+            // -S: no site import, half the start-up CPU.
+            spawn(Command::new(&python).args([
+                "-S",
                 "-c",
                 "import time\nwhile True: sum(range(20000)); time.sleep(0.5)",
             ]))

@@ -20,9 +20,13 @@ pub fn crate_dir() -> &'static Path {
 }
 
 /// Compiles `programs/NAME.c` with frame pointers and symbols; returns the binary.
-/// Each binary is built once per test run.
+/// Each binary is built once per test run: under a lock, since two tests building
+/// the same one at once would replace the file a running program was started from
+/// (its path then reads `... (deleted)` in /proc).
 pub fn program(name: &str) -> PathBuf {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _building = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
     let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
     let out = dir.path().join(name);
     if !out.exists() {
@@ -44,7 +48,9 @@ pub fn program(name: &str) -> PathBuf {
 /// A copy of `programs/NAME.c`'s binary under another file name, so its processes
 /// have their own name (comm) and cannot be confused with other tests' processes.
 pub fn program_named(name: &str, as_name: &str) -> PathBuf {
+    static COPYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let copy = program(name).with_file_name(as_name);
+    let _copying = COPYING.lock().unwrap_or_else(|p| p.into_inner());
     if !copy.exists() {
         let tmp = copy.with_extension(format!("copy.{:?}", std::thread::current().id()));
         std::fs::copy(program(name), &tmp).expect("copy program");
@@ -229,6 +235,14 @@ pub fn pprof_stacks(p: &proto::Profile) -> Vec<PprofSample> {
             }
         })
         .collect()
+}
+
+/// Serializes the tests that load the CPU heavily (200 processes at once) with the
+/// tests that need their program to get CPU time in a short window: on a 2-core
+/// CI machine the first starves the second.
+pub fn cpu_heavy_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Gives a started program time to exec before it is profiled.
