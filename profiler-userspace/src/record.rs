@@ -222,8 +222,9 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     }
     let interpreted = match round {
         Some(round) => {
-            if config.progress && !interrupted {
-                eprintln!("waiting for the runtime profilers...");
+            let live = profilers.supervisor().live();
+            if config.progress && !interrupted && live > 0 {
+                eprintln!("waiting for {live} runtime profiler(s) to finish...");
             }
             round.wait().await
         }
