@@ -336,10 +336,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                 interval_start = now;
                 stats.cycles.fetch_add(1, Ordering::Relaxed);
                 let pids = if config.pids.is_empty() {
-                    let mut pids: Vec<u32> = aggregate.tgids().collect();
-                    pids.sort_unstable();
-                    pids.dedup();
-                    pids
+                    aggregate.distinct_tgids()
                 } else {
                     config.pids.clone()
                 };

@@ -204,6 +204,14 @@ impl Aggregator {
             .map(|((tgid, thread), n)| (*tgid, thread, *n))
     }
 
+    /// The processes with samples in this interval, each once, in ascending order.
+    pub fn distinct_tgids(&self) -> Vec<u32> {
+        let mut tgids: Vec<u32> = self.tgids().collect();
+        tgids.sort_unstable();
+        tgids.dedup();
+        tgids
+    }
+
     /// Processes that have at least one sample in this interval.
     pub fn tgids(&self) -> impl Iterator<Item = u32> + '_ {
         self.table

@@ -112,13 +112,7 @@ pub fn runtime_config(args: RuntimeArgs, frequency_hz: u64) -> Result<RuntimeCon
             "php" => &[Runtime::Php],
             "java" => &[Runtime::Java],
             "node" => &[Runtime::Node],
-            "all" => &[
-                Runtime::Python,
-                Runtime::Ruby,
-                Runtime::Php,
-                Runtime::Java,
-                Runtime::Node,
-            ],
+            "all" => &Runtime::ALL,
             "none" | "" => &[],
             other => return Err(ConfigError::Runtime(other.to_string())),
         };

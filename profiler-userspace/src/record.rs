@@ -230,13 +230,11 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         }
         None => vec![],
     };
-    let mut tgids: Vec<u32> = aggregate.tgids().collect();
-    tgids.sort_unstable();
-    tgids.dedup();
+    let tgids = aggregate.distinct_tgids();
     // JVMs write their perf map now, covering the code that ran (after Ctrl-C the
     // supervisor is already shut down: maps already on disk are still read).
     if !interrupted {
-        if let Some(jit) = profilers.refresh_jit(tgids) {
+        if let Some(jit) = profilers.refresh_jit(tgids.clone()) {
             jit.wait().await;
         }
     }
@@ -259,7 +257,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         eprintln!(
             "symbolizing {} stacks from {} processes...",
             aggregate.len(),
-            aggregate.tgids().collect::<HashSet<_>>().len()
+            tgids.len()
         );
     }
     let meta = IntervalMeta {

@@ -48,7 +48,7 @@ use crate::{
         rbspy::{self, RbSpyRecord},
         InterpretedSamples, ParseLimits, Parsed, Runtime,
     },
-    supervise::{ChildSpec, Refused, Supervisor, SupervisorConfig},
+    supervise::{probe_tool, ChildHandle, ChildSpec, Refused, Supervisor, SupervisorConfig},
 };
 
 /// Processes whose runtime is remembered between rounds (~200 bytes each with their
@@ -118,13 +118,7 @@ impl RuntimeConfig {
     /// Every runtime, tools from PATH, at `rate_hz`.
     pub fn all(rate_hz: u32) -> Self {
         RuntimeConfig {
-            runtimes: vec![
-                Runtime::Python,
-                Runtime::Ruby,
-                Runtime::Php,
-                Runtime::Java,
-                Runtime::Node,
-            ],
+            runtimes: Runtime::ALL.to_vec(),
             rate_hz,
             max_children: DEFAULT_MAX_CHILDREN,
             tools: ToolPaths::default(),
@@ -159,8 +153,8 @@ impl RuntimeConfig {
             .iter()
             .filter_map(|&r| {
                 let tool = self.tool(r)?;
-                find_program(tool)
-                    .is_none()
+                probe_tool(tool)
+                    .is_err()
                     .then(|| format!("{} for {r}{}", tool.display(), install_hint(r)))
             })
             .collect();
@@ -181,23 +175,6 @@ fn install_hint(runtime: Runtime) -> &'static str {
         Runtime::Java => " (apt-get install jattach)",
         Runtime::Node => "",
     }
-}
-
-/// `program` itself if it has a slash, else the first match in PATH; must be an
-/// executable file.
-pub fn find_program(program: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let executable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
-    if program.components().count() > 1 {
-        return executable(program).then(|| program.to_path_buf());
-    }
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(program))
-            .find(|p| executable(p))
-    })
 }
 
 /// Counters of the runtime profilers (the supervisor counts its children itself).
@@ -443,6 +420,29 @@ impl Shared {
         out
     }
 
+    /// Starts `spec`, waiting for a free slot until `latest_start`. `None`: no slot
+    /// came free in time; `Some(Err)`: refused for another reason (the supervisor
+    /// counts it).
+    async fn start_by(
+        &self,
+        spec: &ChildSpec,
+        latest_start: Instant,
+    ) -> Option<Result<ChildHandle, Refused>> {
+        loop {
+            if Instant::now() > latest_start {
+                return None;
+            }
+            match self.supervisor.start(spec.clone()) {
+                Err(Refused::AtCapacity) => {
+                    let _ =
+                        tokio::time::timeout_at(latest_start, self.supervisor.capacity_available())
+                            .await;
+                }
+                other => return Some(other),
+            }
+        }
+    }
+
     fn output_path(&self, runtime: Runtime, pid: u32, suffix: &str) -> PathBuf {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         self.scratch
@@ -601,34 +601,28 @@ async fn round(
     // A run may start while its sampling still ends inside the window (with a
     // tolerance for the time classification took).
     let run_time = Duration::from_secs(secs).saturating_sub(Duration::from_millis(500));
+    let latest_start = end.checked_sub(run_time).unwrap_or_else(Instant::now);
 
     let mut runs = tokio::task::JoinSet::new();
     // Targets given their turn: run, refused, or nothing to run.
     let mut started = 0usize;
     let total = targets.len();
-    'targets: for target in targets {
+    for target in targets {
         let Some(run) = plan(&shared, target, secs) else {
             started += 1;
             continue;
         };
-        let handle = loop {
-            if Instant::now() + run_time > end {
-                break 'targets; // no time left in this round: the rest wait
-            }
-            match shared.supervisor.start(run.spec.clone()) {
-                Ok(handle) => break Some(handle),
-                Err(Refused::AtCapacity) => {
-                    let _ =
-                        tokio::time::timeout_at(end, shared.supervisor.capacity_available()).await;
-                }
-                Err(_) => {
-                    shared.stats.runs_refused.fetch_add(1, Ordering::Relaxed);
-                    break None;
-                }
+        let handle = match shared.start_by(&run.spec, latest_start).await {
+            // No time left in this round: the rest wait.
+            None => break,
+            Some(Ok(handle)) => handle,
+            Some(Err(_)) => {
+                shared.stats.runs_refused.fetch_add(1, Ordering::Relaxed);
+                started += 1;
+                continue;
             }
         };
         started += 1;
-        let Some(handle) = handle else { continue };
         shared.stats.runs.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         runs.spawn(async move {
@@ -687,17 +681,7 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
             deadline: JATTACH_DEADLINE,
             env: vec![],
         };
-        let handle = loop {
-            match shared.supervisor.start(spec.clone()) {
-                Ok(handle) => break Some(handle),
-                Err(Refused::AtCapacity) if Instant::now() < end => {
-                    let _ =
-                        tokio::time::timeout_at(end, shared.supervisor.capacity_available()).await;
-                }
-                Err(_) => break None,
-            }
-        };
-        let Some(handle) = handle else {
+        let Some(Ok(handle)) = shared.start_by(&spec, end).await else {
             shared
                 .stats
                 .jit_refresh_failures
@@ -783,9 +767,9 @@ mod tests {
     /// runtime that needs it.
     #[test]
     fn missing_tools_are_named() {
-        assert!(find_program(Path::new("sh")).is_some());
-        assert!(find_program(Path::new("/bin/sh")).is_some());
-        assert!(find_program(Path::new("no-such-tool-here")).is_none());
+        assert!(probe_tool(Path::new("sh")).is_ok());
+        assert!(probe_tool(Path::new("/bin/sh")).is_ok());
+        assert!(probe_tool(Path::new("no-such-tool-here")).is_err());
         let mut config = RuntimeConfig::all(97);
         config.tools.py_spy = "no-such-py-spy".into();
         let missing = config.missing_tools().unwrap();

@@ -65,6 +65,15 @@ pub enum Runtime {
 }
 
 impl Runtime {
+    /// Every runtime, in the order they are listed to users.
+    pub const ALL: [Runtime; 5] = [
+        Runtime::Python,
+        Runtime::Ruby,
+        Runtime::Php,
+        Runtime::Java,
+        Runtime::Node,
+    ];
+
     /// Lower-case name, for labels and messages.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -169,7 +169,7 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Finds `program` the way exec will: a name with a `/` is used as is, a bare name
 /// is searched in `path`. Returns why it cannot be run.
-fn probe(program: &Path, path: Option<&OsStr>) -> Result<(), String> {
+pub(super) fn probe(program: &Path, path: Option<&OsStr>) -> Result<(), String> {
     if program.as_os_str().is_empty() {
         return Err("the program name is empty".to_owned());
     }

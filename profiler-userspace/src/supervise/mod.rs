@@ -30,6 +30,12 @@ use std::{
 use tokio::sync::{oneshot, watch};
 
 pub use keys::{MAX_KEY_HISTORY, MAX_TOOLS};
+
+/// Whether `program` can be run as [`Supervisor::start`] would run it (a path, or a
+/// bare name searched in our PATH); the error says why not.
+pub fn probe_tool(program: &std::path::Path) -> Result<(), String> {
+    keys::probe(program, std::env::var_os("PATH").as_deref())
+}
 pub use run::READ_CHUNK;
 pub use stats::{StatsSnapshot, SupervisorStats};
 
