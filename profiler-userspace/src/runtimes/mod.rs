@@ -237,6 +237,48 @@ pub(crate) trait LineParser {
     fn finish(self) -> Parsed;
 }
 
+/// One line of a one-sample-per-line format, parsed: thread, frames root first, count.
+pub(crate) type StackLine = (Option<String>, Vec<InterpFrame>, u64);
+
+/// The [`LineParser`] of formats with one stack per line (py-spy raw, rbspy
+/// collapsed): blank lines are skipped, a line `parse_line` rejects (or one too long
+/// to read) is counted as malformed, the rest go to a bounded [`StackTable`].
+pub(crate) struct StackLineParser<F> {
+    table: StackTable,
+    malformed: u64,
+    parse_line: F,
+}
+
+impl<F: FnMut(&str) -> Option<StackLine>> StackLineParser<F> {
+    pub(crate) fn new(limits: &ParseLimits, parse_line: F) -> Self {
+        StackLineParser {
+            table: StackTable::new(*limits),
+            malformed: 0,
+            parse_line,
+        }
+    }
+}
+
+impl<F: FnMut(&str) -> Option<StackLine>> LineParser for StackLineParser<F> {
+    fn line(&mut self, line: Line<'_>) {
+        let Line::Text(text) = line else {
+            self.malformed += 1;
+            return;
+        };
+        if text.trim().is_empty() {
+            return;
+        }
+        match (self.parse_line)(text) {
+            Some((thread, frames, count)) => self.table.add(thread, frames, count),
+            None => self.malformed += 1,
+        }
+    }
+
+    fn finish(self) -> Parsed {
+        self.table.finish(self.malformed, 0)
+    }
+}
+
 /// Feeds every line of `input` to `parser` (a final empty segment after the last
 /// newline is not a line).
 pub(crate) fn parse_bytes<P: LineParser>(mut parser: P, input: &[u8], max_line: usize) -> Parsed {

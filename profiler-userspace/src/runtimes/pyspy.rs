@@ -16,8 +16,8 @@
 use std::{ffi::OsString, path::Path};
 
 use super::{
-    parse_bytes, parse_file, split_folded, InterpFrame, Line, LineParser, OutputError, ParseLimits,
-    Parsed, StackTable,
+    parse_bytes, parse_file, split_folded, InterpFrame, OutputError, ParseLimits, Parsed,
+    StackLine, StackLineParser,
 };
 
 /// The executable's name.
@@ -93,55 +93,23 @@ impl PySpyRecord<'_> {
 
 /// Parses raw output held in memory; garbage lines are skipped and counted.
 pub fn parse(input: &[u8], limits: &ParseLimits) -> Parsed {
-    parse_bytes(RawParser::new(limits), input, limits.max_line_bytes)
+    parse_bytes(
+        StackLineParser::new(limits, parse_line),
+        input,
+        limits.max_line_bytes,
+    )
 }
 
 /// Parses the raw output file py-spy wrote, one line in memory at a time.
 pub fn read_output(path: &Path, limits: &ParseLimits) -> Result<Parsed, PySpyError> {
     Ok(parse_file(
-        RawParser::new(limits),
+        StackLineParser::new(limits, parse_line),
         path,
         limits.max_line_bytes,
     )?)
 }
 
-struct RawParser {
-    table: StackTable,
-    malformed: u64,
-}
-
-impl RawParser {
-    fn new(limits: &ParseLimits) -> Self {
-        RawParser {
-            table: StackTable::new(*limits),
-            malformed: 0,
-        }
-    }
-}
-
-impl LineParser for RawParser {
-    fn line(&mut self, line: Line<'_>) {
-        let Line::Text(text) = line else {
-            self.malformed += 1;
-            return;
-        };
-        if text.trim().is_empty() {
-            return;
-        }
-        match parse_line(text) {
-            Some((thread, frames, count)) => self.table.add(thread, frames, count),
-            None => self.malformed += 1,
-        }
-    }
-
-    fn finish(self) -> Parsed {
-        self.table.finish(self.malformed, 0)
-    }
-}
-
-type ParsedLine = (Option<String>, Vec<InterpFrame>, u64);
-
-fn parse_line(text: &str) -> Option<ParsedLine> {
+fn parse_line(text: &str) -> Option<StackLine> {
     let (stack, count) = split_folded(text)?;
     let mut frames = Vec::new();
     let mut thread = None;

@@ -16,8 +16,8 @@
 use std::{ffi::OsString, path::Path};
 
 use super::{
-    parse_bytes, parse_file, split_folded, InterpFrame, Line, LineParser, OutputError, ParseLimits,
-    Parsed, StackTable,
+    parse_bytes, parse_file, split_folded, InterpFrame, OutputError, ParseLimits, Parsed,
+    StackLine, StackLineParser,
 };
 
 /// The executable's name.
@@ -96,54 +96,27 @@ impl RbSpyRecord<'_> {
 
 /// Parses collapsed output held in memory; garbage lines are skipped and counted.
 pub fn parse(input: &[u8], limits: &ParseLimits) -> Parsed {
-    parse_bytes(CollapsedParser::new(limits), input, limits.max_line_bytes)
+    parse_bytes(
+        StackLineParser::new(limits, parse_line),
+        input,
+        limits.max_line_bytes,
+    )
 }
 
 /// Parses the collapsed file rbspy wrote, one line in memory at a time.
 pub fn read_output(path: &Path, limits: &ParseLimits) -> Result<Parsed, RbSpyError> {
     Ok(parse_file(
-        CollapsedParser::new(limits),
+        StackLineParser::new(limits, parse_line),
         path,
         limits.max_line_bytes,
     )?)
 }
 
-struct CollapsedParser {
-    table: StackTable,
-    malformed: u64,
-}
-
-impl CollapsedParser {
-    fn new(limits: &ParseLimits) -> Self {
-        CollapsedParser {
-            table: StackTable::new(*limits),
-            malformed: 0,
-        }
-    }
-}
-
-impl LineParser for CollapsedParser {
-    fn line(&mut self, line: Line<'_>) {
-        let Line::Text(text) = line else {
-            self.malformed += 1;
-            return;
-        };
-        if text.trim().is_empty() {
-            return;
-        }
-        let parsed = split_folded(text).and_then(|(stack, count)| {
-            let frames = stack.split(';').map(frame).collect::<Option<Vec<_>>>()?;
-            Some((frames, count))
-        });
-        match parsed {
-            Some((frames, count)) => self.table.add(None, frames, count),
-            None => self.malformed += 1,
-        }
-    }
-
-    fn finish(self) -> Parsed {
-        self.table.finish(self.malformed, 0)
-    }
+/// One collapsed line: frames root first and the count; no thread.
+fn parse_line(text: &str) -> Option<StackLine> {
+    let (stack, count) = split_folded(text)?;
+    let frames = stack.split(';').map(frame).collect::<Option<Vec<_>>>()?;
+    Some((None, frames, count))
 }
 
 /// `NAME - PATH:LINE` or `NAME - PATH`.
