@@ -14,45 +14,11 @@ const CHAIN_LEAF_FIRST: [&str; 5] = [
     "main",
 ];
 
-/// Every request the receiver decoded had all dictionary indices resolving.
-fn assert_well_formed(requests: &[Value]) {
-    for r in requests {
-        assert_eq!(
-            r["errors"],
-            Value::Array(vec![]),
-            "dictionary problems: {r}"
-        );
-    }
-}
-
-/// (resource attributes, profile) of every profile received, for one pid.
-fn profiles_of(requests: &[Value], pid: u32) -> Vec<(Value, Value)> {
-    let mut out = vec![];
-    for r in requests.iter().filter(|r| r["status"] == "OK") {
-        for res in r["resources"].as_array().unwrap() {
-            if res["attributes"]["process.pid"] == pid {
-                for p in res["profiles"].as_array().unwrap() {
-                    out.push((res["attributes"].clone(), p.clone()));
-                }
-            }
-        }
-    }
-    out
-}
-
 fn samples_with_chain(profiles: &[(Value, Value)]) -> i64 {
     profiles
         .iter()
         .flat_map(|(_, p)| p["samples"].as_array().unwrap())
-        .filter(|s| {
-            let frames: Vec<String> = s["frames"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| f.as_str().unwrap().to_string())
-                .collect();
-            contains_chain(&frames, &CHAIN_LEAF_FIRST)
-        })
+        .filter(|s| contains_chain(&sample_strings(s, "frames"), &CHAIN_LEAF_FIRST))
         .map(|s| s["values"][0].as_i64().unwrap())
         .sum()
 }
@@ -90,7 +56,7 @@ fn exports_known_chain_with_resource_attributes() {
     );
     assert_well_formed(&requests);
 
-    let profiles = profiles_of(&requests, target.pid());
+    let profiles = otlp_profiles_of(&requests, target.pid());
     assert!(
         !profiles.is_empty(),
         "no profile for the target: {requests:?}"

@@ -9,7 +9,6 @@ use std::{
 };
 
 use profiler_tests::*;
-use serde_json::Value;
 
 /// A tool `cargo xtask test` installs, from the environment variable it sets.
 fn tool(var: &str) -> PathBuf {
@@ -252,32 +251,15 @@ fn agent_exports_python_frames_over_otlp() {
         .terminate(Duration::from_secs(20))
         .expect("agent exits");
     assert!(status.success(), "{}", agent.log());
+    assert_well_formed(&requests);
     let mut python_samples = 0;
-    for r in requests.iter().filter(|r| r["status"] == "OK") {
-        assert_eq!(r["errors"], Value::Array(vec![]), "{r}");
-        for res in r["resources"].as_array().unwrap() {
-            if res["attributes"]["process.pid"] != target.pid() {
-                continue;
-            }
-            for p in res["profiles"].as_array().unwrap() {
-                for s in p["samples"].as_array().unwrap() {
-                    let frames: Vec<String> = s["frames"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|f| f.as_str().unwrap().to_string())
-                        .collect();
-                    let types: Vec<&str> = s["frame_types"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|t| t.as_str().unwrap())
-                        .collect();
-                    if contains_chain(&frames, &["py_inner", "py_middle", "py_outer"]) {
-                        assert!(types.iter().all(|t| *t == "cpython"), "{types:?}");
-                        python_samples += s["values"][0].as_i64().unwrap();
-                    }
-                }
+    for (_, p) in otlp_profiles_of(&requests, target.pid()) {
+        for s in p["samples"].as_array().unwrap() {
+            let frames = sample_strings(s, "frames");
+            let types = sample_strings(s, "frame_types");
+            if contains_chain(&frames, &["py_inner", "py_middle", "py_outer"]) {
+                assert!(types.iter().all(|t| t == "cpython"), "{types:?}");
+                python_samples += s["values"][0].as_i64().unwrap();
             }
         }
     }

@@ -369,6 +369,45 @@ impl Receiver {
 }
 
 /// A `profiler agent` child with its stderr (the log) captured to a file.
+/// Every request the OTLP receiver decoded had all dictionary indices resolving.
+pub fn assert_well_formed(requests: &[serde_json::Value]) {
+    for r in requests {
+        assert_eq!(
+            r["errors"],
+            serde_json::Value::Array(vec![]),
+            "dictionary problems: {r}"
+        );
+    }
+}
+
+/// (resource attributes, profile) of every profile the receiver accepted, for one pid.
+pub fn otlp_profiles_of(
+    requests: &[serde_json::Value],
+    pid: u32,
+) -> Vec<(serde_json::Value, serde_json::Value)> {
+    let mut out = vec![];
+    for r in requests.iter().filter(|r| r["status"] == "OK") {
+        for res in r["resources"].as_array().unwrap() {
+            if res["attributes"]["process.pid"] == pid {
+                for p in res["profiles"].as_array().unwrap() {
+                    out.push((res["attributes"].clone(), p.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A list of strings of a received sample: `frames` (leaf first) or `frame_types`.
+pub fn sample_strings(sample: &serde_json::Value, key: &str) -> Vec<String> {
+    sample[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect()
+}
+
 pub struct Agent {
     pub child: KillOnDrop,
     pub log: PathBuf,
