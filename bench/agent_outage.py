@@ -42,6 +42,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import benchlib
+from benchlib import forget, kill, kill_all_children, log, median, read_text, spawn, vlog
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 NCPU = os.sysconf("SC_NPROCESSORS_ONLN")
@@ -57,62 +60,9 @@ DEFAULT_FLAT_KIB_PER_MIN = 64.0
 # Agent defaults, used when `profiler agent --help` cannot be read.
 FALLBACK_DEFAULTS = {"interval": 15, "queue-kib": 20480, "shutdown-timeout": 10, "frequency": 97}
 
-VERBOSE = False
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def vlog(msg):
-    if VERBOSE:
-        log(msg)
-
 
 class RunError(Exception):
     """Something crashed: the agent, the receiver or the workload."""
-
-
-# --------------------------------------------------------------------------
-# Children: everything we start is tracked so every exit path can kill it.
-
-_children = []
-_children_lock = threading.Lock()
-
-
-def spawn(cmd, **kw):
-    vlog("$ " + " ".join(str(c) for c in cmd))
-    p = subprocess.Popen([str(c) for c in cmd], start_new_session=True, **kw)
-    with _children_lock:
-        _children.append(p)
-    return p
-
-
-def forget(p):
-    with _children_lock:
-        if p in _children:
-            _children.remove(p)
-
-
-def kill(p):
-    """SIGKILL p's process group (its own session: pid == pgid) and reap it."""
-    if p.returncode is None:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            p.wait(timeout=10)
-        except Exception:
-            pass
-    forget(p)
-
-
-def kill_all_children():
-    with _children_lock:
-        procs = list(_children)
-    for p in procs:
-        kill(p)
 
 
 def alive(p):
@@ -165,14 +115,6 @@ def stop(p, sig, timeout):
 
 # --------------------------------------------------------------------------
 # /proc readers
-
-def read_text(path):
-    try:
-        with open(path, "r") as f:
-            return f.read()
-    except OSError:
-        return None
-
 
 def parse_kv_kib(text):
     """`Key:   123 kB` lines (status, smaps_rollup) -> {key: KiB}; other lines ignored."""
@@ -371,11 +313,6 @@ def tail(path, n=15):
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def slope_per_min(points):
@@ -1025,9 +962,8 @@ def benchmark(args, tmp, results):
 
 
 def main():
-    global VERBOSE
     args = parse_args()
-    VERBOSE = args.verbose
+    benchlib.VERBOSE = args.verbose
     sys.stdout.reconfigure(line_buffering=True)
     if os.geteuid() != 0:
         log("agent_outage.py needs root (the agent loads BPF programs; /proc/PID/io)")

@@ -27,13 +27,15 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+import benchlib
+from benchlib import forget, kill_all_children, log, median, read_text, spawn, vlog
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -50,57 +52,9 @@ TARGET_BPF_NS_RATIO = 0.5
 TARGET_RSS_MIB = 40.0
 TARGET_MAPS_MIB = 32.0
 
-VERBOSE = False
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def vlog(msg):
-    if VERBOSE:
-        log(msg)
-
 
 class RunError(Exception):
     """A run crashed: the profiler or the workload did not behave."""
-
-
-# --------------------------------------------------------------------------
-# Children: everything we start is tracked so every exit path can kill it.
-
-_children = []
-_children_lock = threading.Lock()
-
-
-def spawn(cmd, **kw):
-    p = subprocess.Popen(cmd, start_new_session=True, **kw)
-    with _children_lock:
-        _children.append(p)
-    return p
-
-
-def forget(p):
-    with _children_lock:
-        if p in _children:
-            _children.remove(p)
-
-
-def kill_all_children():
-    with _children_lock:
-        procs = list(_children)
-        _children.clear()
-    for p in procs:
-        if p.returncode is not None:
-            continue
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # own session: pid == pgid
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            p.wait(timeout=5)
-        except Exception:
-            pass
 
 
 def reap(p, timeout):
@@ -122,14 +76,6 @@ def reap(p, timeout):
 
 # --------------------------------------------------------------------------
 # /proc readers
-
-def read_text(path):
-    try:
-        with open(path, "r") as f:
-            return f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
-        return None
-
 
 def parse_stat(text):
     """(ppid, utime+stime+cutime+cstime ticks) from /proc/PID/stat text."""
@@ -523,7 +469,7 @@ def profiled_run(prof, args, exe, tmp, tag, hz, duration):
             kill_all_children()
 
     err_tail = tail(err_path, 15)
-    if VERBOSE:
+    if benchlib.VERBOSE:
         log(f"  [{tag}] {prof.name} exited with {code} {t_exit - t_stop:.2f} s after SIGINT; stderr tail:")
         for line in err_tail:
             log("    | " + line)
@@ -587,11 +533,6 @@ def profiled_run(prof, args, exe, tmp, tag, hz, duration):
 
 # --------------------------------------------------------------------------
 # Statistics and report
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
 
 def pct_diff(a, b):
     """|a - b| as % of their mean."""
@@ -932,9 +873,8 @@ def benchmark(args, tmp, results):
 
 
 def main():
-    global VERBOSE
     args = parse_args()
-    VERBOSE = args.verbose
+    benchlib.VERBOSE = args.verbose
     sys.stdout.reconfigure(line_buffering=True)
     if os.geteuid() != 0:
         log("overhead.py needs root (perf -a, bpftrace, BPF stats, /proc/PID/fdinfo)")

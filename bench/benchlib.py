@@ -1,0 +1,84 @@
+"""What the benchmark scripts share: logging, the children they start (tracked so
+every exit path can kill them), and tolerant /proc reads.
+
+Imported by bench/overhead.py and bench/agent_outage.py (run from any directory:
+Python puts the script's own directory on sys.path).
+"""
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+
+# Set from the script's --verbose.
+VERBOSE = False
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def vlog(msg):
+    if VERBOSE:
+        log(msg)
+
+
+# --------------------------------------------------------------------------
+# Children: everything we start is tracked so every exit path can kill it.
+
+_children = []
+_children_lock = threading.Lock()
+
+
+def spawn(cmd, **kw):
+    """Starts `cmd` in its own session (its pid is its process group) and tracks it."""
+    vlog("$ " + " ".join(str(c) for c in cmd))
+    p = subprocess.Popen([str(c) for c in cmd], start_new_session=True, **kw)
+    with _children_lock:
+        _children.append(p)
+    return p
+
+
+def forget(p):
+    with _children_lock:
+        if p in _children:
+            _children.remove(p)
+
+
+def kill(p):
+    """SIGKILL p's process group (its own session: pid == pgid) and reap it."""
+    if p.returncode is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(timeout=10)
+        except Exception:
+            pass
+    forget(p)
+
+
+def kill_all_children():
+    with _children_lock:
+        procs = list(_children)
+    for p in procs:
+        kill(p)
+
+
+# --------------------------------------------------------------------------
+# Reading /proc (and other files) without failing on a process that went away.
+
+def read_text(path):
+    try:
+        with open(path, "r") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
