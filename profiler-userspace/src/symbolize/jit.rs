@@ -14,7 +14,11 @@ use std::{collections::HashMap, sync::Arc};
 use super::{FrameRef, Reason};
 use crate::{
     profile::FrameKind,
-    runtimes::{detect::detect, perfmap::read_perf_map, Runtime},
+    runtimes::{
+        detect::{detect, has_perf_map},
+        perfmap::read_perf_map,
+        Runtime,
+    },
 };
 
 /// What naming JIT frames did in one interval.
@@ -61,7 +65,12 @@ pub(super) fn name_jit_frames(refs: &mut [Vec<FrameRef>], tgids: &[u32]) -> JitC
         }
     }
     for (pid, stacks) in by_pid {
-        // A process that exited, or has no perf map, keeps its frames unknown.
+        // A process that exited, or has no perf map, keeps its frames unknown. Most
+        // candidates are native code whose frame-pointer walk ran into garbage: the
+        // cheap look for a map spares them reading their mappings every interval.
+        if !has_perf_map(pid) {
+            continue;
+        }
         let Ok(target) = detect(pid) else { continue };
         let map = match read_perf_map(&target) {
             Ok(map) => map,
