@@ -9,7 +9,10 @@
 //! Must never: panic on a process that vanished or an entry we may not read (both
 //! are typed errors), or keep the mapping list (it is read, classified and dropped).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
 
 use procfs::process::{MMapPath, Process};
 
@@ -98,18 +101,26 @@ pub fn detect(pid: u32) -> Result<TargetProcess, DetectError> {
 }
 
 /// Whether process `pid` has a `/tmp/perf-PID.map`, for a fraction of what [`detect`]
-/// costs: it reads /proc/PID/status (for the namespace pid) and looks the file up
-/// through the no-symlink path the reader uses, but reads neither the mappings
-/// (thousands of lines for a JVM) nor the map. A process that is gone or unreadable
-/// has none.
+/// costs: it finds the namespace pid (see [`ns_pid`]) and looks the file up through
+/// the no-symlink path the reader uses, but reads neither the mappings (thousands of
+/// lines for a JVM) nor the map. A process that is gone or unreadable has none.
 pub fn has_perf_map(pid: u32) -> bool {
-    let Some(process) = pid_arg(pid).and_then(|p| Process::new(p).ok()) else {
-        return false;
-    };
-    let Ok(status) = process.status() else {
-        return false;
-    };
-    matches!(perf_map_stamp(pid, ns_pid_of(&status, pid)), Ok(Some(_)))
+    ns_pid(pid).is_some_and(|ns_pid| matches!(perf_map_stamp(pid, ns_pid), Ok(Some(_))))
+}
+
+/// The pid of `pid` inside its own pid namespace. A process in our namespace (most of
+/// a host) has the same number, which two readlinks tell; only one in another
+/// namespace costs a read of /proc/PID/status, which the kernel builds line by line
+/// (~15 us here, against ~2 us for the links).
+fn ns_pid(pid: u32) -> Option<u32> {
+    static OURS: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let ours = OURS.get_or_init(|| std::fs::read_link("/proc/self/ns/pid").ok());
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    if theirs.is_some() && theirs == *ours {
+        return Some(pid);
+    }
+    let status = Process::new(pid_arg(pid)?).ok()?.status().ok()?;
+    Some(ns_pid_of(&status, pid))
 }
 
 /// The pid inside the process's own pid namespace: the last `NSpid:` field.
@@ -386,6 +397,51 @@ mod tests {
         assert!(found);
         assert!(!has_perf_map(0x3fff_fff0));
         assert!(!has_perf_map(0));
+    }
+
+    /// A process in another pid namespace is looked up by the pid it has there: a
+    /// `sleep` that is pid 1 of its own namespace finds `/tmp/perf-1.map`, not the map
+    /// named by its pid here.
+    #[test]
+    fn has_perf_map_uses_the_namespace_pid() {
+        let unshare = Spawned(
+            Command::new("unshare")
+                .args(["--pid", "--fork", "--kill-child", "sleep", "10"])
+                .spawn()
+                .expect("unshare (util-linux) is needed for this test"),
+        );
+        let parent = unshare.0.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let child = loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+                    .unwrap_or_default();
+            let child = children
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok());
+            if let Some(pid) = child {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "sleep" {
+                    break pid;
+                }
+            }
+            assert!(Instant::now() < deadline, "unshare started no sleep");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(detect(child).unwrap().ns_pid, 1);
+        let host_named = format!("/tmp/perf-{child}.map");
+        std::fs::write(&host_named, "7f0000001000 10 jitted\n").unwrap();
+        let by_host_pid = has_perf_map(child);
+        std::fs::remove_file(&host_named).unwrap();
+        assert!(
+            !by_host_pid,
+            "the map named by the host pid is not the process's"
+        );
+        std::fs::write("/tmp/perf-1.map", "7f0000001000 10 jitted\n").unwrap();
+        let by_ns_pid = has_perf_map(child);
+        std::fs::remove_file("/tmp/perf-1.map").unwrap();
+        assert!(by_ns_pid);
     }
 
     /// A reaped child, and a pid that cannot exist, are `Gone`, not a panic.
