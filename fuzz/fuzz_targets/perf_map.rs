@@ -1,10 +1,12 @@
 //! Arbitrary bytes as a perf map: parsing never panics; the result is sorted, without
 //! overlaps, within its entry limit, finds every symbol at its own start, and its
-//! normalized text parses back to the same symbols.
+//! normalized text parses back to the same symbols. Scanning the same bytes for the
+//! symbols' addresses names them as the parsed map does whenever the parse kept every
+//! line (no overlaps, none over the limit, no line past the scan's line limit).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use profiler::runtimes::perfmap::PerfMap;
+use profiler::runtimes::perfmap::{scan_perf_map, PerfMap, Start, MAX_LINE_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     let map = PerfMap::parse_with_limit(data, 16);
@@ -16,6 +18,16 @@ fuzz_target!(|data: &[u8]| {
     for s in &symbols {
         assert_eq!(map.lookup(s.start), Some(s.name));
         assert_eq!(map.lookup(s.start + (s.size - 1)), Some(s.name));
+    }
+    let addrs: Vec<u64> = symbols.iter().map(|s| s.start).collect();
+    let names = scan_perf_map(data, &addrs, Start::LineStart).expect("reading a slice");
+    let kept_all = map.stats().overlapped == 0
+        && map.stats().over_limit == 0
+        && data.split(|&b| b == b'\n').all(|l| l.len() <= MAX_LINE_BYTES);
+    if kept_all {
+        for s in &symbols {
+            assert_eq!(names.get(s.start), Some(s.name), "{s:?}");
+        }
     }
     let text = map.normalized_text();
     // Bare hex, as blazesym requires.

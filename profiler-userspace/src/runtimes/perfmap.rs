@@ -255,6 +255,16 @@ fn parse_line(line: &[u8]) -> Option<(u64, u64, &str)> {
     Some((start, start.checked_add(size)?, name))
 }
 
+/// The `[start, end)` of a line, from its first two fields only.
+fn range_of(line: &[u8]) -> Option<(u64, u64)> {
+    let mut fields = line
+        .split(|&b| b == b' ' || b == b'\t')
+        .filter(|f| !f.is_empty());
+    let mut field = || hex(std::str::from_utf8(fields.next()?).ok()?);
+    let (start, size) = (field()?, field()?);
+    Some((start, start.checked_add(size)?))
+}
+
 /// Hex with or without `0x`: at most 16 digits, no sign.
 fn hex(s: &str) -> Option<u64> {
     let digits = s
@@ -265,6 +275,152 @@ fn hex(s: &str) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(digits, 16).ok()
+}
+
+/// Bytes read at a time by [`scan_perf_map`] (64 KiB, the scan's whole buffer).
+pub const SCAN_CHUNK_BYTES: usize = 64 << 10;
+/// Longest line [`scan_perf_map`] looks at (4 KiB); a longer one is skipped as
+/// malformed, so one endless line cannot grow the scan's memory.
+pub const MAX_LINE_BYTES: usize = 4 << 10;
+
+/// Where a scan's input starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// At the start of a line (the start of the file).
+    LineStart,
+    /// Somewhere in a line: everything up to the first newline is skipped.
+    MidLine,
+}
+
+/// Names found by [`scan_perf_map`] for the addresses asked for.
+#[derive(Clone, Debug, Default)]
+pub struct PerfMapNames {
+    /// The addresses asked for, sorted, without duplicates.
+    addrs: Vec<u64>,
+    /// `names[i]` names `addrs[i]`.
+    names: Vec<Option<Box<str>>>,
+    stats: PerfMapStats,
+}
+
+impl PerfMapNames {
+    /// The name of the symbol containing `addr`, if `addr` was asked for and the map
+    /// has one.
+    pub fn get(&self, addr: u64) -> Option<&str> {
+        let i = self.addrs.binary_search(&addr).ok()?;
+        self.names[i].as_deref()
+    }
+
+    /// How many of the addresses asked for were named.
+    pub fn named(&self) -> usize {
+        self.names.iter().filter(|n| n.is_some()).count()
+    }
+
+    /// What the scan skipped (`overlapped` and `over_limit` stay 0: nothing is held).
+    pub fn stats(&self) -> &PerfMapStats {
+        &self.stats
+    }
+}
+
+/// Reads perf map text from `input` and names each of `addrs` by the last line
+/// whose range contains it (the file is appended to: the later line is the newer
+/// code). Memory is one [`SCAN_CHUNK_BYTES`] buffer, one line of at most
+/// [`MAX_LINE_BYTES`], and the names found. A line that names an address asked for
+/// is checked as [`PerfMap::parse`] checks it; others only for their two hex fields
+/// (a bad name on a line nobody needs is not counted as malformed).
+pub fn scan_perf_map(
+    mut input: impl io::Read,
+    addrs: &[u64],
+    start: Start,
+) -> io::Result<PerfMapNames> {
+    let mut wanted = addrs.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut out = PerfMapNames {
+        names: vec![None; wanted.len()],
+        addrs: wanted,
+        stats: PerfMapStats::default(),
+    };
+    let mut buf = vec![0u8; SCAN_CHUNK_BYTES];
+    // The start of a line that continues into the next chunk.
+    let mut carry: Vec<u8> = Vec::new();
+    // Inside a line that is not looked at: a first partial line, or one too long.
+    let mut skipping = start == Start::MidLine;
+    let mut skipped_first = 0u64;
+    let mut first = true;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut chunk = &buf[..n];
+        while let Some(newline) = chunk.iter().position(|&b| b == b'\n') {
+            let piece = &chunk[..newline];
+            chunk = &chunk[newline + 1..];
+            if skipping {
+                if first {
+                    skipped_first += piece.len() as u64 + 1;
+                }
+                skipping = false;
+                first = false;
+                carry.clear();
+                continue;
+            }
+            first = false;
+            if carry.len() + piece.len() > MAX_LINE_BYTES {
+                out.stats.malformed_lines += 1;
+                carry.clear();
+            } else if carry.is_empty() {
+                out.scan_line(piece);
+            } else {
+                carry.extend_from_slice(piece);
+                out.scan_line(&carry);
+                carry.clear();
+            }
+        }
+        if skipping {
+            if first {
+                skipped_first += chunk.len() as u64;
+            }
+        } else if carry.len() + chunk.len() > MAX_LINE_BYTES {
+            out.stats.malformed_lines += 1;
+            carry.clear();
+            skipping = true;
+        } else {
+            carry.extend_from_slice(chunk);
+        }
+    }
+    // A last line without a newline may be half-written.
+    if !carry.is_empty() {
+        out.stats.malformed_lines += 1;
+    }
+    out.stats.skipped_bytes = skipped_first;
+    Ok(out)
+}
+
+impl PerfMapNames {
+    fn scan_line(&mut self, line: &[u8]) {
+        // Most lines name code nobody asked about: read their range and move on,
+        // without checking the name (so a bad name is counted only where it matters).
+        if let Some((start, end)) = range_of(line) {
+            let i = self.addrs.partition_point(|&a| a < start);
+            if self.addrs.get(i).is_none_or(|&a| a >= end) {
+                return;
+            }
+        }
+        match parse_line(line) {
+            Some((start, end, name)) => {
+                let mut i = self.addrs.partition_point(|&a| a < start);
+                while i < self.addrs.len() && self.addrs[i] < end {
+                    self.names[i] = Some(name.into());
+                    i += 1;
+                }
+            }
+            None if line.iter().all(u8::is_ascii_whitespace) => {}
+            None => self.stats.malformed_lines += 1,
+        }
+    }
 }
 
 /// Size, modification time and identity of a perf map, to tell whether it changed.
@@ -357,6 +513,48 @@ fn read_under_root(
     read_file_at(tmp.as_fd(), name, path, owner_uid)
 }
 
+/// Names `addrs` from the perf map of `target`, with every check in the module
+/// overview, without holding the map: the file (its last [`MAX_PERF_MAP_BYTES`]) is
+/// read in [`SCAN_CHUNK_BYTES`] pieces and only the names of the addresses asked for
+/// are kept. This is what naming JIT frames uses every interval; a long-running
+/// `node --perf-basic-prof` writes a map of tens of MiB, which [`read_perf_map`]
+/// would hold whole (~1.5x its size at peak).
+pub fn lookup_perf_map(
+    target: &TargetProcess,
+    addrs: &[u64],
+) -> Result<PerfMapNames, PerfMapError> {
+    let root = open_root(target.pid)?;
+    if !target.is_alive() {
+        return Err(PerfMapError::Gone { pid: target.pid });
+    }
+    let name = perf_map_name(target.ns_pid);
+    let path = PathBuf::from(format!("/proc/{}/root/tmp/{name}", target.pid));
+    let tmp = open_tmp(root.as_fd(), &path)?;
+    let (mut file, size) = open_file_at(tmp.as_fd(), &name, path.clone(), target.uid)?;
+    let read_error = |source| PerfMapError::Read {
+        path: path.clone(),
+        source,
+    };
+    // Past the cap, start one byte early: if that byte is a newline the first line
+    // is whole, otherwise the scan drops the partial line.
+    let from = size.saturating_sub(MAX_PERF_MAP_BYTES + 1);
+    if from > 0 {
+        file.seek(SeekFrom::Start(from)).map_err(read_error)?;
+    }
+    let mut names = scan_perf_map(
+        file.take(MAX_PERF_MAP_BYTES + 1),
+        addrs,
+        if from > 0 {
+            Start::MidLine
+        } else {
+            Start::LineStart
+        },
+    )
+    .map_err(read_error)?;
+    names.stats.skipped_bytes += from;
+    Ok(names)
+}
+
 /// The `tmp` directory under `root`, refusing a symlink (checked, and enforced by
 /// `O_NOFOLLOW` should it be swapped in after the check).
 fn open_tmp(root: BorrowedFd<'_>, path: &Path) -> Result<OwnedFd, PerfMapError> {
@@ -400,6 +598,22 @@ fn read_file_at(
     path: PathBuf,
     owner_uid: u32,
 ) -> Result<PerfMap, PerfMapError> {
+    let (mut file, size) = open_file_at(dir, name, path.clone(), owner_uid)?;
+    let (bytes, skipped) = read_tail(&mut file, size, MAX_PERF_MAP_BYTES)
+        .map_err(|source| PerfMapError::Read { path, source })?;
+    let mut map = PerfMap::parse(&bytes);
+    map.stats.skipped_bytes = skipped;
+    Ok(map)
+}
+
+/// Opens `name` in `dir` without following it, and checks type and owner on the
+/// opened file; returns it with its size.
+fn open_file_at(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    path: PathBuf,
+    owner_uid: u32,
+) -> Result<(File, u64), PerfMapError> {
     let c = c_name(name, &path)?;
     match lstat_at(dir, &c) {
         Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
@@ -424,7 +638,7 @@ fn read_file_at(
             source,
         },
     })?;
-    let mut file = File::from(fd);
+    let file = File::from(fd);
     let meta = file.metadata().map_err(|source| PerfMapError::Read {
         path: path.clone(),
         source,
@@ -439,11 +653,7 @@ fn read_file_at(
             expected: owner_uid,
         });
     }
-    let (bytes, skipped) = read_tail(&mut file, meta.len(), MAX_PERF_MAP_BYTES)
-        .map_err(|source| PerfMapError::Read { path, source })?;
-    let mut map = PerfMap::parse(&bytes);
-    map.stats.skipped_bytes = skipped;
-    Ok(map)
+    Ok((file, meta.len()))
 }
 
 /// At most `cap` bytes: the whole file, or its last `cap` bytes starting at a line.
@@ -768,5 +978,154 @@ mod tests {
             perf_map_stamp(0x3fff_fff0, 1),
             Err(PerfMapError::Gone { .. })
         ));
+    }
+
+    /// Hands out at most `step` bytes per read, so lines cross every boundary.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl io::Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(out.len()).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    /// Perf map text of `lines` adjacent symbols, with some malformed lines between.
+    fn generated_map(lines: u64) -> String {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        for i in 0..lines {
+            let _ = writeln!(
+                text,
+                "{:x} 40 LazyCompile:*fn{i} /srv/app/f{}.js:{i}:1",
+                0x1000 + i * 0x80,
+                i % 7
+            );
+            if i % 500 == 0 {
+                text.push_str("not a perf map line\n");
+            }
+        }
+        text
+    }
+
+    /// Scanning names every address as the parsed map does, with the file read whole,
+    /// in 64 KiB chunks or a few bytes at a time (lines split across reads).
+    #[test]
+    fn scan_agrees_with_the_parsed_map() {
+        let text = generated_map(3000);
+        assert!(text.len() > 2 * SCAN_CHUNK_BYTES);
+        let map = PerfMap::parse(text.as_bytes());
+        let addrs: Vec<u64> = (0..3000u64)
+            .flat_map(|i| {
+                let start = 0x1000 + i * 0x80;
+                [start, start + 0x3f, start + 0x40, start + 0x7f]
+            })
+            .chain([0, 0xfff, u64::MAX])
+            .collect();
+        for step in [usize::MAX, 4093, 7] {
+            let names = scan_perf_map(
+                Trickle {
+                    data: text.as_bytes(),
+                    step,
+                },
+                &addrs,
+                Start::LineStart,
+            )
+            .unwrap();
+            for &a in &addrs {
+                assert_eq!(names.get(a), map.lookup(a), "address {a:#x}, step {step}");
+            }
+            assert_eq!(names.named(), 2 * 3000);
+            assert_eq!(names.stats().malformed_lines, map.stats().malformed_lines);
+            assert_eq!(names.stats().malformed_lines, 6);
+        }
+    }
+
+    /// The last line that covers an address names it: the file is appended to.
+    #[test]
+    fn scan_takes_the_last_line() {
+        let text = "1000 100 old\n2000 10 other\n1080 100 new\n";
+        let names =
+            scan_perf_map(text.as_bytes(), &[0x1010, 0x1090, 0x2000], Start::LineStart).unwrap();
+        assert_eq!(names.get(0x1010), Some("old"));
+        assert_eq!(names.get(0x1090), Some("new"));
+        assert_eq!(names.get(0x2000), Some("other"));
+        assert_eq!(names.get(0x3000), None, "not asked for");
+    }
+
+    /// A line longer than MAX_LINE_BYTES is skipped and counted whether it sits in one
+    /// read or spans several, and the lines after it still count; a last line without
+    /// newline is counted as malformed.
+    #[test]
+    fn scan_skips_endless_lines() {
+        let long = format!("1000 10 {}\n", "x".repeat(3 * SCAN_CHUNK_BYTES));
+        let text = format!("2000 10 before\n{long}3000 10 after\n4000 10 half");
+        for step in [usize::MAX, 1000] {
+            let names = scan_perf_map(
+                Trickle {
+                    data: text.as_bytes(),
+                    step,
+                },
+                &[0x1000, 0x2000, 0x3000, 0x4000],
+                Start::LineStart,
+            )
+            .unwrap();
+            assert_eq!(names.get(0x1000), None, "step {step}");
+            assert_eq!(names.get(0x2000), Some("before"));
+            assert_eq!(names.get(0x3000), Some("after"));
+            assert_eq!(names.get(0x4000), None);
+            assert_eq!(names.stats().malformed_lines, 2, "step {step}");
+        }
+    }
+
+    /// Input that starts mid-line (the tail of a large file) drops the partial line
+    /// and says how many bytes it skipped.
+    #[test]
+    fn scan_from_mid_line_skips_the_partial_line() {
+        let text = "0 10 cut\n2000 10 whole\n";
+        let names = scan_perf_map(text.as_bytes(), &[0x0, 0x2000], Start::MidLine).unwrap();
+        assert_eq!(names.get(0x0), None);
+        assert_eq!(names.get(0x2000), Some("whole"));
+        assert_eq!(names.stats().skipped_bytes, 9);
+        assert_eq!(names.stats().malformed_lines, 0);
+    }
+
+    /// lookup_perf_map reads a real process's map through /proc/PID/root and refuses
+    /// one owned by another uid.
+    #[test]
+    fn lookup_reads_a_process_map() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let target = crate::runtimes::detect::detect(pid).unwrap();
+        let path = format!("/tmp/perf-{pid}.map");
+        std::fs::write(&path, "7f0000001000 100 JS:*work /srv/app.js:1:1\n").unwrap();
+        let found = lookup_perf_map(&target, &[0x7f00_0000_1010, 0x7f00_0000_2000]);
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let refused = lookup_perf_map(&target, &[0x7f00_0000_1010]);
+        std::fs::remove_file(&path).unwrap();
+        let gone = {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            lookup_perf_map(&target, &[0x7f00_0000_1010])
+        };
+        let found = found.unwrap();
+        assert_eq!(
+            found.get(0x7f00_0000_1010),
+            Some("JS:*work /srv/app.js:1:1")
+        );
+        assert_eq!(found.get(0x7f00_0000_2000), None);
+        assert!(
+            matches!(refused, Err(PerfMapError::WrongOwner { owner: 65534, .. })),
+            "{refused:?}"
+        );
+        assert!(matches!(gone, Err(PerfMapError::Gone { .. })), "{gone:?}");
     }
 }

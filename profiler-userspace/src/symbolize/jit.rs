@@ -3,9 +3,10 @@
 //! `--perf-basic-prof`; a JVM when jattach asks it, see [`crate::runtime_profilers`]).
 //!
 //! Runs between address resolution and naming: every unnamed user frame of a process
-//! that has a perf map is looked up in it. One map is read (safely, see
-//! [`crate::runtimes::perfmap`]) and held at a time, and dropped before the next
-//! process: the memory bound is one map, [`MAX_PERF_MAP_BYTES`] of file at most.
+//! that has a perf map is looked up in it. The map is scanned (safely, see
+//! [`crate::runtimes::perfmap`]), never held: the memory is one read buffer and the
+//! names of this interval's addresses, whatever the size of the file (of which at
+//! most [`MAX_PERF_MAP_BYTES`] are read).
 //!
 //! [`MAX_PERF_MAP_BYTES`]: crate::runtimes::perfmap::MAX_PERF_MAP_BYTES
 
@@ -16,7 +17,7 @@ use crate::{
     profile::FrameKind,
     runtimes::{
         detect::{detect, has_perf_map},
-        perfmap::read_perf_map,
+        perfmap::{lookup_perf_map, PerfMapError},
         Runtime,
     },
 };
@@ -72,19 +73,31 @@ pub(super) fn name_jit_frames(refs: &mut [Vec<FrameRef>], tgids: &[u32]) -> JitC
             continue;
         }
         let Ok(target) = detect(pid) else { continue };
-        let map = match read_perf_map(&target) {
-            Ok(map) => map,
-            Err(crate::runtimes::perfmap::PerfMapError::NotFound { .. })
-            | Err(crate::runtimes::perfmap::PerfMapError::Gone { .. }) => continue,
+        let addrs: Vec<u64> = stacks
+            .iter()
+            .flat_map(|&i| refs[i].iter())
+            .filter_map(|frame| match *frame {
+                FrameRef::Unknown {
+                    ip,
+                    reason: Reason::Anonymous | Reason::Unmapped,
+                    ..
+                } => Some(ip),
+                _ => None,
+            })
+            .collect();
+        let names = match lookup_perf_map(&target, &addrs) {
+            Ok(names) => names,
+            Err(PerfMapError::NotFound { .. }) | Err(PerfMapError::Gone { .. }) => continue,
             Err(_) => {
                 counts.maps_refused += 1;
                 continue;
             }
         };
         counts.maps_read += 1;
-        counts.malformed_lines += map.stats().malformed_lines;
+        counts.malformed_lines += names.stats().malformed_lines;
         let kind = kind_of(target.runtime);
-        let mut names: HashMap<u64, Option<Arc<str>>> = HashMap::new();
+        // One shared name per address, however many stacks hold it.
+        let mut shared: HashMap<u64, Option<Arc<str>>> = HashMap::new();
         for i in stacks {
             for frame in &mut refs[i] {
                 let FrameRef::Unknown {
@@ -95,9 +108,9 @@ pub(super) fn name_jit_frames(refs: &mut [Vec<FrameRef>], tgids: &[u32]) -> JitC
                 else {
                     continue;
                 };
-                let name = names
+                let name = shared
                     .entry(ip)
-                    .or_insert_with(|| map.lookup(ip).map(Arc::from))
+                    .or_insert_with(|| names.get(ip).map(Arc::from))
                     .clone();
                 if let Some(name) = name {
                     counts.named += 1;
