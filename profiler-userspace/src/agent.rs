@@ -59,6 +59,7 @@ pub struct AgentStats {
 struct CycleDone {
     samples: u64,
     stacks: usize,
+    jit: crate::symbolize::JitCounts,
     requests: Vec<(QueuedRequest, usize)>,
     oversized: u64,
     files: Option<std::io::Result<FilesWritten>>,
@@ -105,6 +106,7 @@ fn run_cycle(ctx: &CycleContext, symbolizer: &mut Symbolizer, job: Job) -> Cycle
     CycleDone {
         samples,
         stacks: profile.stacks.len(),
+        jit: profile.jit,
         requests,
         oversized,
         files,
@@ -356,6 +358,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     queued = sinks.queue.as_ref().map_or(0, |q| q.len()),
                     runtime_runs = profilers.stats().runs.load(Ordering::Relaxed),
                     runtime_children = profilers.supervisor().live(),
+                    jit_named = done.jit.named,
+                    perf_maps_read = done.jit.maps_read,
+                    perf_maps_unchanged = done.jit.maps_unchanged,
+                    perf_maps_refused = done.jit.maps_refused,
                     "cycle done"
                 );
                 sinks.deliver(&mut done, &stats);

@@ -16,7 +16,10 @@ use std::{
 
 use procfs::process::{MMapPath, Process};
 
-use super::{perfmap::perf_map_stamp, Runtime};
+use super::{
+    perfmap::{perf_map_stamp, FileStamp},
+    Runtime,
+};
 
 /// A process whose runtime was looked at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,12 +103,13 @@ pub fn detect(pid: u32) -> Result<TargetProcess, DetectError> {
     Ok(target)
 }
 
-/// Whether process `pid` has a `/tmp/perf-PID.map`, for a fraction of what [`detect`]
-/// costs: it finds the namespace pid (see [`ns_pid`]) and looks the file up through
-/// the no-symlink path the reader uses, but reads neither the mappings (thousands of
-/// lines for a JVM) nor the map. A process that is gone or unreadable has none.
-pub fn has_perf_map(pid: u32) -> bool {
-    ns_pid(pid).is_some_and(|ns_pid| matches!(perf_map_stamp(pid, ns_pid), Ok(Some(_))))
+/// The stamp of process `pid`'s `/tmp/perf-PID.map` (`None`: it has none), for a
+/// fraction of what [`detect`] costs: it finds the namespace pid (see [`ns_pid`]) and
+/// looks the file up through the no-symlink path the reader uses, but reads neither
+/// the mappings (thousands of lines for a JVM) nor the map. A process that is gone or
+/// unreadable has none.
+pub fn perf_map_of(pid: u32) -> Option<FileStamp> {
+    perf_map_stamp(pid, ns_pid(pid)?).ok().flatten()
 }
 
 /// The pid of `pid` inside its own pid namespace. A process in our namespace (most of
@@ -383,27 +387,27 @@ mod tests {
         }
     }
 
-    /// `has_perf_map` sees a map the process's namespace pid names, and nothing for a
+    /// `perf_map_of` sees a map the process's namespace pid names, and nothing for a
     /// process without one or a pid that cannot exist.
     #[test]
-    fn has_perf_map_looks_up_the_file() {
+    fn perf_map_of_looks_up_the_file() {
         let sleep = Spawned(Command::new("sleep").arg("5").spawn().unwrap());
         let pid = sleep.0.id();
-        assert!(!has_perf_map(pid));
+        assert!(perf_map_of(pid).is_none());
         let path = format!("/tmp/perf-{pid}.map");
         std::fs::write(&path, "7f0000001000 10 jitted\n").unwrap();
-        let found = has_perf_map(pid);
+        let found = perf_map_of(pid);
         std::fs::remove_file(&path).unwrap();
-        assert!(found);
-        assert!(!has_perf_map(0x3fff_fff0));
-        assert!(!has_perf_map(0));
+        assert_eq!(found.map(|stamp| stamp.size), Some(23));
+        assert!(perf_map_of(0x3fff_fff0).is_none());
+        assert!(perf_map_of(0).is_none());
     }
 
     /// A process in another pid namespace is looked up by the pid it has there: a
     /// `sleep` that is pid 1 of its own namespace finds `/tmp/perf-1.map`, not the map
     /// named by its pid here.
     #[test]
-    fn has_perf_map_uses_the_namespace_pid() {
+    fn perf_map_of_uses_the_namespace_pid() {
         let unshare = Spawned(
             Command::new("unshare")
                 .args(["--pid", "--fork", "--kill-child", "sleep", "10"])
@@ -432,14 +436,14 @@ mod tests {
         assert_eq!(detect(child).unwrap().ns_pid, 1);
         let host_named = format!("/tmp/perf-{child}.map");
         std::fs::write(&host_named, "7f0000001000 10 jitted\n").unwrap();
-        let by_host_pid = has_perf_map(child);
+        let by_host_pid = perf_map_of(child).is_some();
         std::fs::remove_file(&host_named).unwrap();
         assert!(
             !by_host_pid,
             "the map named by the host pid is not the process's"
         );
         std::fs::write("/tmp/perf-1.map", "7f0000001000 10 jitted\n").unwrap();
-        let by_ns_pid = has_perf_map(child);
+        let by_ns_pid = perf_map_of(child).is_some();
         std::fs::remove_file("/tmp/perf-1.map").unwrap();
         assert!(by_ns_pid);
     }

@@ -4,20 +4,25 @@
 //!
 //! Runs between address resolution and naming: every unnamed user frame of a process
 //! that has a perf map is looked up in it. The map is scanned (safely, see
-//! [`crate::runtimes::perfmap`]), never held: the memory is one read buffer and the
-//! names of this interval's addresses, whatever the size of the file (of which at
-//! most [`MAX_PERF_MAP_BYTES`] are read).
+//! [`crate::runtimes::perfmap`]), never held: what is kept is the names of the
+//! addresses seen, per process, while its map does not change (same size, time and
+//! inode), so a process whose JIT is at rest costs one stat per interval. Bounded by
+//! [`MAX_JIT_PROCESSES`] and [`MAX_JIT_NAMES_PER_PROCESS`]; the file read is at most
+//! [`MAX_PERF_MAP_BYTES`].
 //!
 //! [`MAX_PERF_MAP_BYTES`]: crate::runtimes::perfmap::MAX_PERF_MAP_BYTES
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{hash_map::Entry, HashMap, HashSet},
+    sync::Arc,
+};
 
 use super::{FrameRef, Reason};
 use crate::{
     profile::FrameKind,
     runtimes::{
-        detect::{detect, has_perf_map},
-        perfmap::{lookup_perf_map, PerfMapError},
+        detect::{detect, perf_map_of, TargetProcess},
+        perfmap::{lookup_perf_map, FileStamp, PerfMapError},
         Runtime,
     },
 };
@@ -33,6 +38,35 @@ pub struct JitCounts {
     pub malformed_lines: u64,
     /// Perf maps refused (symlink, wrong owner, not a regular file) or unreadable.
     pub maps_refused: u64,
+    /// Processes whose frames were all named from names kept since an earlier
+    /// interval (their map had not changed): no read.
+    pub maps_unchanged: u64,
+    /// Processes forgotten to stay within [`MAX_JIT_PROCESSES`], and processes whose
+    /// names were dropped past [`MAX_JIT_NAMES_PER_PROCESS`].
+    pub forgotten: u64,
+}
+
+/// Processes whose perf-map names are kept between intervals (32); past it the one
+/// used longest ago is forgotten (counted).
+pub const MAX_JIT_PROCESSES: usize = 32;
+/// Addresses whose names are kept per process between intervals (4 096); past it
+/// that process's names are dropped after the interval and read again (counted). With [`MAX_JIT_PROCESSES`]: at most 131 072
+/// entries of ~48 bytes (6 MiB) plus the names, each stored once per process.
+pub const MAX_JIT_NAMES_PER_PROCESS: usize = 4096;
+
+/// Names kept for one process while its perf map stays the same.
+struct Kept {
+    stamp: FileStamp,
+    target: TargetProcess,
+    names: HashMap<u64, Option<Arc<str>>>,
+    used: u64,
+}
+
+/// Names JIT frames from perf maps, keeping what it read while the maps do not change.
+#[derive(Default)]
+pub(super) struct JitNamer {
+    kept: HashMap<u32, Kept>,
+    interval: u64,
 }
 
 /// The frame kind of JIT code in a process of `runtime`.
@@ -45,84 +79,232 @@ fn kind_of(runtime: Option<Runtime>) -> FrameKind {
     }
 }
 
-/// Names the frames of `refs` (one list per stack, `tgids[i]` the process of stack
-/// `i`) that are in anonymous or unmapped memory, from each process's perf map.
-pub(super) fn name_jit_frames(refs: &mut [Vec<FrameRef>], tgids: &[u32]) -> JitCounts {
-    let mut counts = JitCounts::default();
-    // Stack indices per process with at least one candidate frame.
-    let mut by_pid: HashMap<u32, Vec<usize>> = HashMap::new();
-    for (i, frames) in refs.iter().enumerate() {
-        let candidate = frames.iter().any(|f| {
-            matches!(
-                f,
-                FrameRef::Unknown {
-                    reason: Reason::Anonymous | Reason::Unmapped,
-                    ..
-                }
-            )
-        });
-        if candidate && tgids[i] != 0 {
-            by_pid.entry(tgids[i]).or_default().push(i);
-        }
-    }
-    for (pid, stacks) in by_pid {
-        // A process that exited, or has no perf map, keeps its frames unknown. Most
-        // candidates are native code whose frame-pointer walk ran into garbage: the
-        // cheap look for a map spares them reading their mappings every interval.
-        if !has_perf_map(pid) {
-            continue;
-        }
-        let Ok(target) = detect(pid) else { continue };
-        let addrs: Vec<u64> = stacks
-            .iter()
-            .flat_map(|&i| refs[i].iter())
-            .filter_map(|frame| match *frame {
-                FrameRef::Unknown {
-                    ip,
-                    reason: Reason::Anonymous | Reason::Unmapped,
-                    ..
-                } => Some(ip),
-                _ => None,
-            })
-            .collect();
-        let names = match lookup_perf_map(&target, &addrs) {
-            Ok(names) => names,
-            Err(PerfMapError::NotFound { .. }) | Err(PerfMapError::Gone { .. }) => continue,
-            Err(_) => {
-                counts.maps_refused += 1;
-                continue;
+impl JitNamer {
+    /// Names the frames of `refs` (one list per stack, `tgids[i]` the process of
+    /// stack `i`) that are in anonymous or unmapped memory, from each process's perf
+    /// map.
+    pub(super) fn name_frames(&mut self, refs: &mut [Vec<FrameRef>], tgids: &[u32]) -> JitCounts {
+        self.interval += 1;
+        let mut counts = JitCounts::default();
+        // Stack indices per process with at least one candidate frame.
+        let mut by_pid: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, frames) in refs.iter().enumerate() {
+            if frames.iter().any(|f| candidate(f).is_some()) && tgids[i] != 0 {
+                by_pid.entry(tgids[i]).or_default().push(i);
             }
-        };
-        counts.maps_read += 1;
-        counts.malformed_lines += names.stats().malformed_lines;
-        let kind = kind_of(target.runtime);
-        // One shared name per address, however many stacks hold it.
-        let mut shared: HashMap<u64, Option<Arc<str>>> = HashMap::new();
-        for i in stacks {
-            for frame in &mut refs[i] {
-                let FrameRef::Unknown {
-                    ip,
-                    reason: Reason::Anonymous | Reason::Unmapped,
-                    ..
-                } = *frame
-                else {
-                    continue;
+        }
+        for (pid, stacks) in by_pid {
+            // A process without a perf map keeps its frames unknown. Most candidates
+            // are native code whose frame-pointer walk ran into garbage: one stat
+            // tells, without reading their mappings.
+            let Some(stamp) = perf_map_of(pid) else {
+                self.kept.remove(&pid);
+                continue;
+            };
+            if self.kept.get(&pid).is_some_and(|k| k.stamp != stamp) {
+                self.kept.remove(&pid);
+            }
+            let kept = match self.kept.entry(pid) {
+                Entry::Occupied(kept) => kept.into_mut(),
+                Entry::Vacant(slot) => {
+                    let Ok(target) = detect(pid) else { continue };
+                    slot.insert(Kept {
+                        stamp,
+                        target,
+                        names: HashMap::new(),
+                        used: 0,
+                    })
+                }
+            };
+            kept.used = self.interval;
+            let missing: HashSet<u64> = stacks
+                .iter()
+                .flat_map(|&i| refs[i].iter().filter_map(candidate))
+                .filter(|ip| !kept.names.contains_key(ip))
+                .collect();
+            if missing.is_empty() {
+                counts.maps_unchanged += 1;
+            } else {
+                let addrs: Vec<u64> = missing.into_iter().collect();
+                let names = match lookup_perf_map(&kept.target, &addrs) {
+                    Ok(names) => names,
+                    Err(e) => {
+                        if !matches!(e, PerfMapError::NotFound { .. } | PerfMapError::Gone { .. }) {
+                            counts.maps_refused += 1;
+                        }
+                        self.kept.remove(&pid);
+                        continue;
+                    }
                 };
-                let name = shared
-                    .entry(ip)
-                    .or_insert_with(|| names.get(ip).map(Arc::from))
-                    .clone();
-                if let Some(name) = name {
+                counts.maps_read += 1;
+                counts.malformed_lines += names.stats().malformed_lines;
+                for ip in addrs {
+                    kept.names.insert(ip, names.get(ip).map(Arc::from));
+                }
+            }
+            let kind = kind_of(kept.target.runtime);
+            for &i in &stacks {
+                for frame in &mut refs[i] {
+                    let Some(ip) = candidate(frame) else { continue };
+                    let Some(Some(name)) = kept.names.get(&ip) else {
+                        continue;
+                    };
                     counts.named += 1;
                     *frame = FrameRef::Jit {
                         pid,
                         ip,
-                        name,
+                        name: name.clone(),
                         kind,
                     };
                 }
             }
+            // This interval's addresses were all named; past the bound, the next
+            // interval reads them again.
+            if kept.names.len() > MAX_JIT_NAMES_PER_PROCESS {
+                kept.names.clear();
+                counts.forgotten += 1;
+            }
+        }
+        while self.kept.len() > MAX_JIT_PROCESSES {
+            let oldest = self
+                .kept
+                .iter()
+                .min_by_key(|(_, k)| k.used)
+                .map(|(&pid, _)| pid)
+                .expect("not empty");
+            self.kept.remove(&oldest);
+            counts.forgotten += 1;
+        }
+        counts
+    }
+}
+
+/// The address of a frame that may be JIT code: unnamed, in anonymous memory or in
+/// no mapping.
+fn candidate(frame: &FrameRef) -> Option<u64> {
+    match *frame {
+        FrameRef::Unknown {
+            ip,
+            reason: Reason::Anonymous | Reason::Unmapped,
+            ..
+        } => Some(ip),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+
+    fn unknown(ip: u64) -> FrameRef {
+        FrameRef::Unknown {
+            module: "[anon]".into(),
+            offset: 0,
+            ip,
+            reason: Reason::Anonymous,
         }
     }
-    counts
+
+    fn names(refs: &[Vec<FrameRef>]) -> Vec<Option<String>> {
+        refs[0]
+            .iter()
+            .map(|f| match f {
+                FrameRef::Jit { name, .. } => Some(name.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A `sleep` with a perf map; both go away on drop.
+    struct WithMap {
+        child: Child,
+        path: String,
+    }
+
+    impl WithMap {
+        fn new(text: &str) -> WithMap {
+            let child = Command::new("sleep").arg("30").spawn().unwrap();
+            let path = format!("/tmp/perf-{}.map", child.id());
+            std::fs::write(&path, text).unwrap();
+            WithMap { child, path }
+        }
+
+        fn pid(&self) -> u32 {
+            self.child.id()
+        }
+    }
+
+    impl Drop for WithMap {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    const A: u64 = 0x7f00_0000_1010;
+    const NOT_IN_MAP: u64 = 0x7f00_0000_5000;
+
+    /// Names come from the map; while it is unchanged the next interval reads
+    /// nothing; a line appended over a known address is seen.
+    #[test]
+    fn keeps_names_while_the_map_is_unchanged() {
+        let target = WithMap::new("7f0000001000 100 first\n");
+        let mut namer = JitNamer::default();
+        let mut interval = || {
+            let mut refs = vec![vec![unknown(A), unknown(NOT_IN_MAP)]];
+            let counts = namer.name_frames(&mut refs, &[target.pid()]);
+            (names(&refs), counts)
+        };
+        let (named, first) = interval();
+        assert_eq!(named, [Some("first".to_string()), None]);
+        assert_eq!(
+            (first.maps_read, first.named, first.maps_unchanged),
+            (1, 1, 0)
+        );
+        let (named, second) = interval();
+        assert_eq!(named, [Some("first".to_string()), None]);
+        assert_eq!((second.maps_read, second.maps_unchanged), (0, 1));
+
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&target.path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, b"7f0000001000 100 second\n").unwrap();
+        let (named, third) = interval();
+        assert_eq!(named, [Some("second".to_string()), None]);
+        assert_eq!(third.maps_read, 1);
+    }
+
+    /// One process past MAX_JIT_PROCESSES forgets the one used longest ago.
+    #[test]
+    fn keeps_at_most_max_processes() {
+        let targets: Vec<WithMap> = (0..=MAX_JIT_PROCESSES)
+            .map(|_| WithMap::new("7f0000001000 100 f\n"))
+            .collect();
+        let mut namer = JitNamer::default();
+        let mut refs: Vec<Vec<FrameRef>> = targets.iter().map(|_| vec![unknown(A)]).collect();
+        let pids: Vec<u32> = targets.iter().map(WithMap::pid).collect();
+        let counts = namer.name_frames(&mut refs, &pids);
+        assert_eq!(counts.named, MAX_JIT_PROCESSES as u64 + 1);
+        assert_eq!(counts.forgotten, 1);
+        assert_eq!(namer.kept.len(), MAX_JIT_PROCESSES);
+    }
+
+    /// More addresses than MAX_JIT_NAMES_PER_PROCESS are all named this interval, and
+    /// not kept for the next.
+    #[test]
+    fn keeps_at_most_max_names_per_process() {
+        let target = WithMap::new("7f0000000000 100000 big\n");
+        let mut namer = JitNamer::default();
+        let frames: Vec<FrameRef> = (0..=MAX_JIT_NAMES_PER_PROCESS as u64)
+            .map(|i| unknown(0x7f00_0000_0000 + i * 16))
+            .collect();
+        let mut refs = vec![frames];
+        let counts = namer.name_frames(&mut refs, &[target.pid()]);
+        assert_eq!(counts.named, MAX_JIT_NAMES_PER_PROCESS as u64 + 1);
+        assert_eq!(counts.forgotten, 1);
+        assert!(namer.kept[&target.pid()].names.is_empty());
+    }
 }

@@ -125,6 +125,8 @@ pub struct Symbolizer {
     /// takes memory in proportion to the binary's debug info (~100 MB for a 70 MB
     /// debug build). `None`: always use DWARF when present.
     max_dwarf_file_bytes: Option<u64>,
+    /// Perf-map names of JIT code, kept while the maps do not change.
+    jit: jit::JitNamer,
 }
 
 /// Total size of the binaries the agent lets blazesym keep mapped and parsed from one
@@ -166,6 +168,7 @@ impl Symbolizer {
             kernel_table: None,
             hold_kernel_table: false,
             max_dwarf_file_bytes: None,
+            jit: jit::JitNamer::default(),
         }
     }
 
@@ -249,7 +252,7 @@ impl Symbolizer {
             refs.push(frames);
         }
         let tgids: Vec<u32> = aggregate.stacks().map(|s| s.tgid).collect();
-        let jit = jit::name_jit_frames(&mut refs, &tgids);
+        let jit = self.jit.name_frames(&mut refs, &tgids);
 
         // 2. Look up what the cache does not know, one batch per binary.
         let resolved = self.resolve(&refs);
