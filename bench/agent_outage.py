@@ -779,13 +779,13 @@ def report(results, args, defaults):
         print(f"  RSS breakdown (KiB)     anon {s['RssAnon']} -> {e['RssAnon']}, file {s['RssFile']} -> "
               f"{e['RssFile']}, shmem {s['RssShmem']} -> {e['RssShmem']}; VmData {s['VmData']} -> {e['VmData']}")
         print(f"  peak anon / file RSS    {fmt(mib(a['peak_anon_kib']))} / {fmt(mib(a['peak_file_kib']))} MiB "
-              f"(file: binaries mapped to symbolize them, clean page cache)")
+              "(file: binaries mapped to symbolize them, clean page cache)")
         if a.get("rollup_last", {}).get("top"):
-            print(f"  largest mappings at the end (RSS KiB / size KiB):")
+            print("  largest mappings at the end (RSS KiB / size KiB):")
             for path, rss, size in a["rollup_last"]["top"][:8]:
                 print(f"    {rss:>7} / {size:>7}  {path}")
         drops = a["drops_began_s"]
-        print(f"  export queue full       "
+        print("  export queue full       "
               + (f"yes: drops began at {', '.join(fmt(d, '{:.0f}') + ' s' for d in drops)}" if drops
                  else "never (no \"export queue full\" in the log)"))
         lg = oa["log"]
@@ -828,7 +828,7 @@ def report(results, args, defaults):
             print(f"  samples                 {w['samples']} "
                   f"({fmt(w['samples_per_full_interval'], '{:.0f}')} per full interval in "
                   f"{fmt(w['sample_entries_per_full_interval'], '{:.0f}')} distinct stacks)")
-            print(f"  by executable           " + ", ".join(f"{k} {v}" for k, v in
+            print("  by executable           " + ", ".join(f"{k} {v}" for k, v in
                                                             w["samples_by_executable"].items()))
             print(f"  bytes, uncompressed     {w['bytes']} B: {fmt(w['bytes_per_sample'])} B/sample, "
                   f"{fmt(w['bytes_per_full_interval'] and w['bytes_per_full_interval'] / KIB)} KiB per full interval")
@@ -963,18 +963,9 @@ def benchmark(args, tmp, results):
 
 def main():
     args = parse_args()
-    benchlib.VERBOSE = args.verbose
-    sys.stdout.reconfigure(line_buffering=True)
-    if os.geteuid() != 0:
-        log("agent_outage.py needs root (the agent loads BPF programs; /proc/PID/io)")
-        return 2
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    # SIGINT too: a script started in the background of a non-interactive shell
-    # inherits SIGINT ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    refused = benchlib.start_script("agent_outage.py", "the agent loads BPF programs; /proc/PID/io", args.verbose)
+    if refused is not None:
+        return refused
 
     results = {"config": vars(args), "ncpu": NCPU, "kernel": platform.release(),
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -25,6 +25,27 @@ def vlog(msg):
         log(msg)
 
 
+def start_script(name, why_root, verbose):
+    """What every benchmark's main() does first: set the log level, flush stdout
+    by line, refuse to run without root (returns 2 to exit with, else None), and
+    turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt so one cleanup path
+    kills every child. SIGINT too: a script started in the background of a
+    non-interactive shell inherits SIGINT ignored, and would pass that on to
+    what it starts."""
+    global VERBOSE
+    VERBOSE = verbose
+    sys.stdout.reconfigure(line_buffering=True)
+    if os.geteuid() != 0:
+        log(f"{name} needs root ({why_root})")
+        return 2
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    return None
+
+
 # --------------------------------------------------------------------------
 # Children: everything we start is tracked so every exit path can kill it.
 

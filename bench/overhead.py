@@ -999,18 +999,9 @@ def benchmark(args, tmp, results):
 
 def main():
     args = parse_args()
-    benchlib.VERBOSE = args.verbose
-    sys.stdout.reconfigure(line_buffering=True)
-    if os.geteuid() != 0:
-        log("overhead.py needs root (perf -a, bpftrace, BPF stats, /proc/PID/fdinfo)")
-        return 2
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    # SIGINT too: a script started in the background of a non-interactive shell
-    # inherits SIGINT ignored, and would pass that on to the profilers.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    refused = benchlib.start_script("overhead.py", "perf -a, bpftrace, BPF stats, /proc/PID/fdinfo", args.verbose)
+    if refused is not None:
+        return refused
 
     results = {"config": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
                "ncpu": NCPU, "kernel": platform.release()}
