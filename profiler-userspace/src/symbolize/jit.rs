@@ -46,13 +46,14 @@ pub struct JitCounts {
     pub forgotten: u64,
 }
 
-/// Processes whose perf-map names are kept between intervals (32); past it the one
+/// Processes whose perf-map names are kept between intervals (16); past it the one
 /// used longest ago is forgotten (counted).
-pub const MAX_JIT_PROCESSES: usize = 32;
-/// Addresses whose names are kept per process between intervals (4 096); past it
-/// that process's names are dropped after the interval and read again (counted). With [`MAX_JIT_PROCESSES`]: at most 131 072
-/// entries of ~48 bytes (6 MiB) plus the names, each stored once per process.
-pub const MAX_JIT_NAMES_PER_PROCESS: usize = 4096;
+pub const MAX_JIT_PROCESSES: usize = 16;
+/// Addresses whose names are kept per process between intervals (2 048); past it
+/// that process's names are dropped after the interval and read again (counted).
+/// With [`MAX_JIT_PROCESSES`]: at most 32 768 entries, ~170 bytes each with a
+/// Node-sized name (~85 bytes): 5.4 MiB measured.
+pub const MAX_JIT_NAMES_PER_PROCESS: usize = 2048;
 
 /// Names kept for one process while its perf map stays the same.
 struct Kept {
