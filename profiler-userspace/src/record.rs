@@ -157,6 +157,13 @@ impl RecordSummary {
                 rt.runs, rt.runs_failed, rt.samples, rt.jit_refreshes, rt.jit.named
             );
         }
+        if rt.jit.maps_refused > 0 || rt.jit.malformed_lines > 0 {
+            let _ = writeln!(
+                s,
+                "  perf maps: {} refused (a symbolic link, another owner, not a regular file, unreadable), {} malformed lines skipped",
+                rt.jit.maps_refused, rt.jit.malformed_lines
+            );
+        }
         if self.aggregate.samples == 0 {
             let _ = writeln!(
                 s,

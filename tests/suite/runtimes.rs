@@ -185,6 +185,36 @@ fn node_jit_frames_named_from_perf_map() {
     assert!(named > 50, "{named} samples in jsInner:\n{log}");
 }
 
+/// A perf map owned by another uid than the process (as if planted) is refused: its
+/// names are not used, the summary counts the refusal, and the profile is written.
+#[test]
+fn foreign_owned_perf_map_is_refused_and_counted() {
+    let _cpu = cpu_heavy_lock();
+    let cwd = tempfile::tempdir().unwrap();
+    let target = spawn(
+        Command::new("node")
+            .current_dir(cwd.path())
+            .arg("--perf-basic-prof")
+            .arg(programs_dir().join("chain.js"))
+            .arg("60"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let map = format!("/tmp/perf-{}.map", target.pid());
+    std::os::unix::fs::chown(&map, Some(65534), None).expect("node wrote its perf map");
+    let dir = tempfile::tempdir().unwrap();
+    let log = record_cli(target.pid(), 3, dir.path());
+    let stacks = read_folded(dir.path());
+    assert!(stacks.iter().any(|s| s.frames[0] == "node"), "{log}");
+    assert!(
+        !stacks
+            .iter()
+            .flat_map(|s| &s.frames)
+            .any(|f| f.ends_with("_[j]")),
+        "names from a refused map:\n{log}"
+    );
+    assert!(log.contains("perf maps: 1 refused"), "{log}");
+}
+
 /// A missing tool is said once, and the native profile is still written.
 #[test]
 fn missing_tool_is_one_note_and_native_still_works() {
