@@ -6,6 +6,8 @@
 //! The record is reserved in the ring buffer and the stacks are walked straight into
 //! it: no scratch map and no copy, so a sample touches as few cache lines as it can.
 //! At 97 Hz every sample finds the caches cold, and cold lines are most of its cost.
+//! A sample of user code has no kernel stack, so it reserves the smaller
+//! [`UserRecord`]; a sample in the kernel reserves the full [`SampleRecord`].
 //!
 //! Owns: the maps below and the per-sample path. Must never: lose a sample without
 //! counting it in [`COUNTERS`], or aggregate in the kernel (no stack map, so no hash
@@ -23,7 +25,7 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use profiler_common::{
-    record_kind, Counter, Counters, SampleHeader, SampleRecord, MAX_PID_FILTER_ENTRIES,
+    record_kind, Counter, Counters, SampleHeader, SampleRecord, UserRecord, MAX_PID_FILTER_ENTRIES,
     MAX_STACK_DEPTH, RING_BUFFER_BYTES,
 };
 
@@ -86,7 +88,6 @@ fn global<T: Copy>(value: &T) -> T {
 fn try_sample_cpu(ctx: &PerfEventContext, counters: &mut Counters) -> Result<(), Counter> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
 
     if tgid == 0 && global(&INCLUDE_IDLE) == 0 {
         return Err(Counter::IdleSkipped);
@@ -96,25 +97,75 @@ fn try_sample_cpu(ctx: &PerfEventContext, counters: &mut Counters) -> Result<(),
         return Err(Counter::FilteredOut);
     }
 
-    let mut entry = SAMPLES
-        .reserve::<SampleRecord>(0)
-        .ok_or(Counter::RingBufferFull)?;
-    let record = entry.as_mut_ptr();
+    if stacks::interrupted_user_mode(ctx) {
+        emit::<UserRecord>(ctx, counters, pid_tgid, false)
+    } else {
+        emit::<SampleRecord>(ctx, counters, pid_tgid, true)
+    }
+}
+
+/// A ring buffer slot: a header, then frame slots.
+trait Slot: 'static {
+    /// The header and the first frame slot of the slot at `slot`.
+    ///
+    /// # Safety
+    /// `slot` points at a reserved slot of this type.
+    unsafe fn parts(slot: *mut Self) -> (*mut SampleHeader, *mut u64);
+}
+
+impl Slot for SampleRecord {
+    unsafe fn parts(slot: *mut Self) -> (*mut SampleHeader, *mut u64) {
+        // SAFETY: field addresses inside the caller's slot; nothing is read.
+        unsafe {
+            (
+                core::ptr::addr_of_mut!((*slot).header),
+                core::ptr::addr_of_mut!((*slot).frames).cast::<u64>(),
+            )
+        }
+    }
+}
+
+impl Slot for UserRecord {
+    unsafe fn parts(slot: *mut Self) -> (*mut SampleHeader, *mut u64) {
+        // SAFETY: as above.
+        unsafe {
+            (
+                core::ptr::addr_of_mut!((*slot).header),
+                core::ptr::addr_of_mut!((*slot).frames).cast::<u64>(),
+            )
+        }
+    }
+}
+
+/// Reserves a `T`, walks the stacks into it (the kernel stack only when `in_kernel`;
+/// a `UserRecord` has room for the user stack alone) and submits it.
+#[inline(always)]
+fn emit<T: Slot>(
+    ctx: &PerfEventContext,
+    counters: &mut Counters,
+    pid_tgid: u64,
+    in_kernel: bool,
+) -> Result<(), Counter> {
+    let mut entry = SAMPLES.reserve::<T>(0).ok_or(Counter::RingBufferFull)?;
     // SAFETY: the reserved slot is ours until submit; only the fields below are
     // written (and only they are read by userspace).
-    let (header, frames) = unsafe {
-        (
-            &mut *core::ptr::addr_of_mut!((*record).header),
-            core::ptr::addr_of_mut!((*record).frames).cast::<u64>(),
-        )
-    };
+    let (header, frames) = unsafe { T::parts(entry.as_mut_ptr()) };
+    let header = unsafe { &mut *header };
 
-    let kernel = stacks::kernel_stack(ctx, frames);
+    let kernel = if in_kernel {
+        stacks::kernel_stack(ctx, frames)
+    } else {
+        stacks::Stack {
+            frames: 0,
+            status: stacks::NO_STACK,
+        }
+    };
     if kernel.status != 0 && kernel.status != stacks::NO_STACK {
         bump(counters, Counter::KernelStackError);
     }
     // User frames go right after the kernel frames: at most 2 x MAX_STACK_DEPTH in
-    // all, inside MAX_RECORD_FRAMES (the mask makes the bound visible to the verifier).
+    // all, inside MAX_RECORD_FRAMES (the mask makes the bound visible to the verifier;
+    // in a UserRecord the offset is 0).
     // SAFETY: offset <= MAX_STACK_DEPTH.
     let user_dst = unsafe { frames.add((kernel.frames as usize) & MAX_STACK_DEPTH) };
     let user = stacks::user_stack(ctx, user_dst);
@@ -124,8 +175,8 @@ fn try_sample_cpu(ctx: &PerfEventContext, counters: &mut Counters) -> Result<(),
 
     header.kind = record_kind::NATIVE_STACKS;
     header.header_len = HEADER_LEN;
-    header.tgid = tgid;
-    header.tid = tid;
+    header.tgid = (pid_tgid >> 32) as u32;
+    header.tid = pid_tgid as u32;
     // SAFETY: a plain helper call without pointer arguments.
     header.cpu = unsafe { bpf_get_smp_processor_id() };
     header.comm = bpf_get_current_comm().unwrap_or([0; 16]);

@@ -47,7 +47,7 @@ fn walk(ctx: &PerfEventContext, dst: *mut u64, flags: u64) -> Stack {
 
 /// True when the sample interrupted user code, which has no kernel stack to walk.
 #[inline(always)]
-fn interrupted_user_mode(ctx: &PerfEventContext) -> bool {
+pub fn interrupted_user_mode(ctx: &PerfEventContext) -> bool {
     #[cfg(bpf_target_arch = "x86_64")]
     {
         // SAFETY: reading the saved registers of a perf_event context is allowed;
