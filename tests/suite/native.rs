@@ -118,3 +118,25 @@ fn deep_stack_is_complete() {
         .max();
     assert_eq!(deepest, Some(61), "{stacks:#?}");
 }
+
+/// A recursion deeper than the walk's limit keeps the innermost MAX_STACK_DEPTH (127)
+/// user frames: a sample of user code, which the program writes into the smaller
+/// user-only slot, has room for all of them.
+#[test]
+fn stack_past_the_limit_keeps_127_frames() {
+    let target = start("deep", &["4", "200"]);
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    record(&[target.pid()], 2, 97, out.path());
+    let stacks = read_folded(out.path());
+    let deepest = stacks
+        .iter()
+        .filter(|s| s.frames.last().map(String::as_str) == Some("deep_leaf"))
+        .map(|s| s.frames.len() - 1) // the root frame is the process name
+        .max();
+    assert_eq!(
+        deepest,
+        Some(profiler_common::MAX_STACK_DEPTH),
+        "{stacks:#?}"
+    );
+}
