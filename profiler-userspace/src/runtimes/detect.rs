@@ -104,7 +104,7 @@ pub fn detect(pid: u32) -> Result<TargetProcess, DetectError> {
 }
 
 /// The stamp of process `pid`'s `/tmp/perf-PID.map` (`None`: it has none), for a
-/// fraction of what [`detect`] costs: it finds the namespace pid (see [`ns_pid`]) and
+/// fraction of what [`detect`] costs: it finds the namespace pid (see `ns_pid`) and
 /// looks the file up through the no-symlink path the reader uses, but reads neither
 /// the mappings (thousands of lines for a JVM) nor the map. A process that is gone or
 /// unreadable has none.

@@ -1,5 +1,8 @@
 //! Safe reading of the `/tmp/perf-PID.map` files JIT runtimes write (Node with
-//! `--perf-basic-prof`, a JVM asked through jattach), and a lookup structure over them.
+//! `--perf-basic-prof`, a JVM asked through jattach): [`lookup_perf_map`] scans one for
+//! the addresses it is asked about (what naming JIT frames uses), and [`PerfMap`]
+//! parses a whole map into a lookup structure (the reference the scan is tested and
+//! fuzzed against).
 //!
 //! The file belongs to the target, and we read it as root: so it is opened through
 //! `/proc/PID/root/tmp/perf-NSPID.map` (the process's own /tmp and its own pid number,
@@ -17,8 +20,8 @@
 //! ```
 //!
 //! Malformed lines are skipped and counted. Where entries overlap, the later line wins
-//! (JIT code space is reused, and these files are appended to) and the earlier one is
-//! dropped and counted. [`PerfMap::normalized_text`] renders bare hex, which blazesym
+//! (JIT code space is reused, and these files are appended to); [`PerfMap`] drops the
+//! earlier one and counts it. [`PerfMap::normalized_text`] renders bare hex, which blazesym
 //! 0.2.7's perf map parser requires (it rejects `0x`).
 
 use std::{
@@ -36,11 +39,11 @@ use std::{
 
 use super::detect::TargetProcess;
 
-/// Bytes of a perf map read (64 MiB, held while parsing). From a larger file only the
-/// last 64 MiB are read: the file is appended to, so the end is the newest code.
+/// Bytes of a perf map read (64 MiB, scanned in [`SCAN_CHUNK_BYTES`] pieces). From a
+/// larger file only the last 64 MiB are read: the file is appended to, so the end is
+/// the newest code.
 pub const MAX_PERF_MAP_BYTES: u64 = 64 << 20;
-/// Entries kept (512 Ki): 24 bytes each, 12 MiB, plus their names (at most the bytes
-/// read). Past it the oldest entries are dropped and counted. Building the map peaks
+/// Entries a [`PerfMap`] keeps (512 Ki): 24 bytes each, 12 MiB, plus their names. Past it the oldest entries are dropped and counted. Building the map peaks
 /// at ~2.5x that (a queue of candidates and an interval tree).
 pub const MAX_PERF_MAP_ENTRIES: usize = 512 << 10;
 
@@ -433,24 +436,8 @@ pub struct FileStamp {
     pub uid: u32,
 }
 
-/// Reads the perf map of `target`, with every check in the module overview.
-pub fn read_perf_map(target: &TargetProcess) -> Result<PerfMap, PerfMapError> {
-    let root = open_root(target.pid)?;
-    // The root was opened by pid: make sure the pid still named our process then.
-    if !target.is_alive() {
-        return Err(PerfMapError::Gone { pid: target.pid });
-    }
-    let display = |name: &str| PathBuf::from(format!("/proc/{}/root/tmp/{name}", target.pid));
-    read_under_root(
-        root.as_fd(),
-        &perf_map_name(target.ns_pid),
-        target.uid,
-        display,
-    )
-}
-
 /// The perf map's stamp without reading it (`None`: there is none), through the same
-/// no-symlink path as [`read_perf_map`]. The owner is reported, not checked.
+/// no-symlink path as [`lookup_perf_map`]. The owner is reported, not checked.
 pub fn perf_map_stamp(pid: u32, ns_pid: u32) -> Result<Option<FileStamp>, PerfMapError> {
     let root = open_root(pid)?;
     let name = perf_map_name(ns_pid);
@@ -473,20 +460,21 @@ pub fn perf_map_stamp(pid: u32, ns_pid: u32) -> Result<Option<FileStamp>, PerfMa
     }
 }
 
-/// Reads `dir/file_name` (following `dir`, which the caller trusts, but not
-/// `file_name`) with the same checks as [`read_perf_map`]: for tests and for files
-/// that are not in a process's /tmp.
-pub fn read_perf_map_in(
+/// Names `addrs` from `dir/file_name` (following `dir`, which the caller trusts, but
+/// not `file_name`) with the same checks as [`lookup_perf_map`]: for tests and for
+/// files that are not in a process's /tmp.
+pub fn lookup_perf_map_in(
     dir: &Path,
     file_name: &str,
     owner_uid: u32,
-) -> Result<PerfMap, PerfMapError> {
+    addrs: &[u64],
+) -> Result<PerfMapNames, PerfMapError> {
     let path = dir.join(file_name);
     let dir = open_dir(dir).map_err(|source| PerfMapError::Open {
         path: path.clone(),
         source,
     })?;
-    read_file_at(dir.as_fd(), file_name, path, owner_uid)
+    scan_file_at(dir.as_fd(), file_name, path, owner_uid, addrs)
 }
 
 fn perf_map_name(ns_pid: u32) -> String {
@@ -502,57 +490,40 @@ fn open_root(pid: u32) -> Result<OwnedFd, PerfMapError> {
 }
 
 /// `tmp/NAME` under a root directory descriptor, neither component followed.
-fn read_under_root(
+fn scan_under_root(
     root: BorrowedFd<'_>,
     name: &str,
     owner_uid: u32,
     display: impl Fn(&str) -> PathBuf,
-) -> Result<PerfMap, PerfMapError> {
+    addrs: &[u64],
+) -> Result<PerfMapNames, PerfMapError> {
     let path = display(name);
     let tmp = open_tmp(root, &path)?;
-    read_file_at(tmp.as_fd(), name, path, owner_uid)
+    scan_file_at(tmp.as_fd(), name, path, owner_uid, addrs)
 }
 
 /// Names `addrs` from the perf map of `target`, with every check in the module
 /// overview, without holding the map: the file (its last [`MAX_PERF_MAP_BYTES`]) is
 /// read in [`SCAN_CHUNK_BYTES`] pieces and only the names of the addresses asked for
-/// are kept. This is what naming JIT frames uses every interval; a long-running
-/// `node --perf-basic-prof` writes a map of tens of MiB, which [`read_perf_map`]
-/// would hold whole (~1.5x its size at peak).
+/// are kept. A long-running `node --perf-basic-prof` writes a map of tens of MiB;
+/// parsing it whole into a [`PerfMap`] would hold ~1.5x its size at peak.
 pub fn lookup_perf_map(
     target: &TargetProcess,
     addrs: &[u64],
 ) -> Result<PerfMapNames, PerfMapError> {
     let root = open_root(target.pid)?;
+    // The root was opened by pid: make sure the pid still named our process then.
     if !target.is_alive() {
         return Err(PerfMapError::Gone { pid: target.pid });
     }
-    let name = perf_map_name(target.ns_pid);
-    let path = PathBuf::from(format!("/proc/{}/root/tmp/{name}", target.pid));
-    let tmp = open_tmp(root.as_fd(), &path)?;
-    let (mut file, size) = open_file_at(tmp.as_fd(), &name, path.clone(), target.uid)?;
-    let read_error = |source| PerfMapError::Read {
-        path: path.clone(),
-        source,
-    };
-    // Past the cap, start one byte early: if that byte is a newline the first line
-    // is whole, otherwise the scan drops the partial line.
-    let from = size.saturating_sub(MAX_PERF_MAP_BYTES + 1);
-    if from > 0 {
-        file.seek(SeekFrom::Start(from)).map_err(read_error)?;
-    }
-    let mut names = scan_perf_map(
-        file.take(MAX_PERF_MAP_BYTES + 1),
+    let display = |name: &str| PathBuf::from(format!("/proc/{}/root/tmp/{name}", target.pid));
+    scan_under_root(
+        root.as_fd(),
+        &perf_map_name(target.ns_pid),
+        target.uid,
+        display,
         addrs,
-        if from > 0 {
-            Start::MidLine
-        } else {
-            Start::LineStart
-        },
     )
-    .map_err(read_error)?;
-    names.stats.skipped_bytes += from;
-    Ok(names)
 }
 
 /// The `tmp` directory under `root`, refusing a symlink (checked, and enforced by
@@ -591,19 +562,17 @@ fn open_tmp(root: BorrowedFd<'_>, path: &Path) -> Result<OwnedFd, PerfMapError> 
 }
 
 /// Opens `name` in `dir` without following it, and checks type and owner on the
-/// opened file before reading at most [`MAX_PERF_MAP_BYTES`].
-fn read_file_at(
+/// opened file before scanning at most [`MAX_PERF_MAP_BYTES`] of it.
+fn scan_file_at(
     dir: BorrowedFd<'_>,
     name: &str,
     path: PathBuf,
     owner_uid: u32,
-) -> Result<PerfMap, PerfMapError> {
+    addrs: &[u64],
+) -> Result<PerfMapNames, PerfMapError> {
     let (mut file, size) = open_file_at(dir, name, path.clone(), owner_uid)?;
-    let (bytes, skipped) = read_tail(&mut file, size, MAX_PERF_MAP_BYTES)
-        .map_err(|source| PerfMapError::Read { path, source })?;
-    let mut map = PerfMap::parse(&bytes);
-    map.stats.skipped_bytes = skipped;
-    Ok(map)
+    scan_tail(&mut file, size, MAX_PERF_MAP_BYTES, addrs)
+        .map_err(|source| PerfMapError::Read { path, source })
 }
 
 /// Opens `name` in `dir` without following it, and checks type and owner on the
@@ -656,26 +625,21 @@ fn open_file_at(
     Ok((file, meta.len()))
 }
 
-/// At most `cap` bytes: the whole file, or its last `cap` bytes starting at a line.
-/// Returns the bytes and how many were skipped before them.
-fn read_tail(file: &mut File, size: u64, cap: u64) -> io::Result<(Vec<u8>, u64)> {
+/// Scans at most `cap` bytes of `file` (`size` bytes long) for `addrs`: the whole
+/// file, or its last `cap` bytes from the first line that starts in them (the file is
+/// appended to, so the end is the newest code). `skipped_bytes` counts what came
+/// before.
+fn scan_tail(file: &mut File, size: u64, cap: u64, addrs: &[u64]) -> io::Result<PerfMapNames> {
     if size <= cap {
-        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         // The file may grow while we read (node appends): read no more than the cap.
-        file.take(cap).read_to_end(&mut bytes)?;
-        return Ok((bytes, 0));
+        return scan_perf_map(file.take(cap), addrs, Start::LineStart);
     }
     // Start one byte early: if that byte is a newline, the first line is whole.
     let from = size - cap - 1;
     file.seek(SeekFrom::Start(from))?;
-    let mut bytes = Vec::new();
-    file.take(cap + 1).read_to_end(&mut bytes)?;
-    let cut = bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .map_or(bytes.len(), |i| i + 1);
-    bytes.drain(..cut);
-    Ok((bytes, from + cut as u64))
+    let mut names = scan_perf_map(file.take(cap + 1), addrs, Start::MidLine)?;
+    names.stats.skipped_bytes += from;
+    Ok(names)
 }
 
 fn c_name(name: &str, path: &Path) -> Result<CString, PerfMapError> {
@@ -740,6 +704,10 @@ mod tests {
 3d5c1a2b 1c JS:*work /path/busy.js:1:14
 3d5c1b00 40 JS:~main /path/busy.js:5:1
 ";
+
+    /// The start addresses of the symbols in [`JVM`] and [`NODE`].
+    const JVM_STARTS: [u64; 2] = [0x7f6e_50ec_7600, 0x7f6e_50ec_7800];
+    const NODE_STARTS: [u64; 2] = [0x3d5c_1a2b, 0x3d5c_1b00];
 
     fn root_uid() -> u32 {
         // SAFETY: geteuid has no preconditions and cannot fail.
@@ -856,21 +824,21 @@ mod tests {
         let len = lines.len() as u64;
         std::fs::write(&path, &lines).unwrap();
         let mut file = File::open(&path).unwrap();
+        let starts: Vec<u64> = (0..1000).map(|i| i * 0x100).collect();
         // A cap of 100 bytes ends inside a line: that partial line is dropped.
-        let (bytes, skipped) = read_tail(&mut file, len, 100).unwrap();
-        assert_eq!((bytes.len() as u64, skipped), (90, len - 90));
-        let map = PerfMap::parse(&bytes);
-        assert_eq!(map.len(), 5);
-        assert_eq!(map.stats().malformed_lines, 0);
-        assert_eq!(map.lookup(995 * 0x100), Some("f0995"));
-        assert_eq!(map.lookup(994 * 0x100), None);
+        let names = scan_tail(&mut file, len, 100, &starts).unwrap();
+        assert_eq!(names.stats().skipped_bytes, len - 90);
+        assert_eq!(names.named(), 5);
+        assert_eq!(names.stats().malformed_lines, 0);
+        assert_eq!(names.get(995 * 0x100), Some("f0995"));
+        assert_eq!(names.get(994 * 0x100), None);
         // A cap landing right after a newline keeps the first line whole.
-        let (bytes, skipped) = read_tail(&mut file, len, 90).unwrap();
-        assert_eq!((bytes.len() as u64, skipped), (90, len - 90));
+        let names = scan_tail(&mut file, len, 90, &starts).unwrap();
+        assert_eq!((names.named(), names.stats().skipped_bytes), (5, len - 90));
         // Under the cap, everything.
         file.seek(SeekFrom::Start(0)).unwrap();
-        let (bytes, skipped) = read_tail(&mut file, len, len).unwrap();
-        assert_eq!((bytes.len() as u64, skipped), (len, 0));
+        let names = scan_tail(&mut file, len, len, &starts).unwrap();
+        assert_eq!((names.named(), names.stats().skipped_bytes), (1000, 0));
     }
 
     /// A real file owned by us reads through the checked path.
@@ -878,10 +846,10 @@ mod tests {
     fn reads_owned_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("perf-1.map"), JVM).unwrap();
-        let map = read_perf_map_in(dir.path(), "perf-1.map", root_uid()).unwrap();
-        assert_eq!(map.len(), 2);
+        let names = lookup_perf_map_in(dir.path(), "perf-1.map", root_uid(), &JVM_STARTS).unwrap();
+        assert_eq!(names.named(), 2);
         assert!(matches!(
-            read_perf_map_in(dir.path(), "perf-2.map", root_uid()),
+            lookup_perf_map_in(dir.path(), "perf-2.map", root_uid(), &JVM_STARTS),
             Err(PerfMapError::NotFound { .. })
         ));
     }
@@ -892,7 +860,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("real.map"), JVM).unwrap();
         symlink(dir.path().join("real.map"), dir.path().join("perf-1.map")).unwrap();
-        let err = read_perf_map_in(dir.path(), "perf-1.map", root_uid()).unwrap_err();
+        let err =
+            lookup_perf_map_in(dir.path(), "perf-1.map", root_uid(), &JVM_STARTS).unwrap_err();
         assert!(matches!(err, PerfMapError::Symlink { .. }), "{err}");
     }
 
@@ -904,20 +873,29 @@ mod tests {
         std::fs::write(elsewhere.path().join("perf-1.map"), JVM).unwrap();
         symlink(elsewhere.path(), root.path().join("tmp")).unwrap();
         let root_fd = open_dir(root.path()).unwrap();
-        let err = read_under_root(root_fd.as_fd(), "perf-1.map", root_uid(), |n| {
-            root.path().join("tmp").join(n)
-        })
+        let display = |n: &str| root.path().join("tmp").join(n);
+        let err = scan_under_root(
+            root_fd.as_fd(),
+            "perf-1.map",
+            root_uid(),
+            display,
+            &JVM_STARTS,
+        )
         .unwrap_err();
         assert!(matches!(err, PerfMapError::Symlink { .. }), "{err}");
         // The same layout with a real tmp directory reads.
         std::fs::remove_file(root.path().join("tmp")).unwrap();
         std::fs::create_dir(root.path().join("tmp")).unwrap();
         std::fs::write(root.path().join("tmp/perf-1.map"), NODE).unwrap();
-        let map = read_under_root(root_fd.as_fd(), "perf-1.map", root_uid(), |n| {
-            root.path().join("tmp").join(n)
-        })
+        let names = scan_under_root(
+            root_fd.as_fd(),
+            "perf-1.map",
+            root_uid(),
+            display,
+            &NODE_STARTS,
+        )
         .unwrap();
-        assert_eq!(map.len(), 2);
+        assert_eq!(names.named(), 2);
     }
 
     /// A file owned by another uid (nobody) is refused.
@@ -931,7 +909,7 @@ mod tests {
         let path = dir.path().join("perf-1.map");
         std::fs::write(&path, JVM).unwrap();
         std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
-        let err = read_perf_map_in(dir.path(), "perf-1.map", 0).unwrap_err();
+        let err = lookup_perf_map_in(dir.path(), "perf-1.map", 0, &JVM_STARTS).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -944,9 +922,9 @@ mod tests {
             "{err}"
         );
         assert_eq!(
-            read_perf_map_in(dir.path(), "perf-1.map", 65534)
+            lookup_perf_map_in(dir.path(), "perf-1.map", 65534, &JVM_STARTS)
                 .unwrap()
-                .len(),
+                .named(),
             2
         );
     }
@@ -964,7 +942,8 @@ mod tests {
         .unwrap();
         // SAFETY: `path` is NUL-terminated and outlives the call.
         assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-        let err = read_perf_map_in(dir.path(), "perf-1.map", root_uid()).unwrap_err();
+        let err =
+            lookup_perf_map_in(dir.path(), "perf-1.map", root_uid(), &JVM_STARTS).unwrap_err();
         assert!(matches!(err, PerfMapError::NotRegularFile { .. }), "{err}");
     }
 

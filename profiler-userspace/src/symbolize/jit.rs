@@ -41,8 +41,8 @@ pub struct JitCounts {
     /// Processes whose frames were all named from names kept since an earlier
     /// interval (their map had not changed): no read.
     pub maps_unchanged: u64,
-    /// Processes forgotten to stay within [`MAX_JIT_PROCESSES`], and processes whose
-    /// names were dropped past [`MAX_JIT_NAMES_PER_PROCESS`].
+    /// Processes forgotten to stay within `MAX_JIT_PROCESSES`, and processes whose
+    /// names were dropped past `MAX_JIT_NAMES_PER_PROCESS`.
     pub forgotten: u64,
 }
 
