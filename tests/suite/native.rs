@@ -103,18 +103,27 @@ fn exited_process_is_still_named() {
     );
 }
 
-/// A 60-deep recursion is recorded with every frame.
-#[test]
-fn deep_stack_is_complete() {
-    let target = start("deep", &["4", "60"]);
+/// The stacks that end in `deep_leaf`, recorded from tests/programs/deep.c recursing
+/// `depth` deep.
+fn deep_leaf_stacks(depth: &str) -> Vec<Vec<String>> {
+    let target = start("deep", &["4", depth]);
     settle();
     let out = tempfile::tempdir().unwrap();
     record(&[target.pid()], 2, 97, out.path());
-    let stacks = read_folded(out.path());
+    read_folded(out.path())
+        .into_iter()
+        .filter(|s| s.frames.last().map(String::as_str) == Some("deep_leaf"))
+        .map(|s| s.frames)
+        .collect()
+}
+
+/// A 60-deep recursion is recorded with every frame.
+#[test]
+fn deep_stack_is_complete() {
+    let stacks = deep_leaf_stacks("60");
     let deepest = stacks
         .iter()
-        .filter(|s| s.frames.last().map(String::as_str) == Some("deep_leaf"))
-        .map(|s| s.frames.iter().filter(|f| *f == "recurse").count())
+        .map(|frames| frames.iter().filter(|f| *f == "recurse").count())
         .max();
     assert_eq!(deepest, Some(61), "{stacks:#?}");
 }
@@ -124,16 +133,9 @@ fn deep_stack_is_complete() {
 /// user-only slot, has room for all of them.
 #[test]
 fn stack_past_the_limit_keeps_127_frames() {
-    let target = start("deep", &["4", "200"]);
-    settle();
-    let out = tempfile::tempdir().unwrap();
-    record(&[target.pid()], 2, 97, out.path());
-    let stacks = read_folded(out.path());
-    let deepest = stacks
-        .iter()
-        .filter(|s| s.frames.last().map(String::as_str) == Some("deep_leaf"))
-        .map(|s| s.frames.len() - 1) // the root frame is the process name
-        .max();
+    let stacks = deep_leaf_stacks("200");
+    // The root frame is the process name.
+    let deepest = stacks.iter().map(|frames| frames.len() - 1).max();
     assert_eq!(
         deepest,
         Some(profiler_common::MAX_STACK_DEPTH),

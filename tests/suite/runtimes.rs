@@ -155,11 +155,10 @@ fn java_jit_frames_named_through_jattach() {
     assert!(log.contains("JVM perf maps requested"), "{log}");
 }
 
-/// Node with --perf-basic-prof: its JIT frames are named from the perf map it writes.
-#[test]
-fn node_jit_frames_named_from_perf_map() {
-    let _cpu = cpu_heavy_lock();
-    // node writes an isolate-*.log into its working directory: keep it out of ours.
+/// The directory node runs in (it writes an isolate-*.log into its working
+/// directory: kept out of ours) and tests/programs/chain.js under
+/// `node --perf-basic-prof`, 2 s in, its perf map written.
+fn node_with_perf_map() -> (tempfile::TempDir, KillOnDrop) {
     let cwd = tempfile::tempdir().unwrap();
     let target = spawn(
         Command::new("node")
@@ -169,6 +168,14 @@ fn node_jit_frames_named_from_perf_map() {
             .arg("60"),
     );
     std::thread::sleep(Duration::from_secs(2));
+    (cwd, target)
+}
+
+/// Node with --perf-basic-prof: its JIT frames are named from the perf map it writes.
+#[test]
+fn node_jit_frames_named_from_perf_map() {
+    let _cpu = cpu_heavy_lock();
+    let (_cwd, target) = node_with_perf_map();
     let dir = tempfile::tempdir().unwrap();
     let log = record_cli(target.pid(), 3, dir.path());
     let stacks = read_folded(dir.path());
@@ -190,15 +197,7 @@ fn node_jit_frames_named_from_perf_map() {
 #[test]
 fn foreign_owned_perf_map_is_refused_and_counted() {
     let _cpu = cpu_heavy_lock();
-    let cwd = tempfile::tempdir().unwrap();
-    let target = spawn(
-        Command::new("node")
-            .current_dir(cwd.path())
-            .arg("--perf-basic-prof")
-            .arg(programs_dir().join("chain.js"))
-            .arg("60"),
-    );
-    std::thread::sleep(Duration::from_secs(2));
+    let (_cwd, target) = node_with_perf_map();
     let map = format!("/tmp/perf-{}.map", target.pid());
     std::os::unix::fs::chown(&map, Some(65534), None).expect("node wrote its perf map");
     let dir = tempfile::tempdir().unwrap();
