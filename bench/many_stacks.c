@@ -25,16 +25,7 @@
  *
  *   paths=<total> elapsed=<seconds> threads=<N>
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
+#include "harness.h"
 
 /* noipa: keep every call a real call (no inlining, cloning or IPA shortcuts). */
 #define NOINLINE __attribute__((noinline, noipa))
@@ -47,17 +38,9 @@
 
 typedef uint64_t (*step_fn)(uint64_t x, int depth);
 
-static atomic_int stop_flag;
 /* Filled in after the functions are defined (a tentative definition). */
 static step_fn steps[NFUNCS];
 
-struct worker {
-    pthread_t thread;
-    uint64_t seed;
-    uint64_t paths;
-    uint64_t sink;
-    char pad[64];
-};
 
 static inline uint64_t xorshift(uint64_t x)
 {
@@ -118,63 +101,22 @@ NOINLINE static void *worker_main(void *arg)
         x = walk_path(x) | 1;
         n++;
     }
-    w->paths = n;
+    w->count = n;
     w->sink = x;
     return NULL;
 }
 
-static double now_s(void)
+static uint64_t seed_of(long i)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void usage(const char *argv0)
-{
-    fprintf(stderr, "usage: %s [--threads N] [--duration SECONDS]\n", argv0);
-    exit(2);
+    return 0x2545f4914f6cdd1dULL * (uint64_t)(i + 1) + (uint64_t)getpid();
 }
 
 int main(int argc, char **argv)
 {
-    long threads = sysconf(_SC_NPROCESSORS_ONLN);
-    double duration = 60.0;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc)
-            threads = strtol(argv[++i], NULL, 10);
-        else if (strcmp(argv[i], "--duration") == 0 && i + 1 < argc)
-            duration = strtod(argv[++i], NULL);
-        else
-            usage(argv[0]);
-    }
-    if (threads < 1 || threads > 1024 || !(duration > 0))
-        usage(argv[0]);
-
-    struct worker *ws = calloc((size_t)threads, sizeof *ws);
-    if (!ws) {
-        perror("calloc");
+    struct run run;
+    if (run_workers(argc, argv, 60.0, worker_main, seed_of, &run))
         return 1;
-    }
-    double start = now_s();
-    for (long i = 0; i < threads; i++) {
-        ws[i].seed = 0x2545f4914f6cdd1dULL * (uint64_t)(i + 1) + (uint64_t)getpid();
-        int err = pthread_create(&ws[i].thread, NULL, worker_main, &ws[i]);
-        if (err) {
-            fprintf(stderr, "pthread_create: %s\n", strerror(err));
-            return 1;
-        }
-    }
-    struct timespec ts = { (time_t)duration, (long)((duration - (double)(time_t)duration) * 1e9) };
-    while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
-        ;
-    atomic_store(&stop_flag, 1);
-    uint64_t total = 0;
-    for (long i = 0; i < threads; i++) {
-        pthread_join(ws[i].thread, NULL);
-        total += ws[i].paths;
-    }
-    printf("paths=%llu elapsed=%.3f threads=%ld\n", (unsigned long long)total, now_s() - start,
-           threads);
+    printf("paths=%llu elapsed=%.3f threads=%ld\n", (unsigned long long)run.total, run.elapsed,
+           run.threads);
     return 0;
 }
