@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -189,12 +188,13 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-class Monitor:
+class Monitor(benchlib.PollThread):
     """Reads the agent's /proc every `period` s on a thread; keeps every sample."""
 
     STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "VmData", "VmSize")
 
     def __init__(self, pid, period=1.0, rollup_every=60.0):
+        super().__init__()
         self.pid = pid
         self.period = period
         self.rollup_every = rollup_every
@@ -202,20 +202,9 @@ class Monitor:
         self.wall0 = time.time()
         self.samples = []
         self.rollups = []
-        self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def start(self):
-        # The first sample is taken after `period`: by then the child has exec'ed.
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def _loop(self):
+        # The first sample is taken after `period`: by then the child has exec'ed.
         next_at = time.monotonic() + self.period
         next_rollup = self.t0 + self.rollup_every
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
@@ -981,14 +970,7 @@ def main():
         code = 130
     finally:
         kill_all_children()
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1, default=str)
-            log(f"raw figures written to {args.json}")
-        if args.keep:
-            log(f"temporary files kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        benchlib.finish_script(results, args.json, tmp, args.keep, indent=1)
     return code
 
 

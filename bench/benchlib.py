@@ -5,7 +5,9 @@ Imported by bench/overhead.py and bench/agent_outage.py (run from any directory:
 Python puts the script's own directory on sys.path).
 """
 
+import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -44,6 +46,40 @@ def start_script(name, why_root, verbose):
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     return None
+
+
+class PollThread:
+    """A daemon thread running the subclass's `_loop` until stop(); `_loop` waits on
+    `self._stop` between polls, and takes `self.lock` around what it records."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self):
+        raise NotImplementedError
+
+
+def finish_script(results, json_path, tmp, keep, indent):
+    """What every benchmark's main() does last: write the raw figures to
+    `json_path` (if given), then keep or delete the temporary directory."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=indent, default=str)
+        log(f"raw figures written to {json_path}")
+    if keep:
+        log(f"temporary files kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------

@@ -23,7 +23,6 @@ See bench/README.md.
 
 import argparse
 import ctypes
-import json
 import os
 import platform
 import re
@@ -32,7 +31,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -155,7 +153,7 @@ def prog_stats_by_id(prog_id):
 # --------------------------------------------------------------------------
 # Monitor: polls a process tree while it runs.
 
-class Monitor:
+class Monitor(benchlib.PollThread):
     """Polls the process tree rooted at `pid` every `interval` seconds.
 
     Keeps the last values seen: CPU ticks of the tree, VmHWM, the BPF
@@ -169,9 +167,9 @@ class Monitor:
     TREE_RESCAN_START, TREE_RESCAN = 0.5, 5.0
 
     def __init__(self, pid, interval=0.2):
+        super().__init__()
         self.pid = pid
         self.interval = interval
-        self.lock = threading.Lock()
         self.tree = [pid]
         self.tree_scanned = 0.0
         self.started = time.monotonic()
@@ -186,16 +184,6 @@ class Monitor:
         self.perf_event_fds = 0
         self.polls = 0
         self.self_cpu = 0.0  # CPU seconds the polling thread spent
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def _loop(self):
         t0 = time.thread_time()
@@ -1024,14 +1012,8 @@ def main():
                 BPF_STATS_SYSCTL.write_text(old_stats)
             except OSError as e:
                 log(f"warning: could not restore kernel.bpf_stats_enabled: {e}")
-        if args.json and "runs" in results:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2, default=str)
-            log(f"raw figures written to {args.json}")
-        if args.keep:
-            log(f"temporary files kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        benchlib.finish_script(results, args.json if "runs" in results else None, tmp,
+                               args.keep, indent=2)
     return code
 
 
