@@ -208,6 +208,13 @@ const _: () = assert!(MAX_RECORD_FRAMES.is_power_of_two());
 const _: () = assert!(MAX_STACK_DEPTH < MAX_USER_RECORD_FRAMES);
 const _: () = assert!(MAX_USER_RECORD_FRAMES.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<UserRecord>() == 1064);
+// The eBPF program writes both slots as "header, then frames".
+const _: () = assert!(core::mem::offset_of!(SampleRecord, header) == 0);
+const _: () = assert!(core::mem::offset_of!(UserRecord, header) == 0);
+const _: () =
+    assert!(core::mem::offset_of!(SampleRecord, frames) == core::mem::size_of::<SampleHeader>());
+const _: () =
+    assert!(core::mem::offset_of!(UserRecord, frames) == core::mem::size_of::<SampleHeader>());
 const _: () = assert!(core::mem::size_of::<UserRecord>() < core::mem::size_of::<SampleRecord>());
 const _: () = assert!(ring_buffer_bytes(2) == 1 << 20);
 const _: () = assert!(ring_buffer_bytes(3) == 2 << 20);

@@ -104,53 +104,27 @@ fn try_sample_cpu(ctx: &PerfEventContext, counters: &mut Counters) -> Result<(),
     }
 }
 
-/// A ring buffer slot: a header, then frame slots.
-trait Slot: 'static {
-    /// The header and the first frame slot of the slot at `slot`.
-    ///
-    /// # Safety
-    /// `slot` points at a reserved slot of this type.
-    unsafe fn parts(slot: *mut Self) -> (*mut SampleHeader, *mut u64);
-}
-
-impl Slot for SampleRecord {
-    unsafe fn parts(slot: *mut Self) -> (*mut SampleHeader, *mut u64) {
-        // SAFETY: field addresses inside the caller's slot; nothing is read.
-        unsafe {
-            (
-                core::ptr::addr_of_mut!((*slot).header),
-                core::ptr::addr_of_mut!((*slot).frames).cast::<u64>(),
-            )
-        }
-    }
-}
-
-impl Slot for UserRecord {
-    unsafe fn parts(slot: *mut Self) -> (*mut SampleHeader, *mut u64) {
-        // SAFETY: as above.
-        unsafe {
-            (
-                core::ptr::addr_of_mut!((*slot).header),
-                core::ptr::addr_of_mut!((*slot).frames).cast::<u64>(),
-            )
-        }
-    }
-}
-
 /// Reserves a `T`, walks the stacks into it (the kernel stack only when `in_kernel`;
-/// a `UserRecord` has room for the user stack alone) and submits it.
+/// a `UserRecord` has room for the user stack alone) and submits it. `T` is a
+/// [`SampleRecord`] or a [`UserRecord`]: both have the header at offset 0 and the
+/// frames right after it (asserted in profiler_common).
 #[inline(always)]
-fn emit<T: Slot>(
+fn emit<T: 'static>(
     ctx: &PerfEventContext,
     counters: &mut Counters,
     pid_tgid: u64,
     in_kernel: bool,
 ) -> Result<(), Counter> {
     let mut entry = SAMPLES.reserve::<T>(0).ok_or(Counter::RingBufferFull)?;
-    // SAFETY: the reserved slot is ours until submit; only the fields below are
-    // written (and only they are read by userspace).
-    let (header, frames) = unsafe { T::parts(entry.as_mut_ptr()) };
-    let header = unsafe { &mut *header };
+    let slot = entry.as_mut_ptr().cast::<u8>();
+    // SAFETY: the reserved slot is ours until submit, laid out as said above; only
+    // the fields below are written (and only they are read by userspace).
+    let (header, frames) = unsafe {
+        (
+            &mut *slot.cast::<SampleHeader>(),
+            slot.add(HEADER_LEN as usize).cast::<u64>(),
+        )
+    };
 
     let kernel = if in_kernel {
         stacks::kernel_stack(ctx, frames)
