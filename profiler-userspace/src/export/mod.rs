@@ -1,4 +1,4 @@
-//! Stage 6: turn a [`Profile`](crate::profile::Profile) into files: folded stacks,
+//! Stage 6: turn a [`Profile`] into files: folded stacks,
 //! gzipped pprof and a flamegraph SVG. Writers take any `io::Write`; [`write_all`]
 //! writes the set into a directory atomically (temporary files, then renames), so a
 //! failure never leaves a half-written profile behind.
