@@ -253,6 +253,10 @@ fn test(args: Vec<String>) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    eprintln!("xtask: checking the API docs build without warnings");
+    run(Command::new("cargo")
+        .args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
     // The integration tests run the `profiler` binary; building it here, before
     // the test binaries start, keeps their own build step a no-op and their
     // timing independent of how long a cold build takes.
