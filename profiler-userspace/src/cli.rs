@@ -206,6 +206,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Before the output directory is created: a user without privileges
             // should not be left with an empty directory.
             crate::ebpf::check_privileges()?;
+            // The frequency first: it is the runtime profilers' default rate.
+            crate::config::check_frequency(args.frequency)?;
             let runtimes = args.runtimes.config(args.frequency)?;
             let mut config = RecordConfig::new(
                 args.duration,
@@ -224,6 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => {
             init_logging(&args.log_level)?;
             crate::ebpf::check_privileges()?;
+            crate::config::check_frequency(args.frequency)?;
             let runtimes = args.runtimes.config(args.frequency)?;
             let mut config = AgentConfig::new(
                 AgentArgs {
@@ -233,7 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     include_idle: args.include_idle,
                     output_dir: args.output_dir,
                     max_files: args.max_files,
-                    max_disk_bytes: args.max_disk_mib << 20,
+                    max_disk_bytes: args.max_disk_mib.saturating_mul(1 << 20),
                     endpoint: args.endpoint,
                     headers: args.headers,
                     ca_file: args.ca_file,
@@ -241,8 +244,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     client_key: args.client_key,
                     compression: args.compression,
                     timeout_secs: args.timeout,
-                    queue_bytes: args.queue_kib << 10,
-                    max_request_bytes: args.max_request_kib << 10,
+                    queue_bytes: args.queue_kib.saturating_mul(1 << 10),
+                    max_request_bytes: args.max_request_kib.saturating_mul(1 << 10),
                     shutdown_timeout_secs: Some(args.shutdown_timeout),
                 },
                 &|name| std::env::var(name).ok(),

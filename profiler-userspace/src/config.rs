@@ -56,9 +56,20 @@ pub enum ConfigError {
     /// Unparsable timeout.
     #[error("OTLP timeout {0:?} is not a positive number of milliseconds")]
     Timeout(String),
+    /// A zero `--timeout`.
+    #[error("--timeout must be at least 1 second")]
+    TimeoutSecs,
+    /// An export-only flag given with no endpoint to export to.
+    #[error(
+        "{0} only applies to OTLP export: give --endpoint (or set OTEL_EXPORTER_OTLP_ENDPOINT) too"
+    )]
+    NeedsEndpoint(&'static str),
     /// A request size limit too small to be useful.
-    #[error("--max-request-kib must be at least 64 KiB, got {0} bytes")]
+    #[error("--max-request-kib must be at least 64, got {}", .0 >> 10)]
     RequestSize(usize),
+    /// No profile could be kept.
+    #[error("--max-files must be at least 1")]
+    MaxFiles,
     /// A runtime name we do not know.
     #[error("--runtimes: unknown runtime {0:?} (use python, ruby, php, java, node, all or none)")]
     Runtime(String),
@@ -69,7 +80,7 @@ pub enum ConfigError {
     #[error("--max-runtime-children must be at least 1")]
     RuntimeChildren,
     /// An export queue smaller than one request.
-    #[error("--queue-kib ({queue} bytes) must hold at least one request of --max-request-kib ({request} bytes)")]
+    #[error("--queue-kib ({} KiB) must hold at least one request of --max-request-kib ({} KiB)", .queue >> 10, .request >> 10)]
     QueueSize { queue: usize, request: usize },
 }
 

@@ -77,6 +77,69 @@ fn missing_pid_is_one_sentence() {
     assert!(!out_dir.exists());
 }
 
+/// Each bad value is refused in one sentence that names the flag the user gave,
+/// and no directory is created.
+#[test]
+fn bad_values_name_their_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out_dir = out_dir.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["record", "--frequency", "0"],
+            "error: --frequency must be between 1 and",
+        ),
+        (
+            &["agent", "--frequency", "0"],
+            "error: --frequency must be between 1 and",
+        ),
+        (
+            &["agent", "--header", "a=b"],
+            "error: --header only applies to OTLP export",
+        ),
+        (
+            &["agent", "--compression", "none"],
+            "error: --compression only applies",
+        ),
+        (
+            &["agent", "--max-files", "0"],
+            "error: --max-files must be at least 1",
+        ),
+        (
+            &[
+                "agent",
+                "--endpoint",
+                "http://127.0.0.1:1",
+                "--timeout",
+                "0",
+            ],
+            "error: --timeout must be at least 1 second",
+        ),
+        (
+            &["agent", "--max-request-kib", "1"],
+            "error: --max-request-kib must be at least 64, got 1",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut args = args.to_vec();
+        args.extend(["--output-dir", out_dir]);
+        let out = profiler(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).starts_with(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(
+            stderr(&out).lines().count(),
+            1,
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(!Path::new(out_dir).exists(), "{args:?} created {out_dir}");
+    }
+}
+
 /// Without privileges the user is told what is missing, and nothing is created.
 #[test]
 fn unprivileged_user_is_told_what_is_missing() {

@@ -126,7 +126,23 @@ impl AgentConfig {
 
         let endpoint = args.endpoint.clone().or_else(|| otel(env, "ENDPOINT"));
         let grpc = match endpoint {
-            None => None,
+            None => {
+                // A flag given for export that cannot happen is a mistake worth
+                // saying; the same settings from the environment may be meant for
+                // other exporters and are ignored.
+                let export_only = [
+                    ("--header", !args.headers.is_empty()),
+                    ("--ca-file", args.ca_file.is_some()),
+                    ("--client-cert", args.client_cert.is_some()),
+                    ("--client-key", args.client_key.is_some()),
+                    ("--compression", args.compression.is_some()),
+                    ("--timeout", args.timeout_secs.is_some()),
+                ];
+                if let Some((flag, _)) = export_only.iter().find(|(_, given)| *given) {
+                    return Err(ConfigError::NeedsEndpoint(flag));
+                }
+                None
+            }
             Some(endpoint) => {
                 let endpoint = if endpoint.contains("://") {
                     endpoint
@@ -178,6 +194,7 @@ impl AgentConfig {
                     other => return Err(ConfigError::Compression(other.to_string())),
                 };
                 let timeout = match (args.timeout_secs, otel(env, "TIMEOUT")) {
+                    (Some(0), _) => return Err(ConfigError::TimeoutSecs),
                     (Some(secs), _) => Duration::from_secs(secs),
                     (None, Some(ms)) => Duration::from_millis(
                         ms.trim()
@@ -200,23 +217,7 @@ impl AgentConfig {
             }
         };
 
-        // Local files: always without a backend (the default needs no server), and
-        // beside one when --output-dir is given.
-        let files = match (&args.output_dir, &grpc) {
-            (Some(dir), _) => Some(dir.clone()),
-            (None, None) => Some(PathBuf::from("profiles")),
-            (None, Some(_)) => None,
-        }
-        .map(|dir| -> Result<FilesConfig, ConfigError> {
-            check_output_dir(&dir)?;
-            Ok(FilesConfig {
-                dir: dir.canonicalize().unwrap_or(dir),
-                max_profiles: args.max_files.max(1),
-                max_bytes: args.max_disk_bytes,
-            })
-        })
-        .transpose()?;
-
+        // Every check before the output directory, which is created last.
         if args.max_request_bytes < 64 << 10 {
             return Err(ConfigError::RequestSize(args.max_request_bytes));
         }
@@ -226,6 +227,27 @@ impl AgentConfig {
                 request: args.max_request_bytes,
             });
         }
+
+        // Local files: always without a backend (the default needs no server), and
+        // beside one when --output-dir is given.
+        let files = match (&args.output_dir, &grpc) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, None) => Some(PathBuf::from("profiles")),
+            (None, Some(_)) => None,
+        }
+        .map(|dir| -> Result<FilesConfig, ConfigError> {
+            if args.max_files == 0 {
+                return Err(ConfigError::MaxFiles);
+            }
+            check_output_dir(&dir)?;
+            Ok(FilesConfig {
+                dir: dir.canonicalize().unwrap_or(dir),
+                max_profiles: args.max_files,
+                max_bytes: args.max_disk_bytes,
+            })
+        })
+        .transpose()?;
+
         Ok(AgentConfig {
             interval,
             frequency_hz: args.frequency_hz,
@@ -393,6 +415,31 @@ mod tests {
             AgentConfig::new(a, &e),
             Err(ConfigError::QueueSize { .. })
         ));
+    }
+
+    /// Export flags without an endpoint are refused by name; the same settings in
+    /// the environment (perhaps meant for another exporter) are not.
+    #[test]
+    fn export_flags_need_an_endpoint() {
+        let e = env(&[]);
+        let mut a = args();
+        a.headers = vec!["a=b".into()];
+        assert_eq!(
+            AgentConfig::new(a, &e).unwrap_err(),
+            ConfigError::NeedsEndpoint("--header")
+        );
+        let mut a = args();
+        a.timeout_secs = Some(5);
+        assert_eq!(
+            AgentConfig::new(a, &e).unwrap_err(),
+            ConfigError::NeedsEndpoint("--timeout")
+        );
+        let e = env(&[("OTEL_EXPORTER_OTLP_HEADERS", "a=b")]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.output_dir = Some(dir.path().to_path_buf());
+        let config = AgentConfig::new(a, &e).unwrap();
+        assert!(config.grpc.is_none());
     }
 
     /// Percent-escapes in header values are decoded; bad escapes are kept as text.
