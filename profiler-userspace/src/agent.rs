@@ -52,7 +52,10 @@ pub struct AgentStats {
     pub samples: AtomicU64,
     /// Stacks left out of OTLP because alone they exceed the request size limit.
     pub oversized_stacks: AtomicU64,
+    /// Profiles that could not be written to the local files.
     pub file_errors: AtomicU64,
+    /// Old local profiles deleted early because the disk was full.
+    pub profiles_deleted_for_space: AtomicU64,
 }
 
 /// What a finished cycle hands back to the loop.
@@ -188,6 +191,10 @@ struct Sinks {
     queue: Option<Arc<ExportQueue<QueuedRequest>>>,
     exporter: Option<JoinHandle<()>>,
     export_stats: Arc<ExportStats>,
+    /// Local files: whether the last write failed, and whether it had to delete
+    /// old profiles for space (each logged when it begins and when it ends).
+    files_failing: bool,
+    files_short_of_space: bool,
 }
 
 impl Sinks {
@@ -206,10 +213,12 @@ impl Sinks {
             queue,
             exporter,
             export_stats,
+            files_failing: false,
+            files_short_of_space: false,
         })
     }
 
-    fn deliver(&self, done: &mut CycleDone, stats: &AgentStats) {
+    fn deliver(&mut self, done: &mut CycleDone, stats: &AgentStats) {
         if let Some(queue) = &self.queue {
             for (request, bytes) in done.requests.drain(..) {
                 let pushed = queue.push(request, bytes);
@@ -231,12 +240,41 @@ impl Sinks {
             .oversized_stacks
             .fetch_add(done.oversized, Ordering::Relaxed);
         match done.files.take() {
-            Some(Err(e)) if stats.file_errors.fetch_add(1, Ordering::Relaxed) == 0 => {
-                warn!(error = %e, "cannot write the local profile files (logged once)");
+            Some(Err(e)) => {
+                stats.file_errors.fetch_add(1, Ordering::Relaxed);
+                if !std::mem::replace(&mut self.files_failing, true) {
+                    warn!(error = %e, "cannot write the local profile files; profiles are lost until they can be");
+                }
             }
-            Some(Err(_)) => {}
             Some(Ok(written)) => {
-                debug!(path = %written.pprof.display(), deleted = written.deleted, "wrote profile")
+                if std::mem::take(&mut self.files_failing) {
+                    info!(
+                        lost_profiles = stats.file_errors.load(Ordering::Relaxed),
+                        "local profile files are written again"
+                    );
+                }
+                stats
+                    .profiles_deleted_for_space
+                    .fetch_add(written.profiles_deleted_for_space as u64, Ordering::Relaxed);
+                let short = written.profiles_deleted_for_space > 0;
+                if short && !self.files_short_of_space {
+                    warn!(
+                        deleted_profiles = written.profiles_deleted_for_space,
+                        "disk full: the oldest local profiles are deleted to make room for new ones"
+                    );
+                } else if !short && self.files_short_of_space {
+                    info!(
+                        deleted_profiles = stats.profiles_deleted_for_space.load(Ordering::Relaxed),
+                        "disk has room again for the local profiles"
+                    );
+                }
+                self.files_short_of_space = short;
+                debug!(
+                    path = %written.pprof.display(),
+                    deleted = written.deleted,
+                    deleted_for_space = written.profiles_deleted_for_space,
+                    "wrote profile"
+                )
             }
             None => {}
         }
@@ -273,7 +311,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         },
         AggregateLimits::default(),
     )?;
-    let sinks = Sinks::start(&config)?;
+    let mut sinks = Sinks::start(&config)?;
     let stats = Arc::new(AgentStats::default());
     info!(
         cpus = collector.cpus(),
@@ -436,6 +474,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         runtime_rounds_missed = profilers.stats().rounds_missed.load(Ordering::Relaxed),
         runtime_targets_deferred = profilers.stats().targets_deferred.load(Ordering::Relaxed),
         jvm_perf_map_requests = profilers.stats().jit_refreshes.load(Ordering::Relaxed),
+        profiles_not_written = stats.file_errors.load(Ordering::Relaxed),
+        profiles_deleted_for_space = stats.profiles_deleted_for_space.load(Ordering::Relaxed),
         "stopped"
     );
     Ok(stats)

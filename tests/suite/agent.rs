@@ -371,3 +371,92 @@ fn local_files_rotate() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A tmpfs of `kib` mounted on a fresh directory, unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(kib: u32) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mount -t tmpfs (needs root)");
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full disk: the oldest local profiles make room for the newest, one warning
+/// says so, and no profile is left with one file of its pair.
+#[test]
+fn full_disk_deletes_the_oldest_profiles() {
+    // 8 pages: room for four small profiles (each file takes at least a page).
+    let disk = SmallDisk::mount(32);
+    let target = start("chain", &["30"]);
+    settle();
+    let mut agent = Agent::start(&[
+        "--interval",
+        "1",
+        "--pid",
+        &target.pid().to_string(),
+        "--output-dir",
+        disk.dir.path().to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        agent.terminate(Duration::from_secs(20)).unwrap().success(),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("disk full: the oldest local profiles are deleted")
+            .count(),
+        1,
+        "{log}"
+    );
+    let stopped = log.lines().find(|l| l.contains("stopped")).unwrap();
+    let field = |name: &str| -> u64 {
+        let at = stopped.find(&format!(" {name}=")).expect(name) + name.len() + 2;
+        stopped[at..].split(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(field("profiles_not_written"), 0, "{stopped}");
+    let mut names: Vec<String> = std::fs::read_dir(disk.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let pprofs: Vec<&String> = names.iter().filter(|n| n.ends_with(".pb.gz")).collect();
+    let folded = names.iter().filter(|n| n.ends_with(".folded")).count();
+    assert_eq!(pprofs.len() + folded, names.len(), "stray files: {names:?}");
+    assert_eq!(pprofs.len(), folded, "half-written profiles: {names:?}");
+    // Every profile written is either on disk or counted as deleted for space.
+    let written = field("cycles") + 1;
+    assert_eq!(
+        pprofs.len() as u64 + field("profiles_deleted_for_space"),
+        written,
+        "{names:?}\n{stopped}"
+    );
+    let out = std::process::Command::new(pprof_bin())
+        .arg("-raw")
+        .arg(disk.dir.path().join(pprofs.last().unwrap()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

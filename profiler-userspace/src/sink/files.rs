@@ -37,6 +37,8 @@ pub struct FilesWritten {
     pub folded: PathBuf,
     /// Files deleted to stay within the limits.
     pub deleted: usize,
+    /// Profiles deleted because the disk was full (the oldest first).
+    pub profiles_deleted_for_space: usize,
 }
 
 /// `profile-20261126T041512.123Z`, sortable by time.
@@ -89,26 +91,50 @@ fn write_atomic(
     result
 }
 
-/// Writes one profile and prunes old ones.
+/// Writes one profile and prunes old ones. When the disk is full the oldest
+/// profiles make room for the newest, one at a time, as the limits would have; a
+/// profile that still cannot be written leaves neither of its files behind.
 pub fn write(profile: &Profile, config: &FilesConfig) -> io::Result<FilesWritten> {
     fs::create_dir_all(&config.dir)?;
     let stem = stem(profile.start);
-    let pprof_path = config.dir.join(format!("{stem}.pb.gz"));
-    let folded_path = config.dir.join(format!("{stem}.folded"));
-    write_atomic(&pprof_path, |w| pprof::write_gzipped(profile, w))?;
-    write_atomic(&folded_path, |w| folded::write(profile, w))?;
-    let deleted = prune(config)?;
-    Ok(FilesWritten {
-        pprof: pprof_path,
-        folded: folded_path,
-        deleted,
-    })
+    let mut profiles_deleted_for_space = 0;
+    loop {
+        match write_pair(profile, &config.dir, &stem) {
+            Ok((pprof, folded)) => {
+                return Ok(FilesWritten {
+                    pprof,
+                    folded,
+                    deleted: prune(config)?,
+                    profiles_deleted_for_space,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+                match delete_oldest(&config.dir, &stem)? {
+                    0 => return Err(e),
+                    _ => profiles_deleted_for_space += 1,
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
-/// Deletes the oldest profiles (both files of each) beyond the limits.
-fn prune(config: &FilesConfig) -> io::Result<usize> {
+/// Both files of one profile, or neither.
+fn write_pair(profile: &Profile, dir: &Path, stem: &str) -> io::Result<(PathBuf, PathBuf)> {
+    let pprof_path = dir.join(format!("{stem}.pb.gz"));
+    let folded_path = dir.join(format!("{stem}.folded"));
+    write_atomic(&pprof_path, |w| pprof::write_gzipped(profile, w))?;
+    if let Err(e) = write_atomic(&folded_path, |w| folded::write(profile, w)) {
+        let _ = fs::remove_file(&pprof_path);
+        return Err(e);
+    }
+    Ok((pprof_path, folded_path))
+}
+
+/// Our profiles in `dir`, oldest first: stem -> its files with their sizes.
+fn list(dir: &Path) -> io::Result<std::collections::BTreeMap<String, Vec<(PathBuf, u64)>>> {
     let mut stems: std::collections::BTreeMap<String, Vec<(PathBuf, u64)>> = Default::default();
-    for entry in fs::read_dir(&config.dir)? {
+    for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(stem) = name
@@ -126,6 +152,24 @@ fn prune(config: &FilesConfig) -> io::Result<usize> {
             .or_default()
             .push((entry.path(), len));
     }
+    Ok(stems)
+}
+
+/// Deletes the files of the oldest profile other than `keep`; returns how many.
+fn delete_oldest(dir: &Path, keep: &str) -> io::Result<usize> {
+    let stems = list(dir)?;
+    let Some((_, files)) = stems.iter().find(|(stem, _)| stem.as_str() != keep) else {
+        return Ok(0);
+    };
+    Ok(files
+        .iter()
+        .filter(|(path, _)| fs::remove_file(path).is_ok())
+        .count())
+}
+
+/// Deletes the oldest profiles (both files of each) beyond the limits.
+fn prune(config: &FilesConfig) -> io::Result<usize> {
+    let stems = list(&config.dir)?;
     let mut total: u64 = stems.values().flatten().map(|(_, len)| len).sum();
     let mut count = stems.len();
     let mut deleted = 0;
