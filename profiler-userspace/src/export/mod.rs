@@ -33,7 +33,7 @@ pub struct Written {
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     /// Creating, writing or renaming a file failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Io { path: PathBuf, source: io::Error },
 }
 
@@ -45,9 +45,11 @@ pub fn write_all(profile: &Profile, dir: &Path, title: &str) -> Result<Written, 
     let temps = [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE]
         .map(|name| dir.join(format!(".{name}.tmp.{}", std::process::id())));
     let result = (|| {
-        write_file(&temps[0], |w| folded::write(profile, w))?;
-        write_file(&temps[1], |w| pprof::write_gzipped(profile, w))?;
-        write_file(&temps[2], |w| flamegraph::write(profile, title, w))?;
+        write_file(&temps[0], &targets[0], |w| folded::write(profile, w))?;
+        write_file(&temps[1], &targets[1], |w| pprof::write_gzipped(profile, w))?;
+        write_file(&temps[2], &targets[2], |w| {
+            flamegraph::write(profile, title, w)
+        })?;
         for (tmp, target) in temps.iter().zip(&targets) {
             fs::rename(tmp, target).map_err(|source| ExportError::Io {
                 path: target.clone(),
@@ -71,12 +73,14 @@ pub fn write_all(profile: &Profile, dir: &Path, title: &str) -> Result<Written, 
     })
 }
 
+/// Writes `path`, the temporary file of `target` (the name errors give).
 fn write_file(
     path: &Path,
+    target: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
 ) -> Result<(), ExportError> {
     let err = |source| ExportError::Io {
-        path: path.to_path_buf(),
+        path: target.to_path_buf(),
         source,
     };
     let mut w = BufWriter::new(File::create(path).map_err(err)?);
