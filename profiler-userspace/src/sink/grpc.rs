@@ -282,7 +282,7 @@ impl Exporter {
                         warn!(
                             endpoint = %self.endpoint,
                             code = ?status.code(),
-                            message = status.message(),
+                            message = %describe(&status),
                             "OTLP backend unavailable; retrying with backoff, profiles wait in the bounded queue"
                         );
                     }
@@ -300,7 +300,7 @@ impl Exporter {
                         warn!(
                             endpoint = %self.endpoint,
                             code = ?status.code(),
-                            message = status.message(),
+                            message = %describe(&status),
                             "OTLP backend rejected profiles permanently; dropping them (logged once per cause)"
                         );
                     } else {
@@ -310,6 +310,22 @@ impl Exporter {
             }
         }
     }
+}
+
+/// A status's message and the chain of errors under it (a transport error's
+/// message alone is just "transport error").
+fn describe(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let line = e.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = e.source();
+    }
+    text
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, GrpcError> {
