@@ -72,6 +72,8 @@ pub struct RuntimeSummary {
     pub runs: u64,
     pub runs_parsed: u64,
     pub runs_failed: u64,
+    /// The latest failed run, described (tool, pid, how it ended, its last line).
+    pub last_failure: Option<String>,
     /// Samples from the runtime profilers, merged into the profile.
     pub samples: u64,
     /// jattach runs (JVM perf maps written).
@@ -156,6 +158,9 @@ impl RecordSummary {
                 "  runtimes: {} runtime profiler runs ({} failed), {} interpreted samples; {} JVM perf maps requested, {} JIT frames named",
                 rt.runs, rt.runs_failed, rt.samples, rt.jit_refreshes, rt.jit.named
             );
+        }
+        if let Some(why) = &rt.last_failure {
+            let _ = writeln!(s, "  last runtime profiler failure: {why}");
         }
         if rt.jit.maps_refused > 0 || rt.jit.malformed_lines > 0 {
             let _ = writeln!(
@@ -252,6 +257,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         runs: rt_stats.runs.load(Ordering::Relaxed),
         runs_parsed: rt_stats.runs_parsed.load(Ordering::Relaxed),
         runs_failed: rt_stats.runs_failed.load(Ordering::Relaxed),
+        last_failure: rt_stats.last_failure(),
         samples: interpreted
             .iter()
             .flat_map(|s| &s.stacks)

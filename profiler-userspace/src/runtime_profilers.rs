@@ -153,9 +153,14 @@ impl RuntimeConfig {
             .iter()
             .filter_map(|&r| {
                 let tool = self.tool(r)?;
-                probe_tool(tool)
-                    .is_err()
-                    .then(|| format!("{} for {r}{}", tool.display(), install_hint(r)))
+                let why = probe_tool(tool).err()?;
+                // A path the user gave says what is wrong with it; a name not in
+                // PATH says how to install it.
+                Some(if tool.as_os_str().as_encoded_bytes().contains(&b'/') {
+                    format!("{why} (for {r})")
+                } else {
+                    format!("{} for {r}{}", tool.display(), install_hint(r))
+                })
             })
             .collect();
         (!missing.is_empty()).then(|| {
@@ -204,6 +209,18 @@ pub struct RuntimeStats {
     /// jattach runs asking a JVM for its perf map, and those that failed.
     pub jit_refreshes: AtomicU64,
     pub jit_refresh_failures: AtomicU64,
+    /// The latest failed run, described (one line, a few hundred bytes at most).
+    pub last_failure: Mutex<Option<String>>,
+}
+
+impl RuntimeStats {
+    /// The latest failed run, described.
+    pub fn last_failure(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// What is remembered of a process between rounds.
@@ -229,6 +246,30 @@ struct Shared {
     seq: AtomicU64,
     /// Round-robin start among this round's targets.
     turn: AtomicUsize,
+    /// Runtimes whose first failure was logged (bit `Runtime as u8`); later ones
+    /// go to debug, so a tool that always fails is one warning, not one per cycle.
+    warned: std::sync::atomic::AtomicU8,
+}
+
+impl Shared {
+    /// Counts nothing (callers count); remembers `why` as the latest failure and
+    /// logs it, at warn the first time for this runtime.
+    fn note_failure(&self, runtime: Runtime, program: &Path, pid: u32, why: &str) {
+        let text = format!("{} for pid {pid} ({runtime}) {why}", program.display());
+        let bit = 1u8 << (runtime as u8);
+        if self.warned.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            tracing::warn!(
+                "{text} (later failures of {runtime} runs are logged at debug and counted)"
+            );
+        } else {
+            tracing::debug!("{text}");
+        }
+        *self
+            .stats
+            .last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(text);
+    }
 }
 
 /// The runtime profilers of one agent (or recording).
@@ -292,6 +333,7 @@ impl RuntimeProfilers {
                 scratch,
                 seq: AtomicU64::new(0),
                 turn: AtomicUsize::new(0),
+                warned: Default::default(),
             }),
             round_slot: Arc::new(Semaphore::new(1)),
         })
@@ -522,27 +564,36 @@ fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<Planned
     })
 }
 
-/// Reads a finished run's output and removes its files.
-fn collect(shared: &Shared, run: &PlannedRun, ok: bool) -> Option<InterpretedSamples> {
+/// Reads a finished run's output and removes its files. `failure` says why the run
+/// itself failed, if it did.
+fn collect(
+    shared: &Shared,
+    run: &PlannedRun,
+    failure: Option<String>,
+) -> Option<InterpretedSamples> {
     let limits = ParseLimits::default();
-    let parsed: Option<Parsed> = if ok {
-        match run.runtime {
-            Runtime::Python => pyspy::read_output(&run.output, &limits).ok(),
-            Runtime::Ruby => rbspy::read_output(&run.output, &limits).ok(),
-            Runtime::Php => phpspy::read_output(&run.output, &limits).ok(),
-            Runtime::Java | Runtime::Node => None,
+    let parsed: Result<Parsed, String> = match failure {
+        Some(why) => Err(why),
+        None => match run.runtime {
+            Runtime::Python => pyspy::read_output(&run.output, &limits).map_err(|e| e.to_string()),
+            Runtime::Ruby => rbspy::read_output(&run.output, &limits).map_err(|e| e.to_string()),
+            Runtime::Php => phpspy::read_output(&run.output, &limits).map_err(|e| e.to_string()),
+            Runtime::Java | Runtime::Node => Err("has no output to read".into()),
         }
-    } else {
-        None
+        .map_err(|e| format!("succeeded but its output is unreadable: {e}")),
     };
     let _ = std::fs::remove_file(&run.output);
     if let Some(extra) = &run.extra {
         let _ = std::fs::remove_file(extra);
     }
     let stats = &shared.stats;
-    let Some(parsed) = parsed else {
-        stats.runs_failed.fetch_add(1, Ordering::Relaxed);
-        return None;
+    let parsed = match parsed {
+        Ok(parsed) => parsed,
+        Err(why) => {
+            stats.runs_failed.fetch_add(1, Ordering::Relaxed);
+            shared.note_failure(run.runtime, &run.spec.program, run.target.pid, &why);
+            return None;
+        }
     };
     stats.runs_parsed.fetch_add(1, Ordering::Relaxed);
     stats
@@ -626,9 +677,8 @@ async fn round(
         shared.stats.runs.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         runs.spawn(async move {
-            let outcome = handle.wait().await;
-            let ok = outcome.success();
-            tokio::task::spawn_blocking(move || collect(&shared, &run, ok))
+            let failure = handle.wait().await.failure();
+            tokio::task::spawn_blocking(move || collect(&shared, &run, failure))
                 .await
                 .ok()
                 .flatten()
@@ -691,7 +741,11 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
         shared.stats.jit_refreshes.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         runs.spawn(async move {
-            let ok = handle.wait().await.success();
+            let failure = handle.wait().await.failure();
+            if let Some(why) = &failure {
+                shared.note_failure(Runtime::Java, &shared.config.tools.jattach, jvm.pid, why);
+            }
+            let ok = failure.is_none();
             let _ = tokio::task::spawn_blocking(move || {
                 let snapshot = ok
                     .then(|| JitSnapshot::capture(&jvm, std::time::Instant::now()).ok())
@@ -777,6 +831,14 @@ mod tests {
             missing.starts_with("not found: no-such-py-spy for python"),
             "{missing}"
         );
+        let plain = tempfile::NamedTempFile::new().unwrap();
+        config.tools.py_spy = plain.path().into();
+        let missing = config.missing_tools().unwrap();
+        let expected = format!(
+            "not found: `{}` is not executable (for python)",
+            plain.path().display()
+        );
+        assert!(missing.starts_with(&expected), "{missing}");
         assert!(RuntimeConfig::none().missing_tools().is_none());
     }
 }

@@ -236,7 +236,7 @@ fn missing_tool_is_one_note_and_native_still_works() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(
         stderr
-            .matches("not found: /nonexistent/py-spy for python")
+            .matches("not found: `/nonexistent/py-spy` does not exist (for python)")
             .count(),
         1,
         "{stderr}"
@@ -247,6 +247,46 @@ fn missing_tool_is_one_note_and_native_still_works() {
         .iter()
         .flat_map(|s| &s.frames)
         .any(|f| f.ends_with("_[py]")));
+}
+
+/// A tool that fails says why in the summary, in its own words, with the pid it was
+/// pointed at; the native profile is still written.
+#[test]
+fn failing_tool_is_reported_with_its_last_line() {
+    let target = spawn(
+        Command::new("python3")
+            .arg(programs_dir().join("chain.py"))
+            .arg("30"),
+    );
+    settle();
+    let dir = tempfile::tempdir().unwrap();
+    let tool = dir.path().join("failing-py-spy");
+    std::fs::write(
+        &tool,
+        "#!/bin/sh\necho 'Error: Permission denied (os error 13)' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out_dir = dir.path().join("out");
+    let out = Command::new(profiler_bin())
+        .args(["record", "--duration", "2", "--runtimes", "python"])
+        .args(["--pid", &target.pid().to_string()])
+        .arg("--output-dir")
+        .arg(&out_dir)
+        .arg("--py-spy")
+        .arg(&tool)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let expected = format!(
+        "last runtime profiler failure: {} for pid {} (python) exited with status 3: Error: Permission denied (os error 13)",
+        tool.display(),
+        target.pid()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    let stacks = read_folded(&out_dir);
+    assert!(stacks.iter().any(|s| s.frames[0] == "python3"));
 }
 
 /// The agent merges py-spy's stacks into its OTLP profiles: frames typed `cpython`

@@ -206,11 +206,68 @@ pub struct ChildOutcome {
     pub stderr_bytes: u64,
 }
 
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Exit::Code(code) => write!(f, "exited with status {code}"),
+            Exit::Signal(signal) => {
+                let name = match signal {
+                    libc::SIGKILL => "SIGKILL",
+                    libc::SIGTERM => "SIGTERM",
+                    libc::SIGSEGV => "SIGSEGV",
+                    libc::SIGABRT => "SIGABRT",
+                    libc::SIGBUS => "SIGBUS",
+                    libc::SIGILL => "SIGILL",
+                    libc::SIGINT => "SIGINT",
+                    libc::SIGPIPE => "SIGPIPE",
+                    _ => return write!(f, "was killed by signal {signal}"),
+                };
+                write!(f, "was killed by {name}")
+            }
+        }
+    }
+}
+
+/// Longest line of a child's output quoted in a failure description.
+pub const MAX_FAILURE_LINE: usize = 240;
+
 impl ChildOutcome {
     /// Exited with code 0 before its deadline.
     pub fn success(&self) -> bool {
         self.exit == Exit::Code(0) && !self.timed_out
     }
+
+    /// Why the run failed, for a log line: how it ended and the last line it wrote
+    /// (stderr first), e.g. `exited with status 1: Error: No such process`. `None`
+    /// for a success.
+    pub fn failure(&self) -> Option<String> {
+        if self.success() {
+            return None;
+        }
+        let mut text = if self.timed_out {
+            format!("ran past its deadline and {}", self.exit)
+        } else {
+            self.exit.to_string()
+        };
+        if let Some(line) = last_line(&self.stderr_tail).or_else(|| last_line(&self.stdout_tail)) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        Some(text)
+    }
+}
+
+/// The last non-blank line of `tail`, without control characters, at most
+/// [`MAX_FAILURE_LINE`] characters.
+fn last_line(tail: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(tail);
+    let line = text.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+    Some(
+        line.chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_FAILURE_LINE)
+            .collect(),
+    )
 }
 
 /// The caller's view of a started run. Dropping it does not stop the run: its task

@@ -360,7 +360,57 @@ async fn crash_is_reported_with_signal_and_stderr() {
     assert_eq!(o.exit, Exit::Signal(libc::SIGSEGV));
     assert!(!o.timed_out);
     assert_eq!(o.stderr_tail, b"cannot attach\n");
+    assert_eq!(
+        o.failure().as_deref(),
+        Some("was killed by SIGSEGV: cannot attach")
+    );
     assert_eq!(sup.stats().snapshot().failed, 1);
+}
+
+/// A failure names how the child ended and its last non-blank line, stderr before
+/// stdout, control characters removed and the line capped.
+#[test]
+fn failure_quotes_the_last_line() {
+    let outcome = |exit, timed_out, stdout: &[u8], stderr: &[u8]| ChildOutcome {
+        exit,
+        timed_out,
+        elapsed: Duration::ZERO,
+        stdout_tail: stdout.to_vec(),
+        stderr_tail: stderr.to_vec(),
+        stdout_bytes: stdout.len() as u64,
+        stderr_bytes: stderr.len() as u64,
+    };
+    assert_eq!(outcome(Exit::Code(0), false, b"", b"noise").failure(), None);
+    assert_eq!(
+        outcome(
+            Exit::Code(1),
+            false,
+            b"out\n",
+            b"first\nError: \x1b[31mgone\n\n"
+        )
+        .failure()
+        .as_deref(),
+        Some("exited with status 1: Error: [31mgone")
+    );
+    assert_eq!(
+        outcome(Exit::Code(2), false, b"only stdout\n", b" \n")
+            .failure()
+            .as_deref(),
+        Some("exited with status 2: only stdout")
+    );
+    assert_eq!(
+        outcome(Exit::Signal(libc::SIGTERM), true, b"", b"")
+            .failure()
+            .as_deref(),
+        Some("ran past its deadline and was killed by SIGTERM")
+    );
+    let long = outcome(Exit::Signal(63), false, b"", &[b'x'; 4096])
+        .failure()
+        .unwrap();
+    assert_eq!(
+        long.len(),
+        "was killed by signal 63: ".len() + MAX_FAILURE_LINE
+    );
 }
 
 /// The supervisor can be shared across threads (a multi-thread runtime, or an `Arc`).
