@@ -186,6 +186,42 @@ impl CycleWorker {
     }
 }
 
+/// Turns a growing loss counter into episodes: it began (the first interval that
+/// lost any) and it ended (the first interval after that lost none), so the log
+/// says each once rather than every interval.
+#[derive(Debug, Default)]
+struct LossEpisodes {
+    seen: u64,
+    /// The total when the current episode began, while one is going on.
+    began_at: Option<u64>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Episode {
+    /// Lost this many in the interval that began it.
+    Began(u64),
+    /// Lost this many in the whole episode.
+    Ended(u64),
+}
+
+impl LossEpisodes {
+    /// Called once per interval with the counter's total so far.
+    fn update(&mut self, total: u64) -> Option<Episode> {
+        let before = std::mem::replace(&mut self.seen, total);
+        match (total > before, self.began_at) {
+            (true, None) => {
+                self.began_at = Some(before);
+                Some(Episode::Began(total - before))
+            }
+            (false, Some(start)) => {
+                self.began_at = None;
+                Some(Episode::Ended(before - start))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The running agent's sinks.
 struct Sinks {
     queue: Option<Arc<ExportQueue<QueuedRequest>>>,
@@ -344,6 +380,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         .then(|| profilers.start_round(config.pids.clone(), round_window))
         .flatten();
 
+    let mut kernel_losses = LossEpisodes::default();
+    let mut skipped_slots = LossEpisodes::default();
     let worker = CycleWorker::start(ctx)?;
     let mut in_flight: Option<oneshot::Receiver<CycleDone>> = None;
     let mut interval_start = SystemTime::now();
@@ -368,7 +406,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             _ = ticker.tick() => {
                 if in_flight.is_some() {
                     let skipped = stats.skipped_cycles.fetch_add(1, Ordering::Relaxed) + 1;
-                    warn!(skipped, "previous cycle still running: skipping this slot (its samples go into the next profile)");
+                    debug!(skipped, "previous cycle still running: skipping this slot");
                     continue;
                 }
                 let aggregate = collector.take_interval().await?;
@@ -402,6 +440,23 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     perf_maps_refused = done.jit.maps_refused,
                     "cycle done"
                 );
+                match kernel_losses.update(collector.kernel_counters().lost()) {
+                    Some(Episode::Began(lost)) => warn!(
+                        lost,
+                        frequency_hz = config.frequency_hz,
+                        "samples are being lost in the kernel: the ring buffer was full (the reader is not keeping up; a lower --frequency helps)"
+                    ),
+                    Some(Episode::Ended(lost)) => info!(lost, "samples are no longer lost in the kernel"),
+                    None => {}
+                }
+                match skipped_slots.update(stats.skipped_cycles.load(Ordering::Relaxed)) {
+                    Some(Episode::Began(skipped)) => warn!(
+                        skipped,
+                        "cycles overrun the interval: slots are skipped (their samples go into the next profile)"
+                    ),
+                    Some(Episode::Ended(skipped)) => info!(skipped, "cycles fit the interval again"),
+                    None => {}
+                }
                 sinks.deliver(&mut done, &stats);
                 collector.forget_exited().await;
             }
@@ -479,4 +534,34 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         "stopped"
     );
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loss counter is one "began" when it first grows and one "ended" at the
+    /// first interval without growth, with the counts of each.
+    #[test]
+    fn losses_are_logged_as_episodes() {
+        let mut e = LossEpisodes::default();
+        let seen: Vec<_> = [0, 0, 5, 9, 20, 20, 20, 21, 21]
+            .into_iter()
+            .map(|total| e.update(total))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                None,
+                None,
+                Some(Episode::Began(5)),
+                None,
+                None,
+                Some(Episode::Ended(20)),
+                None,
+                Some(Episode::Began(1)),
+                Some(Episode::Ended(1)),
+            ]
+        );
+    }
 }
