@@ -219,7 +219,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             config.runtimes = runtimes;
             let runtime = record::runtime()?;
-            let summary = runtime.block_on(record::run(&config))?;
+            let result = runtime.block_on(record::run(&config));
+            // Do not wait for a symbolization abandoned at Ctrl-C.
+            runtime.shutdown_background();
+            let summary = result?;
             eprint!("{}", summary.render());
             Ok(())
         }

@@ -223,7 +223,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     };
     let round = profilers.start_round(candidates, config.duration);
 
-    let interrupted = wait_for_end(config, &collector).await;
+    let mut interrupted = wait_for_end(config, &collector).await;
 
     let stopped = collector.stop().await?;
     let elapsed = started.elapsed();
@@ -236,9 +236,25 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         Some(round) => {
             let live = profilers.supervisor().live();
             if config.progress && !interrupted && live > 0 {
-                eprintln!("waiting for {live} runtime profiler(s) to finish...");
+                eprintln!(
+                    "waiting for {live} runtime profiler(s) to finish (Ctrl-C stops them)..."
+                );
             }
-            round.wait().await
+            let mut round = std::pin::pin!(round.wait());
+            match or_interrupt(&mut round).await {
+                Some(stacks) => stacks,
+                None => {
+                    // Ctrl-C: the runs end now; what finished is kept.
+                    interrupted = true;
+                    if config.progress {
+                        eprintln!("stopping the runtime profilers: writing what was recorded");
+                    }
+                    profilers.shutdown(Duration::from_secs(2)).await;
+                    tokio::time::timeout(Duration::from_secs(3), round)
+                        .await
+                        .unwrap_or_default()
+                }
+            }
         }
         None => vec![],
     };
@@ -247,7 +263,9 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     // supervisor is already shut down: maps already on disk are still read).
     if !interrupted {
         if let Some(jit) = profilers.refresh_jit(tgids.clone()) {
-            jit.wait().await;
+            if or_interrupt(jit.wait()).await.is_none() {
+                interrupted = true;
+            }
         }
     }
     profilers.shutdown(Duration::from_secs(2)).await;
@@ -281,13 +299,18 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     let title = title(config, stopped.cpus, elapsed);
     let output_dir = config.output_dir.clone();
     let table = stopped.table;
-    let (profile, written, aggregate_stats, stacks) = tokio::task::spawn_blocking(move || {
+    let work = tokio::task::spawn_blocking(move || {
         let profile = Symbolizer::default().symbolize(&aggregate, &table, meta, &interpreted);
         let written = export::write_all(&profile, &output_dir, &title);
         (profile, written, aggregate.stats(), aggregate.len())
-    })
-    .await
-    .context("symbolization failed")?;
+    });
+    // Ctrl-C now (a second one, or the first after the recording ended) gives up:
+    // the files are renamed into place only when complete, so none is half-written.
+    let Some(work) = or_interrupt(work).await else {
+        export::remove_temporaries(&config.output_dir);
+        anyhow::bail!("interrupted while symbolizing: the profile was not written");
+    };
+    let (profile, written, aggregate_stats, stacks) = work.context("symbolization failed")?;
     let written = written?;
     runtimes.jit = profile.jit;
 
@@ -330,6 +353,14 @@ fn title(config: &RecordConfig, cpus: usize, elapsed: Duration) -> String {
         elapsed.as_secs_f64(),
         config.frequency_hz
     )
+}
+
+/// `work`'s output, or `None` if Ctrl-C comes first.
+async fn or_interrupt<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        out = work => Some(out),
+        _ = tokio::signal::ctrl_c() => None,
+    }
 }
 
 /// Waits for the duration, Ctrl-C or SIGTERM, printing progress. Returns true when

@@ -289,6 +289,60 @@ fn failing_tool_is_reported_with_its_last_line() {
     assert!(stacks.iter().any(|s| s.frames[0] == "python3"));
 }
 
+/// Ctrl-C while `record` waits for a runtime profiler that will not finish stops
+/// it and writes what was recorded, instead of waiting for the tool's deadline.
+#[test]
+fn ctrl_c_stops_the_wait_for_runtime_profilers() {
+    let target = spawn(
+        Command::new("python3")
+            .arg(programs_dir().join("chain.py"))
+            .arg("60"),
+    );
+    settle();
+    let dir = tempfile::tempdir().unwrap();
+    let tool = dir.path().join("hanging-py-spy");
+    std::fs::write(&tool, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out_dir = dir.path().join("out");
+    let log = dir.path().join("stderr");
+    let mut record = KillOnDrop(
+        Command::new(profiler_bin())
+            .args(["record", "--duration", "1", "--runtimes", "python"])
+            .args(["--pid", &target.pid().to_string()])
+            .arg("--output-dir")
+            .arg(&out_dir)
+            .arg("--py-spy")
+            .arg(&tool)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    for _ in 0..300 {
+        if read_log().contains("waiting for 1 runtime profiler(s)") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        read_log().contains("waiting for 1 runtime profiler(s)"),
+        "{}",
+        read_log()
+    );
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(record.pid() as i32, libc::SIGINT) }, 0);
+    let status = record.wait();
+    let text = read_log();
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains("stopping the runtime profilers: writing what was recorded"),
+        "{text}"
+    );
+    let stacks = read_folded(&out_dir);
+    assert!(stacks.iter().any(|s| s.frames[0] == "python3"), "{text}");
+}
+
 /// The agent merges py-spy's stacks into its OTLP profiles: frames typed `cpython`
 /// with the chain in order, in the Python process's resource.
 #[test]

@@ -37,13 +37,24 @@ pub enum ExportError {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// The temporary name [`write_all`] writes `name` under, in this process.
+fn temporary(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.tmp.{}", std::process::id()))
+}
+
+/// Removes this process's temporary files in `dir` (when a write is abandoned).
+pub fn remove_temporaries(dir: &Path) {
+    for name in [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE] {
+        let _ = fs::remove_file(temporary(dir, name));
+    }
+}
+
 /// Writes `profile.folded`, `profile.pb.gz` and `flamegraph.svg` into `dir`. Each is
 /// written to a temporary file first; the renames happen only once all three are
 /// complete, and the temporaries are removed on failure.
 pub fn write_all(profile: &Profile, dir: &Path, title: &str) -> Result<Written, ExportError> {
     let targets = [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE].map(|name| dir.join(name));
-    let temps = [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE]
-        .map(|name| dir.join(format!(".{name}.tmp.{}", std::process::id())));
+    let temps = [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE].map(|name| temporary(dir, name));
     let result = (|| {
         write_file(&temps[0], &targets[0], |w| folded::write(profile, w))?;
         write_file(&temps[1], &targets[1], |w| pprof::write_gzipped(profile, w))?;
