@@ -325,7 +325,42 @@ fn describe(status: &tonic::Status) -> String {
         }
         source = e.source();
     }
+    if let Some(hint) = tls_hint(&text) {
+        text.push_str(" (");
+        text.push_str(hint);
+        text.push(')');
+    }
     text
+}
+
+/// What to do about the TLS errors users meet most, recognised in rustls's words.
+fn tls_hint(error: &str) -> Option<&'static str> {
+    const HINTS: [(&str, &str); 5] = [
+        (
+            "CaUsedAsEndEntity",
+            "the server presents a CA certificate (basicConstraints CA:TRUE) as its own, which rustls refuses: give the server a certificate signed by that CA, and the CA to --ca-file",
+        ),
+        (
+            "UnknownIssuer",
+            "the server's certificate is not signed by a CA this agent trusts: give that CA with --ca-file or OTEL_EXPORTER_OTLP_CERTIFICATE",
+        ),
+        (
+            "NotValidForName",
+            "the server's certificate does not name the host in the endpoint",
+        ),
+        (
+            "Expired",
+            "the server's certificate has expired, or this host's clock is wrong",
+        ),
+        (
+            "InvalidContentType",
+            "the server does not speak TLS: use an http:// endpoint for plaintext",
+        ),
+    ];
+    HINTS
+        .iter()
+        .find(|(needle, _)| error.contains(needle))
+        .map(|(_, hint)| *hint)
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, GrpcError> {
@@ -367,6 +402,19 @@ mod tests {
     use super::*;
 
     /// Backoff doubles from 500 ms and stops growing at 30 s.
+    /// The common TLS failures come with what to do about them; others do not.
+    #[test]
+    fn tls_errors_get_a_hint() {
+        let hint = |e: &str| tls_hint(e).unwrap_or("");
+        assert!(
+            hint("invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))")
+                .contains("signed by that CA")
+        );
+        assert!(hint("invalid peer certificate: UnknownIssuer").contains("--ca-file"));
+        assert!(hint("NotValidForNameContext { expected: ... }").contains("does not name"));
+        assert_eq!(tls_hint("tcp connect error: Connection refused"), None);
+    }
+
     #[test]
     fn backoff_doubles_up_to_the_cap() {
         assert_eq!(backoff(1), Duration::from_millis(500));
