@@ -382,6 +382,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
 
     let mut kernel_losses = LossEpisodes::default();
     let mut skipped_slots = LossEpisodes::default();
+    let mut targets_gone = false;
     let worker = CycleWorker::start(ctx)?;
     let mut in_flight: Option<oneshot::Receiver<CycleDone>> = None;
     let mut interval_start = SystemTime::now();
@@ -456,6 +457,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     ),
                     Some(Episode::Ended(skipped)) => info!(skipped, "cycles fit the interval again"),
                     None => {}
+                }
+                if !config.pids.is_empty()
+                    && !targets_gone
+                    && !config.pids.iter().any(|&pid| crate::process::is_running(pid))
+                {
+                    targets_gone = true;
+                    warn!(
+                        pids = ?config.pids,
+                        "every --pid target has exited: profiles stay empty until the agent is restarted with live targets"
+                    );
                 }
                 sinks.deliver(&mut done, &stats);
                 collector.forget_exited().await;

@@ -334,6 +334,14 @@ impl ProcessTable {
     }
 }
 
+/// Whether `pid` is a process that still runs (not gone, not a zombie waiting for
+/// its parent).
+pub fn is_running(pid: u32) -> bool {
+    Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
+}
+
 /// The container id in a /proc/PID/cgroup file: the 64-hex-digit id that Docker,
 /// containerd, CRI-O and podman put in the cgroup path (e.g.
 /// `0::/system.slice/docker-<id>.scope`, `.../kubepods/.../cri-containerd-<id>.scope`,
@@ -532,6 +540,21 @@ mod tests {
 
     /// Container ids are found in the cgroup paths of the common runtimes, and a
     /// host process has none.
+    /// A live process runs; a zombie and a pid that does not exist do not.
+    #[test]
+    fn running_is_alive_and_not_a_zombie() {
+        assert!(is_running(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Unreaped, it stays a zombie until wait().
+        while is_running(pid) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        child.wait().unwrap();
+        assert!(!is_running(pid));
+    }
+
     #[test]
     fn container_ids_from_cgroup_paths() {
         let id = "3f1c0a2b4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8";

@@ -378,9 +378,22 @@ async fn wait_for_end(config: &RecordConfig, collector: &Collector) -> bool {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut targets_check = tokio::time::interval(Duration::from_secs(1));
     let interrupted = loop {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break false,
+            // Like `perf record -p`: nothing is left to profile.
+            _ = targets_check.tick(), if !config.pids.is_empty() => {
+                if !config.pids.iter().any(|&pid| crate::process::is_running(pid)) {
+                    if config.progress {
+                        if tty {
+                            eprintln!();
+                        }
+                        eprintln!("every --pid target has exited: stopping early");
+                    }
+                    return true;
+                }
+            }
             _ = tokio::signal::ctrl_c() => break true,
             _ = async {
                 match sigterm.as_mut() {

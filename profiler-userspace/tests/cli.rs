@@ -204,3 +204,39 @@ fn sigint_stops_early_and_writes_everything() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
+
+/// When every --pid target has exited, a recording ends early, like `perf record
+/// -p`, and the samples of the targets are still written.
+#[test]
+fn record_stops_when_every_target_has_exited() {
+    let dir = tempfile::tempdir().unwrap();
+    // A shell that keeps a CPU busy for a second, then exits (reaped by us below).
+    let mut target = Command::new("sh")
+        .args([
+            "-c",
+            "end=$(($(date +%s) + 2)); while [ $(date +%s) -lt $end ]; do :; done",
+        ])
+        .spawn()
+        .unwrap();
+    let pid = target.id().to_string();
+    let reaper = std::thread::spawn(move || target.wait());
+    let out = profiler(&[
+        "record",
+        "--duration",
+        "120",
+        "--pid",
+        &pid,
+        "--output-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(reaper.join().unwrap().unwrap().success());
+    assert!(
+        text.contains("every --pid target has exited: stopping early"),
+        "{text}"
+    );
+    assert!(text.contains("stopped early"), "{text}");
+    let folded = std::fs::read_to_string(dir.path().join("profile.folded")).unwrap();
+    assert!(folded.lines().any(|l| l.starts_with("sh;")), "{folded}");
+}

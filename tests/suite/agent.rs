@@ -317,7 +317,9 @@ fn tls_with_self_signed_ca() {
         untrusted.log()
     );
     assert!(
-        untrusted.log().contains("not signed by a CA this agent trusts"),
+        untrusted
+            .log()
+            .contains("not signed by a CA this agent trusts"),
         "no hint: {}",
         untrusted.log()
     );
