@@ -390,6 +390,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;
+    // A closed terminal (SIGHUP) stops the agent as SIGTERM does, flushing first,
+    // instead of killing it with the last interval unsent.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
     let meta_until_now = |start: SystemTime| {
         let now = SystemTime::now();
         (
@@ -473,6 +477,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => break,
         }
     }
 

@@ -355,6 +355,16 @@ fn title(config: &RecordConfig, cpus: usize, elapsed: Duration) -> String {
     )
 }
 
+/// The next signal of `signal`; never, when it could not be installed.
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal.as_mut() {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 /// `work`'s output, or `None` if Ctrl-C comes first.
 async fn or_interrupt<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
     tokio::select! {
@@ -378,6 +388,8 @@ async fn wait_for_end(config: &RecordConfig, collector: &Collector) -> bool {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // A closed terminal ends the recording early, and it is still written.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut targets_check = tokio::time::interval(Duration::from_secs(1));
     let interrupted = loop {
         tokio::select! {
@@ -395,12 +407,8 @@ async fn wait_for_end(config: &RecordConfig, collector: &Collector) -> bool {
                 }
             }
             _ = tokio::signal::ctrl_c() => break true,
-            _ = async {
-                match sigterm.as_mut() {
-                    Some(s) => { s.recv().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => break true,
+            _ = recv(&mut sigterm) => break true,
+            _ = recv(&mut sighup) => break true,
             _ = ticker.tick(), if config.progress => {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let lost = collector.kernel_counters().lost() + drain.malformed();

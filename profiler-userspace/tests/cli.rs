@@ -205,6 +205,26 @@ fn sigint_stops_early_and_writes_everything() {
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
+/// SIGHUP (a closed terminal) ends a recording early and it is still written.
+#[test]
+fn sighup_ends_a_recording_that_is_still_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(PROFILER)
+        .args(["record", "--duration", "120", "--output-dir"])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("stopped early"), "{text}");
+    assert!(dir.path().join("profile.pb.gz").is_file(), "{text}");
+}
+
 /// When every --pid target has exited, a recording ends early, like `perf record
 /// -p`, and the samples of the targets are still written.
 #[test]
