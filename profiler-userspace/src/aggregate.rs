@@ -245,8 +245,14 @@ mod tests {
     use super::*;
     use crate::drain::encode_record;
 
+    /// Where the tests' user addresses start: small numbers are not user code (the
+    /// parser ends a user stack at one).
+    const USER: u64 = 0x40_0000;
+
+    /// Adds a sample; `user` frames are offsets from [`USER`].
     fn add(agg: &mut Aggregator, tgid: u32, comm: &[u8], kernel: &[u64], user: &[u64]) {
-        let bytes = encode_record(tgid, tgid, comm, kernel, user);
+        let user: Vec<u64> = user.iter().map(|ip| USER + ip).collect();
+        let bytes = encode_record(tgid, tgid, comm, kernel, &user);
         agg.add(&RawSample::parse(&bytes).unwrap());
     }
 
@@ -269,7 +275,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             (merged.kernel(), merged.user(), merged.count),
-            (&[9][..], &[1, 2][..], 2)
+            (&[9][..], &[USER + 1, USER + 2][..], 2)
         );
     }
 

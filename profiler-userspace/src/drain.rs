@@ -42,6 +42,31 @@ pub struct RawSample<'a> {
     /// Kernel instruction pointers then user ones, leaf first, native endian.
     frames: &'a [u8],
     kernel_frames: usize,
+    /// The user walk ended at an impossible return address (not 0, which is how a
+    /// frame-pointer chain ends): the frames from there on were dropped.
+    pub user_walk_derailed: bool,
+}
+
+/// Lowest address a user instruction can have: the zero page is never code.
+pub const MIN_USER_IP: u64 = 0x1000;
+/// End of user space (x86-64 with 5-level paging; 4-level ends lower, at 2^47).
+pub const USER_SPACE_END: u64 = 1 << 56;
+
+/// How many of `user` (leaf first) are the stack: up to, not including, the first
+/// entry that cannot be a user instruction address. The kernel's frame-pointer walk
+/// stores the 0 return address that ends a chain; a walk through code without frame
+/// pointers can read anything. Returns the count and whether it stopped at
+/// something other than 0.
+fn user_stack_len(user: &[u8]) -> (usize, bool) {
+    for (i, ip) in RawSample::ips(user).enumerate() {
+        if ip == 0 {
+            return (i, false);
+        }
+        if !(MIN_USER_IP..USER_SPACE_END).contains(&ip) {
+            return (i, true);
+        }
+    }
+    (user.len() / 8, false)
 }
 
 /// Why a record could not be parsed. Malformed records are counted, never fatal.
@@ -101,6 +126,7 @@ impl<'a> RawSample<'a> {
                 len: bytes.len(),
             });
         }
+        let (user, user_walk_derailed) = user_stack_len(&frames[kernel * 8..(kernel + user) * 8]);
         Ok(RawSample {
             tgid: header.tgid,
             tid: header.tid,
@@ -108,6 +134,7 @@ impl<'a> RawSample<'a> {
             comm: header.comm,
             frames: &frames[..(kernel + user) * 8],
             kernel_frames: kernel,
+            user_walk_derailed,
         })
     }
 
@@ -145,6 +172,8 @@ pub struct DrainStats {
     pub records: AtomicU64,
     /// Records that failed to parse (counted, skipped).
     pub malformed: AtomicU64,
+    /// Samples whose user stack was cut at an impossible return address.
+    pub user_walks_derailed: AtomicU64,
 }
 
 impl DrainStats {
@@ -153,6 +182,9 @@ impl DrainStats {
     }
     pub fn malformed(&self) -> u64 {
         self.malformed.load(Ordering::Relaxed)
+    }
+    pub fn user_walks_derailed(&self) -> u64 {
+        self.user_walks_derailed.load(Ordering::Relaxed)
     }
 }
 
@@ -242,6 +274,11 @@ impl DrainLoop {
                     handled += 1;
                     match RawSample::parse(&item) {
                         Ok(sample) => {
+                            if sample.user_walk_derailed {
+                                self.stats
+                                    .user_walks_derailed
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
                             self.first_sight.observe(sample.tgid, &sample.comm);
                             self.aggregator.add(&sample);
                         }
@@ -308,12 +345,42 @@ mod tests {
     /// A well-formed record yields its ids and both stacks in order.
     #[test]
     fn parses_a_record() {
-        let bytes = record(&[1, 2], &[10, 11, 12]);
+        let bytes = record(&[1, 2], &[0x1010, 0x1011, 0x1012]);
         let s = RawSample::parse(&bytes).unwrap();
         assert_eq!((s.tgid, s.tid, s.cpu), (42, 43, 1));
         assert_eq!(s.kernel_ips().collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(s.user_ips().collect::<Vec<_>>(), vec![10, 11, 12]);
+        assert_eq!(
+            s.user_ips().collect::<Vec<_>>(),
+            vec![0x1010, 0x1011, 0x1012]
+        );
         assert_eq!(&s.comm[..6], b"worker");
+    }
+
+    /// A user stack ends at the 0 that ends a frame-pointer chain (not counted) or
+    /// at an address no user code can have (counted as derailed); the kernel stack
+    /// is kept whole.
+    #[test]
+    fn user_stack_ends_at_an_impossible_address() {
+        let bytes = record(
+            &[0xffff_ffff_8100_0000],
+            &[0x40_1000, 0x40_2000, 0, 0x40_3000],
+        );
+        let s = RawSample::parse(&bytes).unwrap();
+        assert_eq!(s.user_ips().collect::<Vec<_>>(), vec![0x40_1000, 0x40_2000]);
+        assert_eq!(s.kernel_len(), 1);
+        assert!(!s.user_walk_derailed);
+        for bad in [0x3ff, USER_SPACE_END, u64::MAX] {
+            let bytes = record(&[], &[0x40_1000, bad, 0x40_3000]);
+            let s = RawSample::parse(&bytes).unwrap();
+            assert_eq!(
+                s.user_ips().collect::<Vec<_>>(),
+                vec![0x40_1000],
+                "{bad:#x}"
+            );
+            assert!(s.user_walk_derailed, "{bad:#x}");
+        }
+        let bytes = record(&[], &[0x40_1000, 0x7f00_0000_0000]);
+        assert_eq!(RawSample::parse(&bytes).unwrap().user_len(), 2);
     }
 
     /// Frame counts beyond the record's bytes are rejected, not read out of bounds.

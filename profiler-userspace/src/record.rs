@@ -54,6 +54,8 @@ pub struct RecordSummary {
     pub records: u64,
     /// Records that failed to parse.
     pub malformed: u64,
+    /// Samples whose user stack was cut at an impossible return address.
+    pub user_walks_derailed: u64,
     pub aggregate: AggregateStats,
     pub stacks: usize,
     pub processes: usize,
@@ -124,6 +126,13 @@ impl RecordSummary {
                 s,
                 "  stack table full: {} samples kept without their stacks",
                 self.aggregate.folded_samples
+            );
+        }
+        if self.user_walks_derailed > 0 {
+            let _ = writeln!(
+                s,
+                "  user stacks cut at an impossible return address: {} (a frame-pointer walk through code built without frame pointers)",
+                self.user_walks_derailed
             );
         }
         if self.gone_before_capture > 0 {
@@ -324,6 +333,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         kernel: stopped.kernel,
         records: stopped.drain_stats.records(),
         malformed: stopped.drain_stats.malformed(),
+        user_walks_derailed: stopped.drain_stats.user_walks_derailed(),
         aggregate: aggregate_stats,
         stacks,
         processes: profile
