@@ -249,6 +249,8 @@ struct Shared {
     /// Runtimes whose first failure was logged (bit `Runtime as u8`); later ones
     /// go to debug, so a tool that always fails is one warning, not one per cycle.
     warned: std::sync::atomic::AtomicU8,
+    /// Set by [`RuntimeProfilers::shutdown`]: runs it ends are not failures.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -256,6 +258,10 @@ impl Shared {
     /// logs it, at warn the first time for this runtime.
     fn note_failure(&self, runtime: Runtime, program: &Path, pid: u32, why: &str) {
         let text = format!("{} for pid {pid} ({runtime}) {why}", program.display());
+        if self.stopping.load(Ordering::Relaxed) {
+            tracing::debug!("{text} (stopped with us)");
+            return;
+        }
         let bit = 1u8 << (runtime as u8);
         if self.warned.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
             tracing::warn!(
@@ -334,6 +340,7 @@ impl RuntimeProfilers {
                 seq: AtomicU64::new(0),
                 turn: AtomicUsize::new(0),
                 warned: Default::default(),
+                stopping: Default::default(),
             }),
             round_slot: Arc::new(Semaphore::new(1)),
         })
@@ -395,6 +402,7 @@ impl RuntimeProfilers {
 
     /// Kills every child and waits for them, until `deadline`.
     pub async fn shutdown(&self, deadline: Duration) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
         let _ = self.shared.supervisor.shutdown(deadline).await;
     }
 }
