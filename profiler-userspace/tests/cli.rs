@@ -166,29 +166,32 @@ fn unprivileged_user_is_told_what_is_missing() {
     assert!(!out_dir.exists());
 }
 
+/// A 120 s recording into `dir`, sent `signal` after `after`; its output, and how
+/// long it took to exit after the signal.
+fn record_until_signal(dir: &Path, signal: i32, after: Duration) -> (Output, Duration) {
+    let child = Command::new(PROFILER)
+        .args(["record", "--duration", "120", "--output-dir"])
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    (out, started.elapsed())
+}
+
 /// SIGINT ends a long recording early, and every file is still written.
 #[test]
 fn sigint_stops_early_and_writes_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(PROFILER)
-        .args(["record", "--duration", "120", "--output-dir"])
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Long enough for one non-terminal progress line (every 5 s).
-    std::thread::sleep(Duration::from_millis(5500));
-    // SAFETY: plain kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let started = Instant::now();
-    let out = child.wait_with_output().unwrap();
+    let (out, took) = record_until_signal(dir.path(), libc::SIGINT, Duration::from_millis(5500));
     let text = stderr(&out);
     assert!(out.status.success(), "{text}");
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
     assert!(text.contains("recording: "), "no progress line: {text}");
     assert!(text.contains("stopped early"), "{text}");
     for file in ["profile.folded", "profile.pb.gz", "flamegraph.svg"] {
@@ -209,16 +212,7 @@ fn sigint_stops_early_and_writes_everything() {
 #[test]
 fn sighup_ends_a_recording_that_is_still_written() {
     let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(PROFILER)
-        .args(["record", "--duration", "120", "--output-dir"])
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    // SAFETY: plain kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
-    let out = child.wait_with_output().unwrap();
+    let (out, _) = record_until_signal(dir.path(), libc::SIGHUP, Duration::from_secs(2));
     let text = stderr(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("stopped early"), "{text}");

@@ -367,14 +367,20 @@ fn local_files_rotate() {
         .collect();
     pprofs.sort();
     assert_eq!(pprofs.len(), 2, "{pprofs:?}");
+    assert_pprof_reads(&pprofs[1]);
+}
+
+/// Google's pprof reads the profile at `path`.
+fn assert_pprof_reads(path: &std::path::Path) {
     let out = std::process::Command::new(pprof_bin())
         .arg("-raw")
-        .arg(&pprofs[1])
+        .arg(path)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{}: {}",
+        path.display(),
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -456,14 +462,5 @@ fn full_disk_deletes_the_oldest_profiles() {
         written,
         "{names:?}\n{stopped}"
     );
-    let out = std::process::Command::new(pprof_bin())
-        .arg("-raw")
-        .arg(disk.dir.path().join(pprofs.last().unwrap()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_pprof_reads(&disk.dir.path().join(pprofs.last().unwrap()));
 }

@@ -62,12 +62,7 @@ fn spawn(cmd: &mut Command) -> KillOnDrop {
 #[test]
 fn python_chain_from_py_spy() {
     let _cpu = cpu_heavy_lock();
-    let target = spawn(
-        Command::new("python3")
-            .arg(programs_dir().join("chain.py"))
-            .arg("60"),
-    );
-    settle();
+    let target = python_chain(60);
     let dir = tempfile::tempdir().unwrap();
     let log = record_cli(target.pid(), 4, dir.path());
     let stacks = read_folded(dir.path());
@@ -214,24 +209,56 @@ fn foreign_owned_perf_map_is_refused_and_counted() {
     assert!(log.contains("perf maps: 1 refused"), "{log}");
 }
 
-/// A missing tool is said once, and the native profile is still written.
-#[test]
-fn missing_tool_is_one_note_and_native_still_works() {
+/// `programs/chain.py` running for `secs`, settled.
+fn python_chain(secs: u64) -> KillOnDrop {
     let target = spawn(
         Command::new("python3")
             .arg(programs_dir().join("chain.py"))
-            .arg("30"),
+            .arg(secs.to_string()),
     );
     settle();
+    target
+}
+
+/// An executable shell script `dir/name` with `body`, standing in for a tool.
+fn script_tool(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let tool = dir.join(name);
+    std::fs::write(&tool, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    tool
+}
+
+/// `profiler record` of `pid` for `secs`, Python only, with `py_spy` as py-spy.
+fn record_python_with(pid: u32, secs: u64, out_dir: &Path, py_spy: &Path) -> Command {
+    let mut cmd = Command::new(profiler_bin());
+    cmd.args([
+        "record",
+        "--duration",
+        &secs.to_string(),
+        "--runtimes",
+        "python",
+    ])
+    .args(["--pid", &pid.to_string()])
+    .arg("--output-dir")
+    .arg(out_dir)
+    .arg("--py-spy")
+    .arg(py_spy);
+    cmd
+}
+
+/// A missing tool is said once, and the native profile is still written.
+#[test]
+fn missing_tool_is_one_note_and_native_still_works() {
+    let target = python_chain(30);
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(profiler_bin())
-        .args(["record", "--duration", "2", "--runtimes", "python"])
-        .args(["--pid", &target.pid().to_string()])
-        .arg("--output-dir")
-        .arg(dir.path())
-        .args(["--py-spy", "/nonexistent/py-spy"])
-        .output()
-        .unwrap();
+    let out = record_python_with(
+        target.pid(),
+        2,
+        dir.path(),
+        Path::new("/nonexistent/py-spy"),
+    )
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(
@@ -253,28 +280,15 @@ fn missing_tool_is_one_note_and_native_still_works() {
 /// pointed at; the native profile is still written.
 #[test]
 fn failing_tool_is_reported_with_its_last_line() {
-    let target = spawn(
-        Command::new("python3")
-            .arg(programs_dir().join("chain.py"))
-            .arg("30"),
-    );
-    settle();
+    let target = python_chain(30);
     let dir = tempfile::tempdir().unwrap();
-    let tool = dir.path().join("failing-py-spy");
-    std::fs::write(
-        &tool,
-        "#!/bin/sh\necho 'Error: Permission denied (os error 13)' >&2\nexit 3\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let tool = script_tool(
+        dir.path(),
+        "failing-py-spy",
+        "echo 'Error: Permission denied (os error 13)' >&2\nexit 3",
+    );
     let out_dir = dir.path().join("out");
-    let out = Command::new(profiler_bin())
-        .args(["record", "--duration", "2", "--runtimes", "python"])
-        .args(["--pid", &target.pid().to_string()])
-        .arg("--output-dir")
-        .arg(&out_dir)
-        .arg("--py-spy")
-        .arg(&tool)
+    let out = record_python_with(target.pid(), 2, &out_dir, &tool)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -293,26 +307,13 @@ fn failing_tool_is_reported_with_its_last_line() {
 /// it and writes what was recorded, instead of waiting for the tool's deadline.
 #[test]
 fn ctrl_c_stops_the_wait_for_runtime_profilers() {
-    let target = spawn(
-        Command::new("python3")
-            .arg(programs_dir().join("chain.py"))
-            .arg("60"),
-    );
-    settle();
+    let target = python_chain(60);
     let dir = tempfile::tempdir().unwrap();
-    let tool = dir.path().join("hanging-py-spy");
-    std::fs::write(&tool, "#!/bin/sh\nexec sleep 600\n").unwrap();
-    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let tool = script_tool(dir.path(), "hanging-py-spy", "exec sleep 600");
     let out_dir = dir.path().join("out");
     let log = dir.path().join("stderr");
     let mut record = KillOnDrop(
-        Command::new(profiler_bin())
-            .args(["record", "--duration", "1", "--runtimes", "python"])
-            .args(["--pid", &target.pid().to_string()])
-            .arg("--output-dir")
-            .arg(&out_dir)
-            .arg("--py-spy")
-            .arg(&tool)
+        record_python_with(target.pid(), 1, &out_dir, &tool)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -351,12 +352,7 @@ fn ctrl_c_stops_the_wait_for_runtime_profilers() {
 fn agent_exports_python_frames_over_otlp() {
     let _cpu = cpu_heavy_lock();
     let receiver = Receiver::start(0, &[]);
-    let target = spawn(
-        Command::new("python3")
-            .arg(programs_dir().join("chain.py"))
-            .arg("60"),
-    );
-    settle();
+    let target = python_chain(60);
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
     let py_spy = tool("PY_SPY_BIN");
     let mut agent = Agent::start(&[
