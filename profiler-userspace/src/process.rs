@@ -404,6 +404,10 @@ pub struct FirstSight {
     seen: HashSet<u32>,
     queue: SyncSender<u32>,
     stats: Arc<ProcessStats>,
+    /// Tgids the worker found gone: they leave `seen`, so that the set holds only
+    /// processes that may still be captured, and a reused pid is captured again.
+    /// Bounded by `seen`: each tgid in it is queued at most once.
+    gone: Arc<Mutex<Vec<u32>>>,
 }
 
 impl FirstSight {
@@ -412,8 +416,10 @@ impl FirstSight {
         if tgid == 0 || self.seen.contains(&tgid) {
             return;
         }
+        self.release_gone();
         if self.seen.len() >= MAX_TRACKED_PROCESSES {
-            return; // counted by the table when it refuses
+            self.stats.table_full.fetch_add(1, Ordering::Relaxed);
+            return;
         }
         match self.queue.try_send(tgid) {
             Ok(()) => {
@@ -423,6 +429,14 @@ impl FirstSight {
                 self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
             }
             Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Drops from `seen` the tgids whose capture found them gone.
+    fn release_gone(&mut self) {
+        let gone = std::mem::take(&mut *self.gone.lock().unwrap_or_else(|p| p.into_inner()));
+        for tgid in gone {
+            self.seen.remove(&tgid);
         }
     }
 
@@ -446,9 +460,11 @@ impl CaptureWorker {
     pub fn start(table: Arc<Mutex<ProcessTable>>) -> std::io::Result<(CaptureWorker, FirstSight)> {
         let (tx, rx) = sync_channel(CAPTURE_QUEUE);
         let stats = table.lock().expect("process table lock").stats().clone();
+        let gone = Arc::new(Mutex::new(Vec::new()));
+        let worker_gone = gone.clone();
         let handle = std::thread::Builder::new()
             .name("capture".into())
-            .spawn(move || capture_loop(rx, table))?;
+            .spawn(move || capture_loop(rx, table, worker_gone))?;
         Ok((
             CaptureWorker {
                 handle: Some(handle),
@@ -457,6 +473,7 @@ impl CaptureWorker {
                 seen: HashSet::new(),
                 queue: tx,
                 stats,
+                gone,
             },
         ))
     }
@@ -469,7 +486,7 @@ impl CaptureWorker {
     }
 }
 
-fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>) {
+fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>, gone: Arc<Mutex<Vec<u32>>>) {
     while let Ok(pid) = queue.recv() {
         let mut table = table.lock().expect("process table lock");
         if let Err(CaptureError::Gone { .. }) = table.capture(pid) {
@@ -477,6 +494,7 @@ fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>) {
                 .stats
                 .gone_before_capture
                 .fetch_add(1, Ordering::Relaxed);
+            gone.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
         }
     }
 }
@@ -497,6 +515,40 @@ mod tests {
         let here = captures_own_process as *const () as u64;
         let m = info.mapping(here).expect("our code is mapped");
         assert!(matches!(m.object, MappedObject::File(_)));
+    }
+
+    /// Processes that exit before they are captured do not use up first sight:
+    /// after more of them than the table holds, a new process is still captured.
+    #[test]
+    fn processes_gone_before_capture_do_not_fill_first_sight() {
+        let table = Arc::new(Mutex::new(ProcessTable::new(Arc::default())));
+        let (worker, mut sight) = CaptureWorker::start(table.clone()).unwrap();
+        let comm = [0u8; TASK_COMM_LEN];
+        // Above pid_max (at most 2^22): these never exist.
+        for tgid in (1u32 << 23)..(1 << 23) + MAX_TRACKED_PROCESSES as u32 + 10 {
+            // Retried while the capture queue is full (the worker catches up).
+            for _ in 0..1000 {
+                sight.observe(tgid, &comm);
+                if sight.seen.contains(&tgid) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        let me = std::process::id();
+        for _ in 0..5000 {
+            sight.observe(me, &comm);
+            if table.lock().unwrap().get(me).is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(table.lock().unwrap().get(me).is_some(), "not captured");
+        let stats = table.lock().unwrap().stats().clone();
+        assert!(stats.gone_before_capture.load(Ordering::Relaxed) > MAX_TRACKED_PROCESSES as u64);
+        assert_eq!(stats.table_full.load(Ordering::Relaxed), 0);
+        drop(sight);
+        worker.join();
     }
 
     /// A pid that does not exist is reported as gone, not as an error to surface.
