@@ -1,8 +1,8 @@
 """What the benchmark scripts share: logging, the children they start (tracked so
 every exit path can kill them), and tolerant /proc reads.
 
-Imported by bench/overhead.py and bench/agent_outage.py (run from any directory:
-Python puts the script's own directory on sys.path).
+Imported by bench/overhead.py, bench/agent_outage.py and bench/churn.py (run
+from any directory: Python puts the script's own directory on sys.path).
 """
 
 import json
