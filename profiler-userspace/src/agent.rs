@@ -186,11 +186,12 @@ impl CycleWorker {
     }
 }
 
-/// Turns a growing loss counter into episodes: it began (the first interval that
-/// lost any) and it ended (the first interval after that lost none), so the log
-/// says each once rather than every interval.
+/// Turns a growing counter of bad events (samples lost, slots skipped) into
+/// episodes: it began (the first interval that counted any) and it ended (the first
+/// interval after that counted none), so the log says each once rather than every
+/// interval.
 #[derive(Debug, Default)]
-struct LossEpisodes {
+struct Episodes {
     seen: u64,
     /// The total when the current episode began, while one is going on.
     began_at: Option<u64>,
@@ -198,13 +199,13 @@ struct LossEpisodes {
 
 #[derive(Debug, PartialEq, Eq)]
 enum Episode {
-    /// Lost this many in the interval that began it.
+    /// This many in the interval that began it.
     Began(u64),
-    /// Lost this many in the whole episode.
+    /// This many in the whole episode.
     Ended(u64),
 }
 
-impl LossEpisodes {
+impl Episodes {
     /// Called once per interval with the counter's total so far.
     fn update(&mut self, total: u64) -> Option<Episode> {
         let before = std::mem::replace(&mut self.seen, total);
@@ -380,8 +381,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         .then(|| profilers.start_round(config.pids.clone(), round_window))
         .flatten();
 
-    let mut kernel_losses = LossEpisodes::default();
-    let mut skipped_slots = LossEpisodes::default();
+    let mut kernel_losses = Episodes::default();
+    let mut skipped_slots = Episodes::default();
     let mut targets_gone = false;
     let worker = CycleWorker::start(ctx)?;
     let mut in_flight: Option<oneshot::Receiver<CycleDone>> = None;
@@ -560,7 +561,7 @@ mod tests {
     /// first interval without growth, with the counts of each.
     #[test]
     fn losses_are_logged_as_episodes() {
-        let mut e = LossEpisodes::default();
+        let mut e = Episodes::default();
         let seen: Vec<_> = [0, 0, 5, 9, 20, 20, 20, 21, 21]
             .into_iter()
             .map(|total| e.update(total))
