@@ -531,6 +531,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         skipped_cycles = stats.skipped_cycles.load(Ordering::Relaxed),
         samples = stats.samples.load(Ordering::Relaxed),
         lost = stopped.kernel.lost(),
+        unreadable_records = stopped.drain_stats.malformed(),
+        user_stacks_cut = stopped.drain_stats.user_walks_derailed(),
         exported_requests = export_stats.sent_requests.load(Ordering::Relaxed),
         exported_bytes = export_stats.sent_bytes.load(Ordering::Relaxed),
         rejected_requests = export_stats.rejected_requests.load(Ordering::Relaxed),
