@@ -228,10 +228,10 @@ struct Sinks {
     queue: Option<Arc<ExportQueue<QueuedRequest>>>,
     exporter: Option<JoinHandle<()>>,
     export_stats: Arc<ExportStats>,
-    /// Local files: whether the last write failed, and whether it had to delete
-    /// old profiles for space (each logged when it begins and when it ends).
-    files_failing: bool,
-    files_short_of_space: bool,
+    /// Local files failing, and deleting old profiles for space: each logged when
+    /// it begins and when it ends.
+    files_failing: Episodes,
+    disk_full: Episodes,
 }
 
 impl Sinks {
@@ -250,8 +250,8 @@ impl Sinks {
             queue,
             exporter,
             export_stats,
-            files_failing: false,
-            files_short_of_space: false,
+            files_failing: Episodes::default(),
+            disk_full: Episodes::default(),
         })
     }
 
@@ -279,33 +279,38 @@ impl Sinks {
         match done.files.take() {
             Some(Err(e)) => {
                 stats.file_errors.fetch_add(1, Ordering::Relaxed);
-                if !std::mem::replace(&mut self.files_failing, true) {
+                if let Some(Episode::Began(_)) = self
+                    .files_failing
+                    .update(stats.file_errors.load(Ordering::Relaxed))
+                {
                     warn!(error = %e, "cannot write the local profile files; profiles are lost until they can be");
                 }
             }
             Some(Ok(written)) => {
-                if std::mem::take(&mut self.files_failing) {
+                if let Some(Episode::Ended(lost)) = self
+                    .files_failing
+                    .update(stats.file_errors.load(Ordering::Relaxed))
+                {
                     info!(
-                        lost_profiles = stats.file_errors.load(Ordering::Relaxed),
+                        lost_profiles = lost,
                         "local profile files are written again"
                     );
                 }
-                stats
+                let deleted = stats
                     .profiles_deleted_for_space
-                    .fetch_add(written.profiles_deleted_for_space as u64, Ordering::Relaxed);
-                let short = written.profiles_deleted_for_space > 0;
-                if short && !self.files_short_of_space {
-                    warn!(
-                        deleted_profiles = written.profiles_deleted_for_space,
+                    .fetch_add(written.profiles_deleted_for_space as u64, Ordering::Relaxed)
+                    + written.profiles_deleted_for_space as u64;
+                match self.disk_full.update(deleted) {
+                    Some(Episode::Began(n)) => warn!(
+                        deleted_profiles = n,
                         "disk full: the oldest local profiles are deleted to make room for new ones"
-                    );
-                } else if !short && self.files_short_of_space {
-                    info!(
-                        deleted_profiles = stats.profiles_deleted_for_space.load(Ordering::Relaxed),
+                    ),
+                    Some(Episode::Ended(n)) => info!(
+                        deleted_profiles = n,
                         "disk has room again for the local profiles"
-                    );
+                    ),
+                    None => {}
                 }
-                self.files_short_of_space = short;
                 debug!(
                     path = %written.pprof.display(),
                     deleted = written.deleted,
