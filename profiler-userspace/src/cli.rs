@@ -206,8 +206,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Before the output directory is created: a user without privileges
             // should not be left with an empty directory.
             crate::ebpf::check_privileges()?;
-            // The frequency first: it is the runtime profilers' default rate.
-            crate::config::check_frequency(args.frequency)?;
             let runtimes = args.runtimes.config(args.frequency)?;
             let mut config = RecordConfig::new(
                 args.duration,
@@ -229,7 +227,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => {
             init_logging(&args.log_level)?;
             crate::ebpf::check_privileges()?;
-            crate::config::check_frequency(args.frequency)?;
             let runtimes = args.runtimes.config(args.frequency)?;
             let mut config = AgentConfig::new(
                 AgentArgs {

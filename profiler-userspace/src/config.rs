@@ -133,7 +133,9 @@ pub fn runtime_config(args: RuntimeArgs, frequency_hz: u64) -> Result<RuntimeCon
             }
         }
     }
-    let rate = args.rate_hz.unwrap_or(frequency_hz.min(1000));
+    // The default follows the frequency into the range: an out-of-range frequency
+    // is the frequency's error, reported by the caller's check, not the rate's.
+    let rate = args.rate_hz.unwrap_or(frequency_hz.clamp(1, 1000));
     if rate == 0 || rate > 1000 {
         return Err(ConfigError::RuntimeRate(rate));
     }
@@ -305,6 +307,18 @@ mod tests {
         let mut a = runtime_args(&["all"]);
         a.max_children = 0;
         assert_eq!(runtime_config(a, 99), Err(ConfigError::RuntimeChildren));
+        // The default rate stays in range whatever the frequency (the frequency's
+        // own check reports a bad one).
+        assert_eq!(
+            runtime_config(runtime_args(&["all"]), 0).unwrap().rate_hz,
+            1
+        );
+        assert_eq!(
+            runtime_config(runtime_args(&["all"]), 4999)
+                .unwrap()
+                .rate_hz,
+            1000
+        );
     }
 
     /// A zero duration is refused.
