@@ -37,6 +37,9 @@ pub enum ExportError {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// The files [`write_all`] writes, in the order of [`Written`]'s fields.
+const FILES: [&str; 3] = [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE];
+
 /// The temporary name [`write_all`] writes `name` under, in this process.
 fn temporary(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!(".{name}.tmp.{}", std::process::id()))
@@ -44,7 +47,7 @@ fn temporary(dir: &Path, name: &str) -> PathBuf {
 
 /// Removes this process's temporary files in `dir` (when a write is abandoned).
 pub fn remove_temporaries(dir: &Path) {
-    for name in [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE] {
+    for name in FILES {
         let _ = fs::remove_file(temporary(dir, name));
     }
 }
@@ -53,8 +56,8 @@ pub fn remove_temporaries(dir: &Path) {
 /// written to a temporary file first; the renames happen only once all three are
 /// complete, and the temporaries are removed on failure.
 pub fn write_all(profile: &Profile, dir: &Path, title: &str) -> Result<Written, ExportError> {
-    let targets = [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE].map(|name| dir.join(name));
-    let temps = [FOLDED_FILE, PPROF_FILE, FLAMEGRAPH_FILE].map(|name| temporary(dir, name));
+    let targets = FILES.map(|name| dir.join(name));
+    let temps = FILES.map(|name| temporary(dir, name));
     let result = (|| {
         write_file(&temps[0], &targets[0], |w| folded::write(profile, w))?;
         write_file(&temps[1], &targets[1], |w| pprof::write_gzipped(profile, w))?;
