@@ -42,12 +42,12 @@ from datetime import datetime
 from pathlib import Path
 
 import benchlib
-from benchlib import forget, kill, kill_all_children, log, median, read_text, spawn, vlog
+from benchlib import (Monitor, cpu_seconds, forget, kill, kill_all_children, log, median, read_io,
+                      slope_per_min, spawn, vlog)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 NCPU = os.sysconf("SC_NPROCESSORS_ONLN")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 KIB = 1024
 MIB = 1024 * 1024
 
@@ -113,144 +113,6 @@ def stop(p, sig, timeout):
 
 
 # --------------------------------------------------------------------------
-# /proc readers
-
-def parse_kv_kib(text):
-    """`Key:   123 kB` lines (status, smaps_rollup) -> {key: KiB}; other lines ignored."""
-    out = {}
-    for line in (text or "").splitlines():
-        k, sep, v = line.partition(":")
-        if not sep:
-            continue
-        parts = v.split()
-        if parts and parts[0].isdigit() and (len(parts) == 1 or parts[1] == "kB"):
-            out[k.strip()] = int(parts[0])
-    return out
-
-
-def read_io(pid):
-    text = read_text(f"/proc/{pid}/io")
-    if text is None:
-        return None
-    out = {}
-    for line in text.splitlines():
-        k, _, v = line.partition(":")
-        if v.strip().isdigit():
-            out[k.strip()] = int(v)
-    return out
-
-
-def count_dir(path):
-    try:
-        return len(os.listdir(path))
-    except OSError:
-        return None
-
-
-def children_of(pid):
-    kids = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        text = read_text(f"/proc/{pid}/task/{tid}/children")
-        if text:
-            kids.extend(int(x) for x in text.split())
-    return kids
-
-
-def top_mappings(pid, n=10):
-    """The `n` largest mappings by RSS from /proc/PID/smaps, summed by path: [(path, rss, size)] KiB."""
-    text = read_text(f"/proc/{pid}/smaps")
-    if not text:
-        return []
-    by_path = {}
-    cur = None
-    for line in text.splitlines():
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            parts = line.split(None, 5)
-            cur = by_path.setdefault(parts[5].strip() if len(parts) > 5 else "[anon]", [0, 0])
-        elif cur is not None and line.startswith("Rss:"):
-            cur[0] += int(line.split()[1])
-        elif cur is not None and line.startswith("Size:"):
-            cur[1] += int(line.split()[1])
-    rows = sorted(by_path.items(), key=lambda kv: -kv[1][0])[:n]
-    return [(path, rss, size) for path, (rss, size) in rows]
-
-
-def cpu_seconds(pid):
-    """utime + stime of a whole process (all threads) from /proc/PID/stat."""
-    text = read_text(f"/proc/{pid}/stat")
-    if not text:
-        return None
-    fields = text[text.rfind(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-class Monitor(benchlib.PollThread):
-    """Reads the agent's /proc every `period` s on a thread; keeps every sample."""
-
-    STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "VmData", "VmSize")
-
-    def __init__(self, pid, period=1.0, rollup_every=60.0):
-        super().__init__()
-        self.pid = pid
-        self.period = period
-        self.rollup_every = rollup_every
-        self.t0 = time.monotonic()
-        self.wall0 = time.time()
-        self.samples = []
-        self.rollups = []
-
-    def _loop(self):
-        # The first sample is taken after `period`: by then the child has exec'ed.
-        next_at = time.monotonic() + self.period
-        next_rollup = self.t0 + self.rollup_every
-        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
-            next_at += self.period
-            self.sample()
-            if time.monotonic() >= next_rollup:
-                next_rollup += self.rollup_every
-                self.rollup()
-
-    def sample(self):
-        pid = self.pid
-        status_text = read_text(f"/proc/{pid}/status")
-        if status_text is None:
-            return None
-        st = parse_kv_kib(status_text)
-        threads = re.search(r"^Threads:\s+(\d+)", status_text, re.M)
-        kids = children_of(pid)
-        s = {
-            "t": round(time.monotonic() - self.t0, 3),
-            **{k: st.get(k) for k in self.STATUS_KEYS},
-            "threads": int(threads.group(1)) if threads else None,
-            "fds": count_dir(f"/proc/{pid}/fd"),
-            "children": None if kids is None else len(kids),
-            "wchar": (read_io(pid) or {}).get("wchar"),
-            "cpu_s": cpu_seconds(pid),
-        }
-        if s["VmRSS"] is None:  # a zombie: no memory left to read
-            return None
-        with self.lock:
-            self.samples.append(s)
-        return s
-
-    def rollup(self):
-        r = parse_kv_kib(read_text(f"/proc/{self.pid}/smaps_rollup"))
-        if r:
-            r["t"] = round(time.monotonic() - self.t0, 3)
-            r["top"] = top_mappings(self.pid)
-            with self.lock:
-                self.rollups.append(r)
-
-    def snapshot(self):
-        with self.lock:
-            return list(self.samples)
-
-
-# --------------------------------------------------------------------------
 # Helpers
 
 def free_port():
@@ -302,19 +164,6 @@ def tail(path, n=15):
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
-
-
-def slope_per_min(points):
-    """Least-squares slope of [(t_seconds, value)], in value units per minute."""
-    pts = [(t, v) for t, v in points if v is not None]
-    if len(pts) < 3:
-        return None
-    mt = sum(t for t, _ in pts) / len(pts)
-    mv = sum(v for _, v in pts) / len(pts)
-    var = sum((t - mt) ** 2 for t, _ in pts)
-    if var == 0:
-        return None
-    return sum((t - mt) * (v - mv) for t, v in pts) / var * 60.0
 
 
 def at_time(samples, t):

@@ -29,46 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (PollThread, finish_script, kill, kill_all_children, log, median,
-                      read_text, spawn, start_script)
+from benchlib import (Monitor, finish_script, kill, kill_all_children, log, median, read_text,
+                      slope_per_min, spawn, start_script)
 
 REPO = Path(__file__).resolve().parent.parent
 CHURN = ("while :; do for i in 1 2 3 4 5 6 7 8 9 10; do "
          "sh -c 'i=0; while [ $i -lt 200 ]; do i=$((i+1)); done' & done; wait; done")
-
-
-class Monitor(PollThread):
-    """VmRSS (KiB), fds and threads of the agent every `every` seconds."""
-
-    def __init__(self, pid, every):
-        super().__init__()
-        self.pid, self.every, self.points = pid, every, []
-        self.start_time = time.monotonic()
-
-    def _loop(self):
-        while not self._stop.wait(self.every):
-            status = read_text(f"/proc/{self.pid}/status")
-            if status is None:
-                return
-            rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
-            threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))
-            try:
-                fds = len(os.listdir(f"/proc/{self.pid}/fd"))
-            except OSError:
-                return
-            with self.lock:
-                self.points.append((time.monotonic() - self.start_time, rss, fds, threads))
-
-
-def slope_kib_per_min(points):
-    """Least-squares slope of (seconds, KiB) points, in KiB per minute."""
-    if len(points) < 2:
-        return None
-    n = len(points)
-    mx = sum(t for t, _ in points) / n
-    my = sum(r for _, r in points) / n
-    den = sum((t - mx) ** 2 for t, _ in points)
-    return None if den == 0 else 60 * sum((t - mx) * (r - my) for t, r in points) / den
 
 
 def main():
@@ -95,7 +61,7 @@ def main():
             agent = spawn([args.profiler, "agent", "--interval", str(args.interval),
                            "--output-dir", out_dir, "--runtimes", "none",
                            "--log-level", "info"], stdout=subprocess.DEVNULL, stderr=f)
-        monitor = Monitor(agent.pid, 5.0).start()
+        monitor = Monitor(agent.pid, period=5.0).start()
         log(f"churn: {args.loops} shell loop(s) for {args.minutes:g} min beside the agent")
         loops = [spawn(["sh", "-c", CHURN], stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL) for _ in range(args.loops)]
@@ -118,15 +84,17 @@ def main():
                       for l in (read_text(f) or "").splitlines() if l.startswith("md5sum;")]
         named = [l for l in late_lines if "[unknown process]" not in l]
 
-        points = monitor.points
+        samples = monitor.snapshot()
+        points = [(x["t"], x["VmRSS"], x["fds"], x["threads"]) for x in samples
+                  if None not in (x["fds"], x["threads"])]
         half = [(t, r) for t, r, _, _ in points if t >= points[-1][0] / 2] if points else []
         after_1min = next((r for t, r, _, _ in points if t >= 60), None)
         results.update({
-            "points": points,
+            "samples": samples,
             "rss_after_1min_kib": after_1min,
             "rss_median_second_half_kib": median([r for _, r in half]),
             "rss_peak_kib": max((r for _, r, _, _ in points), default=None),
-            "rss_slope_second_half_kib_per_min": slope_kib_per_min(half),
+            "rss_slope_second_half_kib_per_min": slope_per_min(half),
             "fds_min": min((f for _, _, f, _ in points), default=None),
             "fds_max": max((f for _, _, f, _ in points), default=None),
             "threads_max": max((th for _, _, _, th in points), default=None),
