@@ -117,25 +117,27 @@ fn run_profiler(args: Vec<String>) -> Result<()> {
     let mut argv = vec!["record".to_string()];
     if args.is_empty() {
         argv.extend(["--duration", "10", "--output-dir", "profiles"].map(String::from));
-        // The runtime profilers `cargo xtask test` installed, so Python and Ruby
-        // processes show their own functions (installing them is not part of
-        // `run`: rbspy takes minutes to build).
-        let tools = workspace_root().join("target/tools");
-        for (flag, path) in [
-            ("--py-spy", tools.join("pyspy-venv/bin/py-spy")),
-            ("--rbspy", tools.join("rbspy/bin/rbspy")),
-        ] {
-            if path.is_file() {
-                eprintln!(
-                    "xtask: using {} (installed by `cargo xtask test`)",
-                    path.display()
-                );
-                argv.extend([flag.to_string(), path.display().to_string()]);
-            }
-        }
-    } else {
-        argv.extend(args);
     }
+    // The runtime profilers `cargo xtask test` installed, so Python and Ruby
+    // processes show their own functions (installing them is not part of `run`:
+    // rbspy takes minutes to build). A flag the user gave wins.
+    let tools = workspace_root().join("target/tools");
+    for (flag, path) in [
+        ("--py-spy", tools.join("pyspy-venv/bin/py-spy")),
+        ("--rbspy", tools.join("rbspy/bin/rbspy")),
+    ] {
+        let given = args
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        if path.is_file() && !given {
+            eprintln!(
+                "xtask: using {} (installed by `cargo xtask test`)",
+                path.display()
+            );
+            argv.extend([flag.to_string(), path.display().to_string()]);
+        }
+    }
+    argv.extend(args);
     let mut cmd = if setup::is_root() {
         Command::new(&profiler)
     } else {
