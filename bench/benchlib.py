@@ -213,13 +213,16 @@ def top_mappings(pid, n=10):
     return [(path, rss, size) for path, (rss, size) in rows]
 
 
-def cpu_seconds(pid):
-    """utime + stime of a whole process (all threads) from /proc/PID/stat."""
+def cpu_seconds(pid, children=False):
+    """utime + stime of a whole process (all threads) from /proc/PID/stat; with
+    `children`, cutime + cstime instead: its reaped children's CPU."""
     text = read_text(f"/proc/{pid}/stat")
     if not text:
         return None
+    # utime stime cutime cstime are fields 14-17 (1-based), 11-14 after comm.
     fields = text[text.rfind(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    first = 13 if children else 11
+    return (int(fields[first]) + int(fields[first + 1])) / CLK_TCK
 
 
 class Monitor(PollThread):
@@ -264,6 +267,7 @@ class Monitor(PollThread):
             "children": None if kids is None else len(kids),
             "wchar": (read_io(pid) or {}).get("wchar"),
             "cpu_s": cpu_seconds(pid),
+            "cpu_children_s": cpu_seconds(pid, children=True),
         }
         if s["VmRSS"] is None:  # a zombie: no memory left to read
             return None

@@ -29,36 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import Monitor, slope_per_min
+
 REPO = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORKER = "import time\nwhile True:\n    sum(range(60000))\n    time.sleep(0.05)\n"
-
-
-def status(pid):
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                out[k] = int(v.split()[0])
-            elif k == "Threads":
-                out[k] = int(v)
-        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-        children = 0
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                children += len(Path(f"/proc/{pid}/task/{task}/children").read_text().split())
-            except OSError:
-                pass
-        out["children"] = children
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        # utime stime cutime cstime are fields 14-17 (1-based), 11-14 after comm.
-        out["cpu_self_s"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-        out["cpu_children_s"] = (int(fields[13]) + int(fields[14])) / CLK_TCK
-    except (OSError, ValueError):
-        return None
-    return out
 
 
 def run_agent(profiler, args, cycles, label, every=100):
@@ -67,29 +41,26 @@ def run_agent(profiler, args, cycles, label, every=100):
            "--log-level", "info"] + args
     log = open(Path(out_dir) / "agent.log", "wb")
     agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    monitor = Monitor(agent.pid)
     samples = []
-    start = time.monotonic()
     try:
         next_report = every
         while True:
-            elapsed = time.monotonic() - start
-            if elapsed >= cycles:
-                break
-            s = status(agent.pid)
+            s = monitor.sample()
             if s is None:
                 print(f"  [{label}] the agent exited early (code {agent.poll()})", file=sys.stderr)
                 break
-            s["t"] = elapsed
             samples.append(s)
-            if elapsed >= next_report:
-                print(f"  [{label}] cycle {int(elapsed):5d}: RSS {s['VmRSS'] / 1024:6.1f} MiB, "
-                      f"fds {s['fds']:3d}, threads {s['Threads']:2d}, children {s['children']}, "
-                      f"agent CPU {s['cpu_self_s']:.1f} s, py-spy CPU {s['cpu_children_s']:.1f} s",
+            if s["t"] >= cycles:
+                break
+            if s["t"] >= next_report:
+                print(f"  [{label}] cycle {int(s['t']):5d}: RSS {s['VmRSS'] / 1024:6.1f} MiB, "
+                      f"fds {s['fds']:3d}, threads {s['threads']:2d}, children {s['children']}, "
+                      f"agent CPU {s['cpu_s']:.1f} s, py-spy CPU {s['cpu_children_s']:.1f} s",
                       flush=True)
                 next_report += every
             time.sleep(1.0)
     finally:
-        final = status(agent.pid)
         agent.send_signal(signal.SIGTERM)
         try:
             code = agent.wait(timeout=30)
@@ -99,19 +70,13 @@ def run_agent(profiler, args, cycles, label, every=100):
         log.close()
     log_text = (Path(out_dir) / "agent.log").read_text(errors="replace")
     stopped = [l for l in log_text.splitlines() if " stopped " in l or l.endswith("stopped")]
-    return samples, final, code, stopped[-1] if stopped else "", out_dir
+    return samples, code, stopped[-1] if stopped else "", out_dir
 
 
 def slope_kib_per_100(samples, warmup):
-    pts = [(s["t"], s["VmRSS"]) for s in samples if s["t"] >= warmup]
-    if len(pts) < 3:
-        return float("nan")
-    n = len(pts)
-    mx = sum(t for t, _ in pts) / n
-    my = sum(r for _, r in pts) / n
-    num = sum((t - mx) * (r - my) for t, r in pts)
-    den = sum((t - mx) ** 2 for t, _ in pts)
-    return num / den * 100 if den else float("nan")
+    """RSS slope after warm-up, in KiB per 100 cycles of 1 s."""
+    slope = slope_per_min([(s["t"], s["VmRSS"]) for s in samples if s["t"] >= warmup])
+    return float("nan") if slope is None else slope * 100 / 60
 
 
 def main():
@@ -135,9 +100,9 @@ def main():
         time.sleep(1)
         print(f"{a.processes} Python processes on {os.cpu_count()} CPUs; agent interval 1 s, whole host")
         print(f"phase A: --runtimes none, {a.baseline_cycles} cycles")
-        base, base_final, base_code, _, _ = run_agent(a.profiler, ["--runtimes", "none"], a.baseline_cycles, "none", every=60)
+        base, base_code, _, _ = run_agent(a.profiler, ["--runtimes", "none"], a.baseline_cycles, "none", every=60)
         print(f"phase B: --runtimes python, py-spy at most {a.max_runtime_children} at once, {a.cycles} cycles")
-        rt, rt_final, rt_code, stopped, out_dir = run_agent(
+        rt, rt_code, stopped, out_dir = run_agent(
             a.profiler,
             ["--runtimes", "python", "--py-spy", a.py_spy,
              "--max-runtime-children", str(a.max_runtime_children)],
@@ -166,18 +131,18 @@ def main():
     print(f"  RSS median after warm-up {statistics.median(rss_after) / 1024:.1f} MiB, "
           f"slope {slope_kib_per_100(rt, a.warmup):+.1f} KiB per 100 cycles")
     fds_after = [s["fds"] for s in rt if s["t"] >= a.warmup]
-    thr = [s["Threads"] for s in rt]
+    thr = [s["threads"] for s in rt]
     ch = [s["children"] for s in rt]
     print(f"  fds after warm-up: min {min(fds_after)}, median {statistics.median(fds_after):.0f}, max {max(fds_after)}; "
           f"at warm-up {warm['fds']}, at the end {last['fds']}")
     print(f"  threads: max {max(thr)}; children alive at once: max {max(ch)} (cap {a.max_runtime_children})")
-    if base and base_final and rt_final:
-        base_per = base_final["cpu_self_s"] / max(base[-1]["t"], 1)
-        rt_per = rt_final["cpu_self_s"] / max(rt[-1]["t"], 1)
+    if base:
+        base_per = base[-1]["cpu_s"] / max(base[-1]["t"], 1)
+        rt_per = last["cpu_s"] / max(last["t"], 1)
         print(f"  agent CPU per cycle: {base_per * 1000:.1f} ms without runtime profilers, "
               f"{rt_per * 1000:.1f} ms with them: the rounds and supervision cost "
               f"{(rt_per - base_per) * 1000:.1f} ms per cycle ({(rt_per - base_per) * 100 / os.cpu_count():.2f}% of the host)")
-        print(f"  py-spy children CPU: {rt_final['cpu_children_s'] / max(rt[-1]['t'], 1) * 1000:.1f} ms per cycle")
+        print(f"  py-spy children CPU: {last['cpu_children_s'] / max(last['t'], 1) * 1000:.1f} ms per cycle")
     print(f"  exit codes: baseline {base_code}, python {rt_code}")
     print(f"  agent's last log line: {stopped.strip()}")
     print(f"  logs and profiles in {out_dir}")
