@@ -74,6 +74,8 @@ pub struct RuntimeSummary {
     pub runs: u64,
     pub runs_parsed: u64,
     pub runs_failed: u64,
+    /// Runs ended by Ctrl-C (not failures).
+    pub runs_stopped: u64,
     /// The latest failed run, described (tool, pid, how it ended, its last line).
     pub last_failure: Option<String>,
     /// Samples from the runtime profilers, merged into the profile.
@@ -164,8 +166,17 @@ impl RecordSummary {
         if rt.runs > 0 || rt.jit_refreshes > 0 || rt.jit.named > 0 {
             let _ = writeln!(
                 s,
-                "  runtimes: {} runtime profiler runs ({} failed), {} interpreted samples; {} JVM perf maps requested, {} JIT frames named",
-                rt.runs, rt.runs_failed, rt.samples, rt.jit_refreshes, rt.jit.named
+                "  runtimes: {} runtime profiler runs ({} failed{}), {} interpreted samples; {} JVM perf maps requested, {} JIT frames named",
+                rt.runs,
+                rt.runs_failed,
+                if rt.runs_stopped > 0 {
+                    format!(", {} stopped early", rt.runs_stopped)
+                } else {
+                    String::new()
+                },
+                rt.samples,
+                rt.jit_refreshes,
+                rt.jit.named
             );
         }
         if let Some(why) = &rt.last_failure {
@@ -284,6 +295,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         runs: rt_stats.runs.load(Ordering::Relaxed),
         runs_parsed: rt_stats.runs_parsed.load(Ordering::Relaxed),
         runs_failed: rt_stats.runs_failed.load(Ordering::Relaxed),
+        runs_stopped: rt_stats.runs_stopped.load(Ordering::Relaxed),
         last_failure: rt_stats.last_failure(),
         samples: interpreted
             .iter()

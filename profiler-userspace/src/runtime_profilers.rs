@@ -195,6 +195,8 @@ pub struct RuntimeStats {
     pub runs_parsed: AtomicU64,
     /// Runs that failed, timed out or wrote unreadable output.
     pub runs_failed: AtomicU64,
+    /// Runs ended by our own shutdown (Ctrl-C, SIGTERM): not failures.
+    pub runs_stopped: AtomicU64,
     /// Runs the supervisor refused (target busy, backing off, tool missing).
     pub runs_refused: AtomicU64,
     /// Targets that did not fit in their round and wait for a later one.
@@ -598,7 +600,12 @@ fn collect(
     let parsed = match parsed {
         Ok(parsed) => parsed,
         Err(why) => {
-            stats.runs_failed.fetch_add(1, Ordering::Relaxed);
+            let counter = if shared.stopping.load(Ordering::Relaxed) {
+                &stats.runs_stopped
+            } else {
+                &stats.runs_failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             shared.note_failure(run.runtime, &run.spec.program, run.target.pid, &why);
             return None;
         }
