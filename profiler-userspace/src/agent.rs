@@ -366,7 +366,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     let ctx = CycleContext {
         table: collector.table().clone(),
         host: HostInfo {
-            host_name: config.host_name.clone(),
+            attributes: config.resource_attributes.clone(),
         },
         config: config.clone(),
     };

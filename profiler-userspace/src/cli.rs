@@ -84,6 +84,13 @@ pub struct AgentCliArgs {
     /// Per-request deadline in seconds (env OTEL_EXPORTER_OTLP_TIMEOUT, in ms; default 10 s).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// Resource attribute KEY=VALUE of every exported process, e.g.
+    /// deployment.environment.name=prod; repeatable (env OTEL_RESOURCE_ATTRIBUTES).
+    #[arg(long = "resource-attribute", value_name = "KEY=VALUE")]
+    pub resource_attributes: Vec<String>,
+    /// service.name of every exported process (env OTEL_SERVICE_NAME).
+    #[arg(long, value_name = "NAME")]
+    pub service_name: Option<String>,
     /// Bound of the export queue in KiB; the oldest profiles are dropped past it.
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_QUEUE_BYTES >> 10)]
     pub queue_kib: usize,
@@ -247,6 +254,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     queue_bytes: args.queue_kib.saturating_mul(1 << 10),
                     max_request_bytes: args.max_request_kib.saturating_mul(1 << 10),
                     shutdown_timeout_secs: Some(args.shutdown_timeout),
+                    resource_attributes: args.resource_attributes,
+                    service_name: args.service_name,
                 },
                 &|name| std::env::var(name).ok(),
             )?;

@@ -42,6 +42,14 @@ pub enum ConfigError {
     /// A header that is not `key=value`.
     #[error("OTLP header {0:?} is not key=value")]
     Header(String),
+    /// A resource attribute that is not `key=value`.
+    #[error("{origin}: {pair:?} is not key=value")]
+    ResourceAttribute { origin: &'static str, pair: String },
+    /// A host-wide value for an attribute the agent sets per process.
+    #[error(
+        "{origin}: {key} describes each process, and the agent sets it for each process itself"
+    )]
+    PerProcessAttribute { origin: &'static str, key: String },
     /// Only one of the client certificate and key.
     #[error(
         "--client-cert and --client-key (OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE/_KEY) go together"

@@ -113,6 +113,9 @@ def decode(request):
 
     resources = []
     for rp in request.resource_profiles:
+        keys = [a.key for a in rp.resource.attributes]
+        if len(set(keys)) != len(keys):
+            errors.append(f"resource attribute keys repeat: {keys}")
         res = {
             "attributes": {a.key: any_value(a.value) for a in rp.resource.attributes},
             "profiles": [],

@@ -24,8 +24,9 @@ fn samples_with_chain(profiles: &[(Value, Value)]) -> i64 {
 }
 
 /// The known chain of a test program arrives leaf first, with OTel resource
-/// attributes, sample type and period; counts match the local files written in the
-/// same run; SIGTERM exits 0.
+/// attributes (ours, and the user's from OTEL_RESOURCE_ATTRIBUTES and
+/// --service-name), sample type and period; counts match the local files written
+/// in the same run; SIGTERM exits 0.
 #[test]
 fn exports_known_chain_with_resource_attributes() {
     let receiver = Receiver::start(0, &[]);
@@ -33,16 +34,24 @@ fn exports_known_chain_with_resource_attributes() {
     settle();
     let files = tempfile::tempdir().unwrap();
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
-    let mut agent = Agent::start(&[
-        "--endpoint",
-        &endpoint,
-        "--interval",
-        "2",
-        "--pid",
-        &target.pid().to_string(),
-        "--output-dir",
-        files.path().to_str().unwrap(),
-    ]);
+    let mut agent = Agent::start_with_env(
+        &[
+            "--endpoint",
+            &endpoint,
+            "--interval",
+            "2",
+            "--pid",
+            &target.pid().to_string(),
+            "--output-dir",
+            files.path().to_str().unwrap(),
+            "--service-name",
+            "chain-service",
+        ],
+        &[(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment.name=test%20lab,service.name=overridden",
+        )],
+    );
     std::thread::sleep(Duration::from_secs(5));
     let status = agent
         .terminate(Duration::from_secs(20))
@@ -69,6 +78,8 @@ fn exports_known_chain_with_resource_attributes() {
     );
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     assert_eq!(attrs["host.name"], host.trim());
+    assert_eq!(attrs["deployment.environment.name"], "test lab");
+    assert_eq!(attrs["service.name"], "chain-service");
     assert_eq!(
         profile["sample_type"],
         serde_json::json!(["samples", "count"])

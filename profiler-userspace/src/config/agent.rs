@@ -1,6 +1,7 @@
-//! `profiler agent` configuration: flags, then the standard OpenTelemetry exporter
+//! `profiler agent` configuration: flags, then the standard OpenTelemetry
 //! environment variables (`OTEL_EXPORTER_OTLP_PROFILES_*` before
-//! `OTEL_EXPORTER_OTLP_*`), then defaults. Flags win.
+//! `OTEL_EXPORTER_OTLP_*`; `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SERVICE_NAME`), then
+//! defaults. Flags win.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -32,7 +33,9 @@ pub struct AgentConfig {
     pub queue_bytes: usize,
     pub max_request_bytes: usize,
     pub shutdown_timeout: Duration,
-    pub host_name: String,
+    /// Attributes of every exported resource: `host.name` first (this host's name
+    /// unless one was given), then the user's, from [`resource_attributes`].
+    pub resource_attributes: Vec<(String, String)>,
     /// Runtime profilers; set by the caller after [`AgentConfig::new`] (none there).
     pub runtimes: crate::runtime_profilers::RuntimeConfig,
 }
@@ -57,7 +60,14 @@ pub struct AgentArgs {
     pub queue_bytes: usize,
     pub max_request_bytes: usize,
     pub shutdown_timeout_secs: Option<u64>,
+    /// `--resource-attribute` values, each `KEY=VALUE[,KEY=VALUE...]`.
+    pub resource_attributes: Vec<String>,
+    pub service_name: Option<String>,
 }
+
+/// Key prefixes of the resource attributes the agent sets for each process itself:
+/// one value for the whole host would be wrong for every process but one.
+pub const PER_PROCESS_ATTRIBUTE_PREFIXES: [&str; 3] = ["process.", "thread.", "container."];
 
 /// Reads `OTEL_EXPORTER_OTLP_PROFILES_<NAME>`, else `OTEL_EXPORTER_OTLP_<NAME>`.
 fn otel(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
@@ -68,20 +78,74 @@ fn otel(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
 
 /// `key1=value1,key2=value2`, values percent-decoded (the OTel format).
 pub fn parse_headers(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    parse_pairs(text).map_err(ConfigError::Header)
+}
+
+/// `key1=value1,key2=value2` with keys trimmed and values trimmed and
+/// percent-decoded, as OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES
+/// are written. `Err` is the first pair that is not `key=value`.
+fn parse_pairs(text: &str) -> Result<Vec<(String, String)>, String> {
     text.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| ConfigError::Header(pair.to_string()))?;
-            let k = k.trim();
-            if k.is_empty() {
-                return Err(ConfigError::Header(pair.to_string()));
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), percent_decode(v.trim())))
             }
-            Ok((k.to_string(), percent_decode(v.trim())))
+            _ => Err(pair.to_string()),
         })
         .collect()
+}
+
+/// The resource attributes every exported process gets: OTEL_RESOURCE_ATTRIBUTES,
+/// then OTEL_SERVICE_NAME as `service.name`, then `--resource-attribute`, then
+/// `--service-name` (a later value for a key wins), with `host.name` first:
+/// `host_name` unless one was given. Keys that describe one process are refused.
+pub fn resource_attributes(
+    args: &AgentArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    host_name: String,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    const ENV: &str = "OTEL_RESOURCE_ATTRIBUTES";
+    const FLAG: &str = "--resource-attribute";
+    let bad_pair =
+        |origin: &'static str| move |pair| ConfigError::ResourceAttribute { origin, pair };
+    let mut given: Vec<(&'static str, String, String)> = Vec::new();
+    if let Some(text) = env(ENV) {
+        for (k, v) in parse_pairs(&text).map_err(bad_pair(ENV))? {
+            given.push((ENV, k, v));
+        }
+    }
+    if let Some(name) = env("OTEL_SERVICE_NAME").filter(|n| !n.trim().is_empty()) {
+        given.push((
+            "OTEL_SERVICE_NAME",
+            "service.name".into(),
+            name.trim().into(),
+        ));
+    }
+    for text in &args.resource_attributes {
+        for (k, v) in parse_pairs(text).map_err(bad_pair(FLAG))? {
+            given.push((FLAG, k, v));
+        }
+    }
+    if let Some(name) = &args.service_name {
+        given.push(("--service-name", "service.name".into(), name.clone()));
+    }
+
+    let mut out = vec![("host.name".to_string(), host_name)];
+    for (origin, key, value) in given {
+        if PER_PROCESS_ATTRIBUTE_PREFIXES
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+        {
+            return Err(ConfigError::PerProcessAttribute { origin, key });
+        }
+        match out.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => out.push((key, value)),
+        }
+    }
+    Ok(out)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -137,6 +201,8 @@ impl AgentConfig {
                     ("--client-key", args.client_key.is_some()),
                     ("--compression", args.compression.is_some()),
                     ("--timeout", args.timeout_secs.is_some()),
+                    ("--resource-attribute", !args.resource_attributes.is_empty()),
+                    ("--service-name", args.service_name.is_some()),
                 ];
                 if let Some((flag, _)) = export_only.iter().find(|(_, given)| *given) {
                     return Err(ConfigError::NeedsEndpoint(flag));
@@ -217,6 +283,14 @@ impl AgentConfig {
             }
         };
 
+        // Resource attributes only travel in OTLP: without an endpoint the
+        // environment's are not ours to judge (the flags were refused above).
+        let resource_attributes = if grpc.is_some() {
+            resource_attributes(&args, env, host_name())?
+        } else {
+            vec![("host.name".to_string(), host_name())]
+        };
+
         // Every check before the output directory, which is created last.
         if args.max_request_bytes < 64 << 10 {
             return Err(ConfigError::RequestSize(args.max_request_bytes));
@@ -260,7 +334,7 @@ impl AgentConfig {
             shutdown_timeout: args
                 .shutdown_timeout_secs
                 .map_or(DEFAULT_SHUTDOWN_TIMEOUT, Duration::from_secs),
-            host_name: host_name(),
+            resource_attributes,
             runtimes: crate::runtime_profilers::RuntimeConfig::none(),
         })
     }
@@ -434,7 +508,16 @@ mod tests {
             AgentConfig::new(a, &e).unwrap_err(),
             ConfigError::NeedsEndpoint("--timeout")
         );
-        let e = env(&[("OTEL_EXPORTER_OTLP_HEADERS", "a=b")]);
+        let mut a = args();
+        a.service_name = Some("svc".into());
+        assert_eq!(
+            AgentConfig::new(a, &e).unwrap_err(),
+            ConfigError::NeedsEndpoint("--service-name")
+        );
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_HEADERS", "a=b"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "not a pair"),
+        ]);
         let dir = tempfile::tempdir().unwrap();
         let mut a = args();
         a.output_dir = Some(dir.path().to_path_buf());
@@ -452,6 +535,75 @@ mod tests {
                 ("d".into(), "%zz".into()),
                 ("e".into(), "%é1".into())
             ]
+        );
+    }
+
+    /// OTEL_RESOURCE_ATTRIBUTES, then OTEL_SERVICE_NAME, then the flags: a later
+    /// value for a key wins, values are percent-decoded, and host.name comes first,
+    /// this host's unless given.
+    #[test]
+    fn resource_attribute_precedence() {
+        let e = env(&[
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment.name=prod, k8s.cluster.name=c%201,service.name=listed",
+            ),
+            ("OTEL_SERVICE_NAME", "env-service"),
+        ]);
+        let mut a = args();
+        a.resource_attributes = vec!["k8s.cluster.name=flag-cluster".into()];
+        let attrs = resource_attributes(&a, &e, "here".into()).unwrap();
+        let expect = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            attrs,
+            expect(&[
+                ("host.name", "here"),
+                ("deployment.environment.name", "prod"),
+                ("k8s.cluster.name", "flag-cluster"),
+                ("service.name", "env-service"),
+            ])
+        );
+        a.service_name = Some("flag-service".into());
+        a.resource_attributes.push("host.name=node-7".into());
+        let attrs = resource_attributes(&a, &e, "here".into()).unwrap();
+        assert_eq!(attrs[0], ("host.name".into(), "node-7".into()));
+        assert_eq!(attrs[3], ("service.name".into(), "flag-service".into()));
+        assert_eq!(attrs.len(), 4);
+    }
+
+    /// Attributes that describe one process cannot be set for the whole host, and
+    /// a pair without `=` is refused; each error names where it came from.
+    #[test]
+    fn resource_attribute_errors_name_their_origin() {
+        let mut a = args();
+        a.resource_attributes = vec!["process.pid=1".into()];
+        assert_eq!(
+            resource_attributes(&a, &env(&[]), "h".into()).unwrap_err(),
+            ConfigError::PerProcessAttribute {
+                origin: "--resource-attribute",
+                key: "process.pid".into()
+            }
+        );
+        let e = env(&[("OTEL_RESOURCE_ATTRIBUTES", "a=b,container.id=x")]);
+        assert_eq!(
+            resource_attributes(&args(), &e, "h".into()).unwrap_err(),
+            ConfigError::PerProcessAttribute {
+                origin: "OTEL_RESOURCE_ATTRIBUTES",
+                key: "container.id".into()
+            }
+        );
+        let e = env(&[("OTEL_RESOURCE_ATTRIBUTES", "a=b,novalue")]);
+        assert_eq!(
+            resource_attributes(&args(), &e, "h".into()).unwrap_err(),
+            ConfigError::ResourceAttribute {
+                origin: "OTEL_RESOURCE_ATTRIBUTES",
+                pair: "novalue".into()
+            }
         );
     }
 }

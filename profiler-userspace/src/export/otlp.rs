@@ -1,8 +1,8 @@
 //! OpenTelemetry profiles (OTLP, `v1development`): a [`Profile`] becomes one or more
 //! `ExportProfilesServiceRequest`s, each at most a size limit when encoded.
 //!
-//! Layout: one `ResourceProfiles` per process, whose resource carries `host.name`,
-//! `process.pid`, `process.executable.name`, `process.executable.path` and
+//! Layout: one `ResourceProfiles` per process, whose resource carries `host.name`
+//! and the user's host-wide attributes ([`HostInfo`]), then `process.pid`, `process.executable.name`, `process.executable.path` and
 //! `container.id` (when known); one `Profile` in it with sample type `samples/count`
 //! and period `cpu/nanoseconds`. Samples carry `thread.name`; locations carry
 //! `profile.frame.type` (`kernel`, `native`, `jvm`, `v8js`, `cpython`, `ruby`,
@@ -28,7 +28,9 @@ pub const SCOPE_NAME: &str = "profiler";
 /// What is the same for every profile of this host.
 #[derive(Clone, Debug)]
 pub struct HostInfo {
-    pub host_name: String,
+    /// Resource attributes of every process: `host.name` and the user's
+    /// (config::agent::resource_attributes), none of them per-process keys.
+    pub attributes: Vec<(String, String)>,
 }
 
 /// Requests for one profile, and what did not fit.
@@ -289,10 +291,12 @@ fn build(
     let mut resource_profiles = Vec::with_capacity(parts.len());
     for (pid, stacks) in parts {
         let meta = profile.processes.get(pid);
-        let mut attributes = vec![
-            key_value("host.name", Value::StringValue(host.host_name.clone())),
-            key_value("process.pid", Value::IntValue(i64::from(*pid))),
-        ];
+        let mut attributes: Vec<KeyValue> = host
+            .attributes
+            .iter()
+            .map(|(k, v)| key_value(k, Value::StringValue(v.clone())))
+            .collect();
+        attributes.push(key_value("process.pid", Value::IntValue(i64::from(*pid))));
         let name = meta
             .map(|m| m.name.to_string())
             .or_else(|| stacks.first().map(|s| s.process.to_string()));
@@ -378,7 +382,7 @@ mod tests {
 
     fn host() -> HostInfo {
         HostInfo {
-            host_name: "test-host".into(),
+            attributes: vec![("host.name".into(), "test-host".into())],
         }
     }
 
@@ -468,5 +472,41 @@ mod tests {
         let enc = encode(&profile, &host(), 10);
         assert!(enc.requests.is_empty());
         assert_eq!(enc.oversized_stacks, profile.stacks.len() as u64);
+    }
+
+    /// The host's attributes, user-given ones included, are on every process's
+    /// resource, before its own, and no key appears twice.
+    #[test]
+    fn host_attributes_on_every_resource() {
+        let mut profile = test_profile();
+        let mut other = profile.stacks[0].clone();
+        other.pid += 1;
+        profile.stacks.push(other);
+        let host = HostInfo {
+            attributes: vec![
+                ("host.name".into(), "node-7".into()),
+                ("service.name".into(), "checkout".into()),
+            ],
+        };
+        let req = &encode(&profile, &host, 4 << 20).requests[0];
+        assert!(req.resource_profiles.len() >= 2);
+        for rp in &req.resource_profiles {
+            let keys: Vec<&str> = rp
+                .resource
+                .as_ref()
+                .unwrap()
+                .attributes
+                .iter()
+                .map(|kv| kv.key.as_str())
+                .collect();
+            assert_eq!(keys[..3], ["host.name", "service.name", "process.pid"]);
+            let unique: std::collections::HashSet<_> = keys.iter().collect();
+            assert_eq!(unique.len(), keys.len(), "{keys:?}");
+            let service = &rp.resource.as_ref().unwrap().attributes[1];
+            assert_eq!(
+                service.value.as_ref().unwrap().value,
+                Some(any_value::Value::StringValue("checkout".into()))
+            );
+        }
     }
 }
