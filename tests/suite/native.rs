@@ -142,3 +142,101 @@ fn stack_past_the_limit_keeps_127_frames() {
         "{stacks:#?}"
     );
 }
+
+/// Removes a file when dropped (the debug file a test installs system-wide).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A stripped binary whose DWARF lives in a separate debug file under
+/// /usr/lib/debug/.build-id (what `apt install foo-dbgsym` gives) is named from that
+/// file: its functions, source file and lines, which the binary itself no longer has.
+#[test]
+fn stripped_binary_is_named_from_its_debug_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("stripped_chain");
+    // A build id of our own, so the debug file cannot match any other binary.
+    let build_id = format!("{:032x}{:08x}", rand_u128(), std::process::id());
+    let run = |cmd: &mut std::process::Command| {
+        let status = cmd.status().expect("gcc and binutils are installed");
+        assert!(status.success(), "{cmd:?}");
+    };
+    run(std::process::Command::new("gcc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer"])
+        .arg(format!("-Wl,--build-id=0x{build_id}"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(crate_dir().join("programs/chain.c")));
+    let debug = std::path::PathBuf::from(format!(
+        "/usr/lib/debug/.build-id/{}/{}.debug",
+        &build_id[..2],
+        &build_id[2..]
+    ));
+    std::fs::create_dir_all(debug.parent().unwrap()).unwrap();
+    let _installed = RemoveOnDrop(debug.clone());
+    run(std::process::Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&exe)
+        .arg(&debug));
+    run(std::process::Command::new("strip")
+        .arg("--strip-all")
+        .arg(&exe));
+    run(std::process::Command::new("objcopy")
+        .arg(format!("--add-gnu-debuglink={}", debug.display()))
+        .arg(&exe));
+    let symbols = std::process::Command::new("nm").arg(&exe).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&symbols.stderr).contains("no symbols"),
+        "the binary still has symbols"
+    );
+
+    let target = KillOnDrop::spawn(std::process::Command::new(&exe).arg("4"));
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    record(&[target.pid()], 2, 97, out.path());
+    let chain = [
+        "main",
+        "chain_outer",
+        "chain_middle",
+        "chain_inner",
+        "spin_leaf",
+    ];
+    let stacks = read_folded(out.path());
+    let hits = samples_with_chain(&stacks, "stripped_chain", &chain);
+    let total: u64 = stacks.iter().map(|s| s.count).sum();
+    assert!(hits * 2 > total, "chain in {hits} of {total}: {stacks:#?}");
+
+    // Source lines come from the debug file's DWARF.
+    let p = read_pprof(out.path());
+    let s = |i: i64| p.string_table[i as usize].as_str();
+    let leaf = p
+        .function
+        .iter()
+        .find(|f| s(f.name) == "spin_leaf")
+        .expect("spin_leaf in pprof");
+    assert!(
+        s(leaf.filename).ends_with("chain.c"),
+        "{}",
+        s(leaf.filename)
+    );
+    assert!(p
+        .location
+        .iter()
+        .flat_map(|l| &l.line)
+        .any(|l| l.function_id == leaf.id && l.line > 0));
+}
+
+/// 128 random bits from the kernel.
+fn rand_u128() -> u128 {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut bytes,
+    )
+    .unwrap();
+    u128::from_le_bytes(bytes)
+}
