@@ -361,6 +361,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         interval_s = config.interval.as_secs(),
         endpoint = config.grpc.as_ref().map(|g| g.endpoint.as_str()).unwrap_or("-"),
         output_dir = %config.files.as_ref().map(|f| f.dir.display().to_string()).unwrap_or_else(|| "-".into()),
+        resource = %config
+            .resource_attributes
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
         "profiling started"
     );
     let ctx = CycleContext {
