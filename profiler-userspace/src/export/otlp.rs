@@ -297,8 +297,20 @@ fn build(
             .map(|(k, v)| key_value(k, Value::StringValue(v.clone())))
             .collect();
         attributes.push(key_value("process.pid", Value::IntValue(i64::from(*pid))));
-        let name = meta
-            .map(|m| m.name.to_string())
+        // The executable's base name, as the semantic conventions say; the process
+        // name (comm) when the executable is unknown (kernel threads, processes
+        // gone before capture).
+        let exe = meta.and_then(|m| m.exe.as_deref());
+        let name = exe
+            .and_then(|path| {
+                path.strip_suffix(" (deleted)")
+                    .unwrap_or(path)
+                    .rsplit('/')
+                    .next()
+            })
+            .filter(|base| !base.is_empty())
+            .map(str::to_string)
+            .or_else(|| meta.map(|m| m.name.to_string()))
             .or_else(|| stacks.first().map(|s| s.process.to_string()));
         if let Some(name) = name {
             attributes.push(key_value(
@@ -306,7 +318,7 @@ fn build(
                 Value::StringValue(name),
             ));
         }
-        if let Some(exe) = meta.and_then(|m| m.exe.as_deref()) {
+        if let Some(exe) = exe {
             attributes.push(key_value(
                 "process.executable.path",
                 Value::StringValue(exe.to_string()),
@@ -508,5 +520,51 @@ mod tests {
                 Some(any_value::Value::StringValue("checkout".into()))
             );
         }
+    }
+
+    /// process.executable.name is the executable's base name (not the thread-set
+    /// comm), and the process name when the executable is unknown.
+    #[test]
+    fn executable_name_is_the_exe_base_name() {
+        let mut profile = test_profile();
+        let meta = profile.processes.get_mut(&42).unwrap();
+        meta.name = "renamed-by-prctl".into();
+        meta.exe = Some("/usr/bin/python3.11 (deleted)".into());
+        let mut gone = profile.stacks[0].clone();
+        gone.pid = 7;
+        gone.process = "short-lived".into();
+        profile.stacks.push(gone);
+        let req = &encode(&profile, &host(), 4 << 20).requests[0];
+        let attr = |pid: i64, key: &str| -> Option<String> {
+            let rp = req.resource_profiles.iter().find(|rp| {
+                rp.resource.as_ref().unwrap().attributes.iter().any(|kv| {
+                    kv.key == "process.pid"
+                        && kv.value.as_ref().unwrap().value == Some(any_value::Value::IntValue(pid))
+                })
+            })?;
+            rp.resource
+                .as_ref()
+                .unwrap()
+                .attributes
+                .iter()
+                .find(|kv| kv.key == key)
+                .map(|kv| match &kv.value.as_ref().unwrap().value {
+                    Some(any_value::Value::StringValue(s)) => s.clone(),
+                    other => panic!("{other:?}"),
+                })
+        };
+        assert_eq!(
+            attr(42, "process.executable.name").as_deref(),
+            Some("python3.11")
+        );
+        assert_eq!(
+            attr(42, "process.executable.path").as_deref(),
+            Some("/usr/bin/python3.11 (deleted)")
+        );
+        assert_eq!(
+            attr(7, "process.executable.name").as_deref(),
+            Some("short-lived")
+        );
+        assert_eq!(attr(7, "process.executable.path"), None);
     }
 }
