@@ -36,7 +36,8 @@ pub enum Command {
     Record(Box<RecordArgs>),
     /// Profile continuously until SIGTERM: one profile per interval, exported over
     /// OTLP/gRPC and/or written to rotating local files. Reads the standard
-    /// OTEL_EXPORTER_OTLP_* environment variables; flags win.
+    /// OTEL_EXPORTER_OTLP_*, OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
+    /// environment variables; flags win.
     Agent(Box<AgentCliArgs>),
 }
 
@@ -84,13 +85,6 @@ pub struct AgentCliArgs {
     /// Per-request deadline in seconds (env OTEL_EXPORTER_OTLP_TIMEOUT, in ms; default 10 s).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
-    /// Resource attribute KEY=VALUE of every exported process, e.g.
-    /// deployment.environment.name=prod; repeatable (env OTEL_RESOURCE_ATTRIBUTES).
-    #[arg(long = "resource-attribute", value_name = "KEY=VALUE")]
-    pub resource_attributes: Vec<String>,
-    /// service.name of every exported process (env OTEL_SERVICE_NAME).
-    #[arg(long, value_name = "NAME")]
-    pub service_name: Option<String>,
     /// Bound of the export queue in KiB; the oldest profiles are dropped past it.
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_QUEUE_BYTES >> 10)]
     pub queue_kib: usize,
@@ -104,7 +98,22 @@ pub struct AgentCliArgs {
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
     #[command(flatten)]
+    pub resource: ResourceCliArgs,
+    #[command(flatten)]
     pub runtimes: RuntimeCliArgs,
+}
+
+/// The agent's own OTLP resource attributes.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "OTLP resource attributes")]
+pub struct ResourceCliArgs {
+    /// KEY=VALUE on every exported process, e.g. deployment.environment.name=prod;
+    /// repeatable (env OTEL_RESOURCE_ATTRIBUTES).
+    #[arg(long = "resource-attribute", value_name = "KEY=VALUE")]
+    pub resource_attributes: Vec<String>,
+    /// service.name of every exported process (env OTEL_SERVICE_NAME).
+    #[arg(long, value_name = "NAME")]
+    pub service_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -254,8 +263,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     queue_bytes: args.queue_kib.saturating_mul(1 << 10),
                     max_request_bytes: args.max_request_kib.saturating_mul(1 << 10),
                     shutdown_timeout_secs: Some(args.shutdown_timeout),
-                    resource_attributes: args.resource_attributes,
-                    service_name: args.service_name,
+                    resource_attributes: args.resource.resource_attributes,
+                    service_name: args.resource.service_name,
                 },
                 &|name| std::env::var(name).ok(),
             )?;
