@@ -18,7 +18,8 @@ gzipped at level 6, the level tonic's gzip uses on the wire (bench/agent_outage.
 
 Modes: ok (default), reject (--code NAME: every call fails with that status),
 stall (--stall SECONDS before answering). --token T requires the header
-`authorization: Bearer T` (else UNAUTHENTICATED). --tls-cert/--tls-key serve TLS.
+`authorization: Bearer T` (else UNAUTHENTICATED). --tls-cert/--tls-key serve TLS;
+--tls-client-ca CA also requires a client certificate signed by CA (mutual TLS).
 Prints "LISTENING <port>" once ready. Stops on SIGTERM.
 """
 import argparse
@@ -194,6 +195,7 @@ def main():
     ap.add_argument("--partial-reject", type=int, default=0)
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
+    ap.add_argument("--tls-client-ca")
     args = ap.parse_args()
 
     out = open(args.out, "a")
@@ -204,8 +206,11 @@ def main():
     profiles_service_pb2_grpc.add_ProfilesServiceServicer_to_server(Servicer(args, out), server)
     addr = f"127.0.0.1:{args.port}"
     if args.tls_cert:
+        client_ca = open(args.tls_client_ca, "rb").read() if args.tls_client_ca else None
         creds = grpc.ssl_server_credentials(
-            [(open(args.tls_key, "rb").read(), open(args.tls_cert, "rb").read())]
+            [(open(args.tls_key, "rb").read(), open(args.tls_cert, "rb").read())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
         )
         port = server.add_secure_port(addr, creds)
     else:

@@ -282,25 +282,8 @@ fn token_from_otel_headers() {
 /// TLS with a self-signed CA: trusted with --ca-file, refused without it.
 #[test]
 fn tls_with_self_signed_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
-    let (ca_pem, cert_pem, key_pem) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("cert.pem"),
-        dir.path().join("key.pem"),
-    );
-    std::fs::write(&ca_pem, ca.pem()).unwrap();
-    std::fs::write(&cert_pem, server.pem()).unwrap();
-    std::fs::write(&key_pem, server_key.serialize_pem()).unwrap();
+    let pki = Pki::new();
+    let (ca_pem, cert_pem, key_pem) = (&pki.ca_pem, &pki.cert_pem, &pki.key_pem);
 
     let receiver = Receiver::start(
         0,
@@ -312,8 +295,10 @@ fn tls_with_self_signed_ca() {
         ],
     );
     let endpoint = format!("https://localhost:{}", receiver.port);
-    let mut untrusted = Agent::start(&["--endpoint", &endpoint, "--interval", "1"]);
-    std::thread::sleep(Duration::from_secs(3));
+    // Idle samples: there is always a profile to send, even on an idle machine.
+    let mut untrusted =
+        Agent::start(&["--endpoint", &endpoint, "--interval", "1", "--include-idle"]);
+    untrusted.wait_for_log("OTLP backend unavailable", Duration::from_secs(15));
     assert!(untrusted
         .terminate(Duration::from_secs(20))
         .unwrap()
@@ -350,6 +335,127 @@ fn tls_with_self_signed_ca() {
         .terminate(Duration::from_secs(20))
         .unwrap()
         .success());
+}
+
+/// A self-signed CA in a temporary directory, a server certificate for
+/// `localhost` it signed, and client certificates on demand; all PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_params: rcgen::CertificateParams,
+    ca_key: rcgen::KeyPair,
+    ca_pem: std::path::PathBuf,
+    cert_pem: std::path::PathBuf,
+    key_pem: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name = named("profiler test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let mut pki = Pki {
+            ca_pem: dir.path().join("ca.pem"),
+            cert_pem: dir.path().join("cert.pem"),
+            key_pem: dir.path().join("key.pem"),
+            dir,
+            ca_params,
+            ca_key,
+        };
+        std::fs::write(&pki.ca_pem, ca.pem()).unwrap();
+        let (cert, key) = pki.signed("localhost");
+        (pki.cert_pem, pki.key_pem) = (cert, key);
+        pki
+    }
+
+    /// A certificate for `name` signed by the CA: (certificate, key) files.
+    fn signed(&self, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        // Not rcgen's default name, which is the CA's too: OpenSSL and BoringSSL
+        // take a certificate whose subject is its issuer for self-signed.
+        params.distinguished_name = named(name);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let paths = (
+            self.dir.path().join(format!("{name}.cert.pem")),
+            self.dir.path().join(format!("{name}.key.pem")),
+        );
+        std::fs::write(&paths.0, cert.pem()).unwrap();
+        std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+        paths
+    }
+}
+
+/// A distinguished name of just `CN=common_name`.
+fn named(common_name: &str) -> rcgen::DistinguishedName {
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, common_name);
+    dn
+}
+
+/// A backend that requires a client certificate (mutual TLS) refuses an agent
+/// without one, with a hint in the log, and receives from one with
+/// --client-cert/--client-key.
+#[test]
+fn mutual_tls_with_client_certificate() {
+    let pki = Pki::new();
+    let (client_cert, client_key) = pki.signed("agent");
+    let receiver = Receiver::start(
+        0,
+        &[
+            "--tls-cert",
+            pki.cert_pem.to_str().unwrap(),
+            "--tls-key",
+            pki.key_pem.to_str().unwrap(),
+            "--tls-client-ca",
+            pki.ca_pem.to_str().unwrap(),
+        ],
+    );
+    let endpoint = format!("https://localhost:{}", receiver.port);
+    let ca = pki.ca_pem.to_str().unwrap();
+    // Idle samples: there is always a profile to send, even on an idle machine.
+    let base = [
+        "--endpoint",
+        &endpoint,
+        "--interval",
+        "1",
+        "--ca-file",
+        ca,
+        "--include-idle",
+    ];
+
+    let mut anonymous = Agent::start(&base);
+    anonymous.wait_for_log("OTLP backend unavailable", Duration::from_secs(15));
+    assert!(anonymous
+        .terminate(Duration::from_secs(20))
+        .unwrap()
+        .success());
+    let log = anonymous.log();
+    assert!(
+        receiver.requests().is_empty(),
+        "no client certificate, yet: {log}"
+    );
+    assert!(log.contains("OTLP backend unavailable"), "{log}");
+    assert!(
+        log.contains("requires a client certificate"),
+        "no hint: {log}"
+    );
+
+    let mut args = base.to_vec();
+    args.extend([
+        "--client-cert",
+        client_cert.to_str().unwrap(),
+        "--client-key",
+        client_key.to_str().unwrap(),
+    ]);
+    let mut known = Agent::start(&args);
+    let requests = receiver.wait_for(1, Duration::from_secs(20));
+    assert!(!requests.is_empty(), "{}", known.log());
+    assert_well_formed(&requests);
+    assert!(known.terminate(Duration::from_secs(20)).unwrap().success());
 }
 
 /// Without an endpoint the agent writes rotating local files (pprof that Google's
