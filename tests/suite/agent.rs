@@ -1,5 +1,8 @@
 //! `profiler agent` against a real OTLP receiver we did not write: Python's
 //! opentelemetry-proto (official generated classes) and grpcio, on loopback.
+//!
+//! Tests that need a profile every interval but no particular stack sample idle
+//! CPUs too (`--include-idle`): an idle machine gives none otherwise.
 
 use std::time::Duration;
 
@@ -179,6 +182,7 @@ fn stalled_backend_times_out() {
         "1",
         "--shutdown-timeout",
         "2",
+        "--include-idle",
     ]);
     std::thread::sleep(Duration::from_secs(6));
     let log = agent.log();
@@ -207,7 +211,8 @@ fn rejections_by_status_class() {
     ] {
         let receiver = Receiver::start(0, &["--mode", "reject", "--code", code]);
         let endpoint = format!("http://127.0.0.1:{}", receiver.port);
-        let mut agent = Agent::start(&["--endpoint", &endpoint, "--interval", "1"]);
+        let mut agent =
+            Agent::start(&["--endpoint", &endpoint, "--interval", "1", "--include-idle"]);
         let requests = receiver.wait_for(3, Duration::from_secs(20));
         assert!(requests.len() >= 3, "{code}: {} requests", requests.len());
         assert!(
@@ -243,7 +248,7 @@ fn token_from_otel_headers() {
     let receiver = Receiver::start(0, &["--token", "s3cret"]);
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
     let mut wrong = Agent::start_with_env(
-        &["--interval", "1"],
+        &["--interval", "1", "--include-idle"],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20wrong"),
@@ -255,7 +260,7 @@ fn token_from_otel_headers() {
     assert_eq!(log.matches("Unauthenticated").count(), 1, "{log}");
 
     let mut right = Agent::start_with_env(
-        &["--interval", "1"],
+        &["--interval", "1", "--include-idle"],
         &[
             ("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT", &endpoint),
             (
@@ -470,6 +475,7 @@ fn local_files_rotate() {
         "2",
         "--output-dir",
         dir.path().to_str().unwrap(),
+        "--include-idle",
     ]);
     std::thread::sleep(Duration::from_secs(5));
     assert!(
