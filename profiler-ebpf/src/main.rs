@@ -1,7 +1,9 @@
 //! The eBPF sampler: one perf_event program, attached to the software cpu-clock event
 //! on every online CPU. Each time it fires it writes one record to the ring buffer:
 //! [`SampleHeader`] (tgid, tid, cpu, comm) followed by the kernel and user
-//! instruction pointers, leaf first. Userspace does everything else.
+//! instruction pointers, leaf first. Userspace does everything else. `comm` is
+//! read only when the CPU's thread changed (and now and then anyway): see
+//! `record_kind::NATIVE_STACKS_SAME_THREAD`.
 //!
 //! The record is reserved in the ring buffer and the stacks are walked straight into
 //! it: no scratch map and no copy, so a sample touches as few cache lines as it can.
@@ -25,8 +27,8 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use profiler_common::{
-    record_kind, Counter, Counters, SampleHeader, SampleRecord, UserRecord, MAX_PID_FILTER_ENTRIES,
-    MAX_STACK_DEPTH, RING_BUFFER_BYTES,
+    record_kind, Counter, Counters, CpuState, SampleHeader, SampleRecord, UserRecord,
+    COMM_READ_EVERY, MAX_PID_FILTER_ENTRIES, MAX_STACK_DEPTH, RING_BUFFER_BYTES,
 };
 
 /// Samples to userspace, one [`SampleRecord`]-sized slot each (only the frames in
@@ -35,9 +37,10 @@ use profiler_common::{
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 
-/// Per-CPU counters, see [`Counter`]: one entry, 48 bytes per CPU.
+/// Per-CPU counters (see [`Counter`]) and the thread of the CPU's last record: one
+/// entry, 56 bytes per CPU.
 #[map]
-static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+static COUNTERS: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
 /// tgids to sample when `FILTER_BY_PID` is set. Size: ~55 KiB
 /// ([`MAX_PID_FILTER_ENTRIES`] entries).
@@ -57,13 +60,13 @@ const HEADER_LEN: u16 = core::mem::size_of::<SampleHeader>() as u16;
 
 #[perf_event]
 pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
-    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+    let Some(state) = COUNTERS.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: this CPU's entry; the program does not nest on one CPU.
-    let counters = unsafe { &mut *counters };
-    if let Err(outcome) = try_sample_cpu(&ctx, counters) {
-        bump(counters, outcome);
+    let state = unsafe { &mut *state };
+    if let Err(outcome) = try_sample_cpu(&ctx, state) {
+        bump(&mut state.counters, outcome);
     }
     0
 }
@@ -85,7 +88,7 @@ fn global<T: Copy>(value: &T) -> T {
 
 /// Builds and emits one record. `Err` names the counter that explains why not.
 #[inline(always)]
-fn try_sample_cpu(ctx: &PerfEventContext, counters: &mut Counters) -> Result<(), Counter> {
+fn try_sample_cpu(ctx: &PerfEventContext, state: &mut CpuState) -> Result<(), Counter> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
 
@@ -98,9 +101,9 @@ fn try_sample_cpu(ctx: &PerfEventContext, counters: &mut Counters) -> Result<(),
     }
 
     if stacks::interrupted_user_mode(ctx) {
-        emit::<UserRecord>(ctx, counters, pid_tgid, false)
+        emit::<UserRecord>(ctx, state, pid_tgid, false)
     } else {
-        emit::<SampleRecord>(ctx, counters, pid_tgid, true)
+        emit::<SampleRecord>(ctx, state, pid_tgid, true)
     }
 }
 
@@ -111,10 +114,11 @@ fn try_sample_cpu(ctx: &PerfEventContext, counters: &mut Counters) -> Result<(),
 #[inline(always)]
 fn emit<T: 'static>(
     ctx: &PerfEventContext,
-    counters: &mut Counters,
+    state: &mut CpuState,
     pid_tgid: u64,
     in_kernel: bool,
 ) -> Result<(), Counter> {
+    let counters = &mut state.counters;
     let mut entry = SAMPLES.reserve::<T>(0).ok_or(Counter::RingBufferFull)?;
     let slot = entry.as_mut_ptr().cast::<u8>();
     // SAFETY: the reserved slot is ours until submit, laid out as said above; only
@@ -147,13 +151,23 @@ fn emit<T: 'static>(
         bump(counters, Counter::UserStackError);
     }
 
-    header.kind = record_kind::NATIVE_STACKS;
+    // The thread name is read only when this CPU's last record was of another
+    // thread, and on every COMM_READ_EVERY-th record; otherwise the reader takes
+    // it from that record.
+    let emitted = counters.first().copied().unwrap_or(0); // Counter::Emitted
+    let comm_tid = (pid_tgid as u32) as u64 + 1;
+    if state.comm_tid == comm_tid && emitted & (COMM_READ_EVERY - 1) != 0 {
+        header.kind = record_kind::NATIVE_STACKS_SAME_THREAD;
+    } else {
+        header.kind = record_kind::NATIVE_STACKS;
+        header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        state.comm_tid = comm_tid;
+    }
     header.header_len = HEADER_LEN;
     header.tgid = (pid_tgid >> 32) as u32;
     header.tid = pid_tgid as u32;
     // SAFETY: a plain helper call without pointer arguments.
     header.cpu = unsafe { bpf_get_smp_processor_id() };
-    header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     header.kernel_frames = kernel.frames as u16;
     header.user_frames = user.frames as u16;
     header.kernel_status = kernel.status as i16;
@@ -161,7 +175,6 @@ fn emit<T: 'static>(
 
     // Wake the reader on every WAKEUP_EVERY-th record of this CPU; otherwise it
     // finds the record on its next timed poll.
-    let emitted = counters.first().copied().unwrap_or(0); // Counter::Emitted
     let flags = if emitted & global(&WAKEUP_EVERY).wrapping_sub(1) == 0 {
         BPF_RB_FORCE_WAKEUP
     } else {

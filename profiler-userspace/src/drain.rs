@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{record_kind, SampleHeader, MAX_STACK_DEPTH, TASK_COMM_LEN};
+use profiler_common::{record_kind, SampleHeader, MAX_CPUS, MAX_STACK_DEPTH, TASK_COMM_LEN};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::{mpsc, oneshot},
@@ -37,8 +37,12 @@ pub struct RawSample<'a> {
     pub tgid: u32,
     pub tid: u32,
     pub cpu: u32,
-    /// Thread name, NUL padded.
+    /// Thread name, NUL padded; all zeros until [`ThreadNames::resolve`] fills it
+    /// in a `same_thread` sample.
     pub comm: [u8; TASK_COMM_LEN],
+    /// The record did not carry the thread name: it is that of the previous record
+    /// from the same CPU (`record_kind::NATIVE_STACKS_SAME_THREAD`).
+    pub same_thread: bool,
     /// Kernel instruction pointers then user ones, leaf first, native endian.
     frames: &'a [u8],
     kernel_frames: usize,
@@ -84,6 +88,21 @@ pub enum ParseError {
         /// The kind field.
         kind: u16,
     },
+    /// A CPU number past [`MAX_CPUS`].
+    #[error("record of CPU {cpu}, past the {MAX_CPUS} supported")]
+    BadCpu {
+        /// The cpu field.
+        cpu: u32,
+    },
+    /// A record that refers to the previous record of its CPU for its thread name,
+    /// when that record was of another thread (or there was none).
+    #[error("record of thread {tid} on CPU {cpu} without a name to take over")]
+    NoThreadName {
+        /// The tid field.
+        tid: u32,
+        /// The cpu field.
+        cpu: u32,
+    },
     /// A stack longer than the program can write, or frames past the record's end.
     #[error("record claims {kernel}+{user} frames in {len} bytes")]
     BadFrameCount {
@@ -108,8 +127,13 @@ impl<'a> RawSample<'a> {
         // read_unaligned does not care about alignment.
         let header: SampleHeader =
             unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SampleHeader>()) };
-        if header.kind != record_kind::NATIVE_STACKS {
-            return Err(ParseError::UnknownKind { kind: header.kind });
+        let same_thread = match header.kind {
+            record_kind::NATIVE_STACKS => false,
+            record_kind::NATIVE_STACKS_SAME_THREAD => true,
+            kind => return Err(ParseError::UnknownKind { kind }),
+        };
+        if header.cpu >= MAX_CPUS {
+            return Err(ParseError::BadCpu { cpu: header.cpu });
         }
         let header_len = usize::from(header.header_len);
         let kernel = usize::from(header.kernel_frames);
@@ -131,7 +155,12 @@ impl<'a> RawSample<'a> {
             tgid: header.tgid,
             tid: header.tid,
             cpu: header.cpu,
-            comm: header.comm,
+            comm: if same_thread {
+                [0; TASK_COMM_LEN]
+            } else {
+                header.comm
+            },
+            same_thread,
             frames: &frames[..(kernel + user) * 8],
             kernel_frames: kernel,
             user_walk_derailed,
@@ -162,6 +191,41 @@ impl<'a> RawSample<'a> {
     /// Number of user frames.
     pub fn user_len(&self) -> usize {
         self.frames.len() / 8 - self.kernel_frames
+    }
+}
+
+/// The thread of each CPU's last record that carried a name, to name the records
+/// that refer to it (`record_kind::NATIVE_STACKS_SAME_THREAD`). The eBPF program
+/// sets them per CPU and the ring buffer keeps each CPU's records in order, so the
+/// reader sees the same sequence. Bounded: one entry per CPU number below
+/// [`MAX_CPUS`] seen, 24 bytes each (at most 192 KiB; 48 bytes on 2 CPUs).
+#[derive(Debug, Default)]
+pub struct ThreadNames {
+    by_cpu: Vec<Option<(u32, [u8; TASK_COMM_LEN])>>,
+}
+
+impl ThreadNames {
+    /// Remembers the name a record carries, or fills in the one it refers to.
+    pub fn resolve(&mut self, sample: &mut RawSample<'_>) -> Result<(), ParseError> {
+        let cpu = sample.cpu as usize; // < MAX_CPUS, checked by parse
+        if self.by_cpu.len() <= cpu {
+            self.by_cpu.resize(cpu + 1, None);
+        }
+        let slot = &mut self.by_cpu[cpu];
+        if !sample.same_thread {
+            *slot = Some((sample.tid, sample.comm));
+            return Ok(());
+        }
+        match slot {
+            Some((tid, comm)) if *tid == sample.tid => {
+                sample.comm = *comm;
+                Ok(())
+            }
+            _ => Err(ParseError::NoThreadName {
+                tid: sample.tid,
+                cpu: sample.cpu,
+            }),
+        }
     }
 }
 
@@ -205,6 +269,7 @@ pub struct DrainLoop {
     ring: AsyncFd<RingBuf<MapData>>,
     aggregator: Aggregator,
     first_sight: FirstSight,
+    thread_names: ThreadNames,
     stats: Arc<DrainStats>,
 }
 
@@ -222,6 +287,7 @@ impl DrainLoop {
                 .map_err(|e| e.into_parts().1)?,
             aggregator,
             first_sight,
+            thread_names: ThreadNames::default(),
             stats,
         })
     }
@@ -272,7 +338,10 @@ impl DrainLoop {
                 while handled < RECORDS_PER_BATCH {
                     let Some(item) = ring.next() else { break };
                     handled += 1;
-                    match RawSample::parse(&item) {
+                    let parsed = RawSample::parse(&item).and_then(|mut sample| {
+                        self.thread_names.resolve(&mut sample).map(|()| sample)
+                    });
+                    match parsed {
                         Ok(sample) => {
                             if sample.user_walk_derailed {
                                 self.stats
@@ -381,6 +450,85 @@ mod tests {
         }
         let bytes = record(&[], &[0x40_1000, 0x7f00_0000_0000]);
         assert_eq!(RawSample::parse(&bytes).unwrap().user_len(), 2);
+    }
+
+    /// `record` of `tid` on `cpu`; `same_thread` makes it refer to the previous
+    /// record of its CPU for the name (and leaves garbage where the name was).
+    fn on_cpu(cpu: u32, tid: u32, comm: &[u8], same_thread: bool) -> Vec<u8> {
+        let mut bytes = encode_record(42, tid, comm, &[], &[0x40_1000]);
+        let header = bytes.as_mut_ptr().cast::<SampleHeader>();
+        // SAFETY: encode_record starts with a whole SampleHeader; unaligned writes.
+        unsafe {
+            std::ptr::addr_of_mut!((*header).cpu).write_unaligned(cpu);
+            if same_thread {
+                std::ptr::addr_of_mut!((*header).kind)
+                    .write_unaligned(record_kind::NATIVE_STACKS_SAME_THREAD);
+                std::ptr::addr_of_mut!((*header).comm).write_unaligned([0xAA; TASK_COMM_LEN]);
+            }
+        }
+        bytes
+    }
+
+    fn resolved(names: &mut ThreadNames, bytes: &[u8]) -> Result<[u8; TASK_COMM_LEN], ParseError> {
+        let mut s = RawSample::parse(bytes)?;
+        names.resolve(&mut s)?;
+        Ok(s.comm)
+    }
+
+    /// A record without a name takes the name of its CPU's previous record; each
+    /// CPU keeps its own, and a later name replaces an earlier one.
+    #[test]
+    fn same_thread_records_take_their_cpus_last_name() {
+        let mut names = ThreadNames::default();
+        let name = |s: &[u8]| {
+            let mut n = [0; TASK_COMM_LEN];
+            n[..s.len()].copy_from_slice(s);
+            n
+        };
+        assert_eq!(
+            resolved(&mut names, &on_cpu(0, 7, b"alpha", false)),
+            Ok(name(b"alpha"))
+        );
+        assert_eq!(
+            resolved(&mut names, &on_cpu(3, 9, b"beta", false)),
+            Ok(name(b"beta"))
+        );
+        assert_eq!(
+            resolved(&mut names, &on_cpu(0, 7, b"", true)),
+            Ok(name(b"alpha"))
+        );
+        assert_eq!(
+            resolved(&mut names, &on_cpu(3, 9, b"", true)),
+            Ok(name(b"beta"))
+        );
+        assert_eq!(
+            resolved(&mut names, &on_cpu(0, 7, b"renamed", false)),
+            Ok(name(b"renamed"))
+        );
+        assert_eq!(
+            resolved(&mut names, &on_cpu(0, 7, b"", true)),
+            Ok(name(b"renamed"))
+        );
+    }
+
+    /// A record that refers to a name its CPU never carried for that thread (a
+    /// record went missing) is an error, not another thread's name.
+    #[test]
+    fn same_thread_record_without_a_name_is_refused() {
+        let mut names = ThreadNames::default();
+        assert_eq!(
+            resolved(&mut names, &on_cpu(1, 7, b"", true)),
+            Err(ParseError::NoThreadName { tid: 7, cpu: 1 })
+        );
+        resolved(&mut names, &on_cpu(1, 8, b"other", false)).unwrap();
+        assert_eq!(
+            resolved(&mut names, &on_cpu(1, 7, b"", true)),
+            Err(ParseError::NoThreadName { tid: 7, cpu: 1 })
+        );
+        assert_eq!(
+            RawSample::parse(&on_cpu(MAX_CPUS, 7, b"x", false)).unwrap_err(),
+            ParseError::BadCpu { cpu: MAX_CPUS }
+        );
     }
 
     /// Frame counts beyond the record's bytes are rejected, not read out of bounds.

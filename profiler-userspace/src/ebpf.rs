@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use profiler_common::{
-    Counter, Counters, COUNTER_COUNT, GLOBAL_FILTER_BY_PID, GLOBAL_INCLUDE_IDLE,
+    Counter, Counters, CpuState, COUNTER_COUNT, GLOBAL_FILTER_BY_PID, GLOBAL_INCLUDE_IDLE,
     GLOBAL_WAKEUP_EVERY, MAP_COUNTERS, MAP_PID_FILTER, MAP_SAMPLES, MAX_PID_FILTER_ENTRIES,
     PROGRAM_SAMPLE,
 };
@@ -138,7 +138,7 @@ pub struct ProgramStats {
 /// The loaded and attached sampler.
 pub struct Sampler {
     ebpf: Ebpf,
-    counters: PerCpuArray<MapData, Counters>,
+    counters: PerCpuArray<MapData, CpuState>,
     /// Keeps kernel BPF run-time statistics enabled while we run.
     _stats: Option<std::os::fd::OwnedFd>,
     cpus: usize,
@@ -263,7 +263,7 @@ impl Sampler {
             })?;
         let mut totals = KernelCounters::default();
         for cpu in per_cpu.iter() {
-            for (total, value) in totals.values.iter_mut().zip(cpu) {
+            for (total, value) in totals.values.iter_mut().zip(&cpu.counters) {
                 *total += value;
             }
         }

@@ -240,3 +240,68 @@ fn rand_u128() -> u128 {
     .unwrap();
     u128::from_le_bytes(bytes)
 }
+
+/// Samples of `leaf` (its last frame) by their `thread` label.
+fn threads_of(p: &proto::Profile, leaf: &str) -> std::collections::BTreeMap<String, i64> {
+    let mut by_thread = std::collections::BTreeMap::new();
+    for sample in pprof_stacks(p) {
+        if sample.frames.last().map(String::as_str) == Some(leaf) {
+            let thread = sample
+                .labels
+                .iter()
+                .find(|(k, _)| k == "thread")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            *by_thread.entry(thread).or_insert(0) += sample.count;
+        }
+    }
+    by_thread
+}
+
+/// Two threads taking turns on one CPU keep their own names in every sample,
+/// though the sampler reads a thread's name only when the CPU's thread changes.
+#[test]
+fn threads_sharing_a_cpu_keep_their_names() {
+    let target = start("threads", &["4"]);
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let summary = record(&[target.pid()], 2, 97, out.path());
+    assert_eq!(summary.malformed, 0);
+    let p = read_pprof(out.path());
+    let alpha = threads_of(&p, "alpha_leaf");
+    let beta = threads_of(&p, "beta_leaf");
+    assert_eq!(
+        alpha.keys().collect::<Vec<_>>(),
+        ["alpha_thread"],
+        "{alpha:?}"
+    );
+    assert_eq!(beta.keys().collect::<Vec<_>>(), ["beta_thread"], "{beta:?}");
+    // Both ran: each had some of the one CPU's ~190 samples.
+    assert!(
+        alpha["alpha_thread"] >= 20 && beta["beta_thread"] >= 20,
+        "{alpha:?} {beta:?}"
+    );
+}
+
+/// A thread that renames itself while it keeps its CPU is named anew within
+/// `COMM_READ_EVERY` samples of each CPU it runs on.
+#[test]
+fn renamed_thread_is_named_anew() {
+    let target = start("threads", &["3", "rename"]);
+    let out = tempfile::tempdir().unwrap();
+    let summary = record(&[target.pid()], 3, 97, out.path());
+    assert_eq!(summary.malformed, 0);
+    let p = read_pprof(out.path());
+    let after = threads_of(&p, "after_leaf");
+    let stale = after.get("before").copied().unwrap_or(0);
+    let cpus = std::thread::available_parallelism().unwrap().get() as i64;
+    assert!(
+        stale <= profiler_common::COMM_READ_EVERY as i64 * cpus,
+        "{after:?}"
+    );
+    assert!(after.get("after").copied().unwrap_or(0) >= 30, "{after:?}");
+    assert_eq!(
+        threads_of(&p, "before_leaf").keys().collect::<Vec<_>>(),
+        ["before"]
+    );
+}
