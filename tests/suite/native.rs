@@ -12,13 +12,7 @@ fn known_chain_appears_root_to_leaf() {
     let out = tempfile::tempdir().unwrap();
     let summary = record(&[target.pid()], 2, 97, out.path());
     let stacks = read_folded(out.path());
-    let chain = [
-        "main",
-        "chain_outer",
-        "chain_middle",
-        "chain_inner",
-        "spin_leaf",
-    ];
+    let chain = CHAIN_ROOT_FIRST;
     let hits = samples_with_chain(&stacks, "chain", &chain);
     let total: u64 = stacks.iter().map(|s| s.count).sum();
     assert!(
@@ -86,13 +80,7 @@ fn exited_process_is_still_named() {
         .iter()
         .filter(|s| s.frames[0] == "chain_exits")
         .collect();
-    let chain = [
-        "main",
-        "chain_outer",
-        "chain_middle",
-        "chain_inner",
-        "spin_leaf",
-    ];
+    let chain = CHAIN_ROOT_FIRST;
     let hits = samples_with_chain(&stacks, "chain_exits", &chain);
     let total: u64 = ours.iter().map(|s| s.count).sum();
     assert!(hits * 2 > total, "exited program not named: {ours:#?}");
@@ -198,13 +186,7 @@ fn stripped_binary_is_named_from_its_debug_file() {
     settle();
     let out = tempfile::tempdir().unwrap();
     record(&[target.pid()], 2, 97, out.path());
-    let chain = [
-        "main",
-        "chain_outer",
-        "chain_middle",
-        "chain_inner",
-        "spin_leaf",
-    ];
+    let chain = CHAIN_ROOT_FIRST;
     let stacks = read_folded(out.path());
     let hits = samples_with_chain(&stacks, "stripped_chain", &chain);
     let total: u64 = stacks.iter().map(|s| s.count).sum();

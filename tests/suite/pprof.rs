@@ -20,13 +20,7 @@ fn pprof_has_chain_labels_and_build_ids() {
     assert_eq!(types, vec![("samples", "count"), ("cpu", "nanoseconds")]);
     assert_eq!(p.period, 1_000_000_000 / 97);
 
-    let chain = [
-        "main",
-        "chain_outer",
-        "chain_middle",
-        "chain_inner",
-        "spin_leaf",
-    ];
+    let chain = CHAIN_ROOT_FIRST;
     let stacks = pprof_stacks(&p);
     let hit = stacks
         .iter()

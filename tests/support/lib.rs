@@ -14,6 +14,15 @@ use prost::Message as _;
 pub use profiler::export::pprof::proto;
 use profiler::{config::RecordConfig, record::RecordSummary};
 
+/// The call chain of `programs/chain.c`, root first.
+pub const CHAIN_ROOT_FIRST: [&str; 5] = [
+    "main",
+    "chain_outer",
+    "chain_middle",
+    "chain_inner",
+    "spin_leaf",
+];
+
 /// Directory of this crate.
 pub fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
