@@ -244,6 +244,7 @@ fn threads_of(p: &proto::Profile, leaf: &str) -> std::collections::BTreeMap<Stri
 /// though the sampler reads a thread's name only when the CPU's thread changes.
 #[test]
 fn threads_sharing_a_cpu_keep_their_names() {
+    let _cpu = cpu_heavy_lock();
     let target = start("threads", &["4"]);
     settle();
     let out = tempfile::tempdir().unwrap();
@@ -269,6 +270,7 @@ fn threads_sharing_a_cpu_keep_their_names() {
 /// `COMM_READ_EVERY` samples of each CPU it runs on.
 #[test]
 fn renamed_thread_is_named_anew() {
+    let _cpu = cpu_heavy_lock();
     let target = start("threads", &["3", "rename"]);
     let out = tempfile::tempdir().unwrap();
     let summary = record(&[target.pid()], 3, 97, out.path());
