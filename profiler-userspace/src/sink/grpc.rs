@@ -177,7 +177,8 @@ impl Exporter {
             .tcp_keepalive(Some(Duration::from_secs(60)))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        match endpoint.uri().scheme_str() {
+        // `Some(client certificate given?)` for TLS, which the log's hints need.
+        let tls = match endpoint.uri().scheme_str() {
             Some("https") => {
                 let mut tls = ClientTlsConfig::new();
                 tls = match &config.ca_file {
@@ -190,14 +191,15 @@ impl Exporter {
                 endpoint = endpoint.tls_config(tls).map_err(|e| {
                     GrpcError::Tls(with_sources(e.to_string(), std::error::Error::source(&e)))
                 })?;
+                Some(config.client_cert.is_some())
             }
-            Some("http") => {}
+            Some("http") => None,
             _ => {
                 return Err(endpoint_err(
                     "the scheme must be http:// or https://".into(),
                 ))
             }
-        }
+        };
         let channel = endpoint.connect_lazy();
         let mut client = Grpc::new(channel)
             .max_encoding_message_size(usize::MAX)
@@ -221,11 +223,7 @@ impl Exporter {
             headers,
             timeout: config.timeout,
             endpoint: config.endpoint.clone(),
-            tls: endpoint
-                .uri()
-                .scheme_str()
-                .is_some_and(|s| s == "https")
-                .then_some(config.client_cert.is_some()),
+            tls,
         })
     }
 
