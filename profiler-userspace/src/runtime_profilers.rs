@@ -257,12 +257,13 @@ struct Shared {
 
 impl Shared {
     /// Counts nothing (callers count); remembers `why` as the latest failure and
-    /// logs it, at warn the first time for this runtime.
-    fn note_failure(&self, runtime: Runtime, program: &Path, pid: u32, why: &str) {
+    /// logs it, at warn the first time for this runtime. Returns false, and only
+    /// logs at debug, for a run our own shutdown ended: that is not a failure.
+    fn note_failure(&self, runtime: Runtime, program: &Path, pid: u32, why: &str) -> bool {
         let text = format!("{} for pid {pid} ({runtime}) {why}", program.display());
         if self.stopping.load(Ordering::Relaxed) {
             tracing::debug!("{text} (stopped with us)");
-            return;
+            return false;
         }
         let bit = 1u8 << (runtime as u8);
         if self.warned.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
@@ -277,6 +278,7 @@ impl Shared {
             .last_failure
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(text);
+        true
     }
 }
 
@@ -600,13 +602,13 @@ fn collect(
     let parsed = match parsed {
         Ok(parsed) => parsed,
         Err(why) => {
-            let counter = if shared.stopping.load(Ordering::Relaxed) {
-                &stats.runs_stopped
-            } else {
+            let failed = shared.note_failure(run.runtime, &run.spec.program, run.target.pid, &why);
+            let counter = if failed {
                 &stats.runs_failed
+            } else {
+                &stats.runs_stopped
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            shared.note_failure(run.runtime, &run.spec.program, run.target.pid, &why);
             return None;
         }
     };
@@ -758,6 +760,7 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
         runs.spawn(async move {
             let failure = handle.wait().await.failure();
             if let Some(why) = &failure {
+                // Counted below, as a refresh without a snapshot.
                 shared.note_failure(Runtime::Java, &shared.config.tools.jattach, jvm.pid, why);
             }
             let ok = failure.is_none();
