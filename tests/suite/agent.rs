@@ -445,7 +445,7 @@ fn mutual_tls_with_client_certificate() {
     );
     assert!(log.contains("OTLP backend unavailable"), "{log}");
     assert!(
-        log.contains("requires a client certificate"),
+        log.contains("give one with --client-cert"),
         "no hint: {log}"
     );
 
