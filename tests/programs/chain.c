@@ -4,16 +4,8 @@
  * Usage: chain SECONDS   (busy for SECONDS, then exits 0) */
 #include <stdint.h>
 #include <stdlib.h>
-#include <time.h>
 
-#define NOINLINE __attribute__((noinline, noipa))
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
+#include "programs.h"
 
 NOINLINE uint64_t spin_leaf(uint64_t x)
 {

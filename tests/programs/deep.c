@@ -2,18 +2,10 @@
  * Usage: deep SECONDS DEPTH */
 #include <stdint.h>
 #include <stdlib.h>
-#include <time.h>
 
-#define NOINLINE __attribute__((noinline, noipa))
+#include "programs.h"
 
 static double end;
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 NOINLINE uint64_t deep_leaf(uint64_t x)
 {

@@ -5,19 +5,11 @@
  * Usage: syscalls SECONDS */
 #include <fcntl.h>
 #include <stdlib.h>
-#include <time.h>
 #include <unistd.h>
 
-#define NOINLINE __attribute__((noinline, noipa))
+#include "programs.h"
 
 static char buf[1 << 20];
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static long sys_read(int fd, void *p, unsigned long n)
 {

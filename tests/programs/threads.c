@@ -15,18 +15,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#define NOINLINE __attribute__((noinline, noipa))
+#include "programs.h"
 
 static double seconds;
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 #define LEAF(name)                                                           \
     NOINLINE uint64_t name(uint64_t x)                                       \
