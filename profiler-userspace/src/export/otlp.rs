@@ -2,8 +2,9 @@
 //! `ExportProfilesServiceRequest`s, each at most a size limit when encoded.
 //!
 //! Layout: one `ResourceProfiles` per process, whose resource carries `host.name`
-//! and the user's host-wide attributes ([`HostInfo`]), then `process.pid`, `process.executable.name`, `process.executable.path` and
-//! `container.id` (when known); one `Profile` in it with sample type `samples/count`
+//! and the user's host-wide attributes ([`HostInfo`]), then `process.pid`,
+//! `process.executable.name`, `process.executable.path` and `container.id` (when
+//! known); one `Profile` in it with sample type `samples/count`
 //! and period `cpu/nanoseconds`. Samples carry `thread.name`; locations carry
 //! `profile.frame.type` (`kernel`, `native`, `jvm`, `v8js`, `cpython`, `ruby`,
 //! `php`); mappings carry
