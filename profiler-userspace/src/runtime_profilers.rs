@@ -195,7 +195,8 @@ pub struct RuntimeStats {
     pub runs_parsed: AtomicU64,
     /// Runs that failed, timed out or wrote unreadable output.
     pub runs_failed: AtomicU64,
-    /// Runs ended by our own shutdown (Ctrl-C, SIGTERM): not failures.
+    /// Runs ended by our own shutdown (Ctrl-C, SIGTERM), jattach runs included: not
+    /// failures.
     pub runs_stopped: AtomicU64,
     /// Runs the supervisor refused (target busy, backing off, tool missing).
     pub runs_refused: AtomicU64,
@@ -760,8 +761,14 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
         runs.spawn(async move {
             let failure = handle.wait().await.failure();
             if let Some(why) = &failure {
-                // Counted below, as a refresh without a snapshot.
-                shared.note_failure(Runtime::Java, &shared.config.tools.jattach, jvm.pid, why);
+                let failed =
+                    shared.note_failure(Runtime::Java, &shared.config.tools.jattach, jvm.pid, why);
+                if !failed {
+                    // Our shutdown ended it: not a failed refresh.
+                    shared.stats.runs_stopped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                // Otherwise counted below, as a refresh without a snapshot.
             }
             let ok = failure.is_none();
             let _ = tokio::task::spawn_blocking(move || {
