@@ -9,19 +9,14 @@ use std::time::Duration;
 use profiler_tests::*;
 use serde_json::Value;
 
-const CHAIN_LEAF_FIRST: [&str; 5] = [
-    "spin_leaf",
-    "chain_inner",
-    "chain_middle",
-    "chain_outer",
-    "main",
-];
-
+/// Samples of OTLP profiles holding the chain of `programs/chain.c` (OTLP stacks
+/// are leaf first).
 fn samples_with_chain(profiles: &[(Value, Value)]) -> i64 {
+    let leaf_first: Vec<&str> = CHAIN_ROOT_FIRST.iter().rev().copied().collect();
     profiles
         .iter()
         .flat_map(|(_, p)| p["samples"].as_array().unwrap())
-        .filter(|s| contains_chain(&sample_strings(s, "frames"), &CHAIN_LEAF_FIRST))
+        .filter(|s| contains_chain(&sample_strings(s, "frames"), &leaf_first))
         .map(|s| s["values"][0].as_i64().unwrap())
         .sum()
 }
