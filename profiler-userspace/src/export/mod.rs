@@ -93,12 +93,20 @@ fn write_file(
     target: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
 ) -> Result<(), ExportError> {
-    let err = |source| ExportError::Io {
+    write_synced(path, write).map_err(|source| ExportError::Io {
         path: target.to_path_buf(),
         source,
-    };
-    let mut w = BufWriter::new(File::create(path).map_err(err)?);
-    write(&mut w).map_err(err)?;
-    w.flush().map_err(err)?;
-    w.get_ref().sync_all().map_err(err)
+    })
+}
+
+/// Creates `path`, writes it through a buffer and syncs it to disk, so that a
+/// rename that follows never publishes an empty or partial file after a crash.
+pub(crate) fn write_synced(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut w = BufWriter::new(File::create(path)?);
+    write(&mut w)?;
+    w.flush()?;
+    w.get_ref().sync_all()
 }

@@ -5,13 +5,13 @@
 
 use std::{
     fs,
-    io::{self, BufWriter, Write as _},
+    io::{self, BufWriter},
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use crate::{
-    export::{folded, pprof},
+    export::{folded, pprof, write_synced},
     profile::Profile,
 };
 
@@ -69,6 +69,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// Writes `path` through a synced temporary beside it, renamed into place.
 fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<fs::File>) -> io::Result<()>,
@@ -79,12 +80,7 @@ fn write_atomic(
             .and_then(|n| n.to_str())
             .unwrap_or("profile")
     ));
-    let result = (|| {
-        let mut w = BufWriter::new(fs::File::create(&tmp)?);
-        write(&mut w)?;
-        w.flush()?;
-        fs::rename(&tmp, path)
-    })();
+    let result = write_synced(&tmp, write).and_then(|()| fs::rename(&tmp, path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
