@@ -82,6 +82,8 @@ pub struct RuntimeSummary {
     pub samples: u64,
     /// jattach runs (JVM perf maps written).
     pub jit_refreshes: u64,
+    /// JVMs not asked for a perf map because jattach could harm them.
+    pub jit_attach_skipped: u64,
     pub jit: JitCounts,
 }
 
@@ -177,6 +179,13 @@ impl RecordSummary {
                 rt.samples,
                 rt.jit_refreshes,
                 rt.jit.named
+            );
+        }
+        if rt.jit_attach_skipped > 0 {
+            let _ = writeln!(
+                s,
+                "  JVMs left alone: {} perf map requests skipped (attaching disabled, or no SIGQUIT handler yet: jattach would have signalled the JVM)",
+                rt.jit_attach_skipped
             );
         }
         if let Some(why) = &rt.last_failure {
@@ -303,6 +312,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
             .map(|s| s.count)
             .sum(),
         jit_refreshes: rt_stats.jit_refreshes.load(Ordering::Relaxed),
+        jit_attach_skipped: rt_stats.jit_attach_skipped.load(Ordering::Relaxed),
         jit: JitCounts::default(),
     };
     if config.progress {

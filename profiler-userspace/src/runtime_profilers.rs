@@ -42,7 +42,7 @@ use tokio::{
 use crate::{
     runtimes::{
         detect::{detect, TargetProcess},
-        jattach::{self, JitSnapshot, RefreshDecision, RefreshPolicy},
+        jattach::{self, AttachCheck, JitSnapshot, RefreshDecision, RefreshPolicy},
         phpspy::{self, PhpSpyRecord},
         pyspy::{self, PySpyRecord},
         rbspy::{self, RbSpyRecord},
@@ -212,6 +212,9 @@ pub struct RuntimeStats {
     /// jattach runs asking a JVM for its perf map, and those that failed.
     pub jit_refreshes: AtomicU64,
     pub jit_refresh_failures: AtomicU64,
+    /// JVM refreshes not asked for because jattach could harm the JVM: attach
+    /// disabled, or no SIGQUIT handler yet (see [`jattach::attach_check`]).
+    pub jit_attach_skipped: AtomicU64,
     /// The latest failed run, described (one line, a few hundred bytes at most).
     pub last_failure: Mutex<Option<String>>,
 }
@@ -233,6 +236,8 @@ struct Tracked {
     seen: u64,
     /// Taken right after our last successful jattach run.
     jit_refreshed: Option<JitSnapshot>,
+    /// Its JVM options disable attaching: never asked (checked once).
+    attach_disabled: bool,
 }
 
 /// State the round tasks share.
@@ -254,6 +259,8 @@ struct Shared {
     warned: std::sync::atomic::AtomicU8,
     /// Set by [`RuntimeProfilers::shutdown`]: runs it ends are not failures.
     stopping: std::sync::atomic::AtomicBool,
+    /// A JVM with attaching disabled was reported (later ones go to debug).
+    warned_attach_disabled: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -346,6 +353,7 @@ impl RuntimeProfilers {
                 turn: AtomicUsize::new(0),
                 warned: Default::default(),
                 stopping: Default::default(),
+                warned_attach_disabled: Default::default(),
             }),
             round_slot: Arc::new(Semaphore::new(1)),
         })
@@ -454,6 +462,7 @@ impl Shared {
                                 process: process.clone(),
                                 seen: generation,
                                 jit_refreshed: None,
+                                attach_disabled: false,
                             },
                         );
                         process
@@ -496,6 +505,41 @@ impl Shared {
                 other => return Some(other),
             }
         }
+    }
+
+    /// Whether jattach may be run against `jvm` now; counts and reports a refusal
+    /// (a JVM with attaching disabled once, and never asked again). Blocking: reads
+    /// /proc.
+    fn attach_allowed(&self, jvm: &TargetProcess) -> bool {
+        let check = jattach::attach_check(jvm);
+        if check == AttachCheck::Safe {
+            return true;
+        }
+        self.stats
+            .jit_attach_skipped
+            .fetch_add(1, Ordering::Relaxed);
+        let pid = jvm.pid;
+        match check {
+            AttachCheck::Disabled => {
+                let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(t) = tracked.get_mut(&pid) {
+                    t.attach_disabled = true;
+                }
+                let text = format!(
+                    "JVM {pid} runs with -XX:+DisableAttachMechanism: its JIT frames stay unnamed (asking for its perf map would make it print a thread dump)"
+                );
+                if self.warned_attach_disabled.swap(true, Ordering::Relaxed) {
+                    tracing::debug!("{text}");
+                } else {
+                    tracing::warn!("{text} (later such JVMs are logged at debug and counted)");
+                }
+            }
+            AttachCheck::NotReady => tracing::debug!(
+                "JVM {pid} has no attach socket and no SIGQUIT handler yet: not asked for its perf map this cycle"
+            ),
+            AttachCheck::Safe => unreachable!("returned above"),
+        }
+        false
     }
 
     fn output_path(&self, runtime: Runtime, pid: u32, suffix: &str) -> PathBuf {
@@ -726,12 +770,20 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
             .into_iter()
             .filter_map(|jvm| {
                 let now = JitSnapshot::capture(&jvm, std::time::Instant::now()).ok()?;
-                let tracked = classify.tracked.lock().unwrap_or_else(|p| p.into_inner());
-                let last = tracked.get(&jvm.pid).and_then(|t| t.jit_refreshed.as_ref());
-                match jattach::refresh_decision(last, &now, &RefreshPolicy::default()) {
-                    RefreshDecision::Refresh(_) => Some(jvm),
-                    RefreshDecision::Keep => None,
+                {
+                    let tracked = classify.tracked.lock().unwrap_or_else(|p| p.into_inner());
+                    let known = tracked.get(&jvm.pid);
+                    if known.is_some_and(|t| t.attach_disabled) {
+                        return None;
+                    }
+                    let last = known.and_then(|t| t.jit_refreshed.as_ref());
+                    if let RefreshDecision::Keep =
+                        jattach::refresh_decision(last, &now, &RefreshPolicy::default())
+                    {
+                        return None;
+                    }
                 }
+                classify.attach_allowed(&jvm).then_some(jvm)
             })
             .collect::<Vec<_>>()
     })

@@ -150,6 +150,65 @@ fn java_jit_frames_named_through_jattach() {
     assert!(log.contains("JVM perf maps requested"), "{log}");
 }
 
+/// A process classified as Java (its executable is named `java`) that handles no
+/// SIGQUIT and has no attach socket, as a JVM still starting up: jattach would
+/// signal it and SIGQUIT's default action would kill it. It is left alone, counted,
+/// and lives on.
+#[test]
+fn jvm_without_sigquit_handler_is_not_signalled() {
+    let dir = tempfile::tempdir().unwrap();
+    let java = dir.path().join("java");
+    std::fs::copy(program("chain"), &java).unwrap();
+    let mut target = spawn(Command::new(&java).arg("60"));
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let log = record_cli(target.pid(), 3, out.path());
+    assert!(
+        target.0.try_wait().unwrap().is_none(),
+        "the process died: {:?}\n{log}",
+        target.0.try_wait()
+    );
+    assert!(log.contains("JVMs left alone"), "{log}");
+    assert!(!log.contains("JVM perf maps requested"), "{log}");
+}
+
+/// A JVM started with -XX:+DisableAttachMechanism is not asked for its perf map: the
+/// SIGQUIT jattach would send makes it print a full thread dump into the
+/// application's own stdout.
+#[test]
+fn jvm_with_attach_disabled_prints_no_thread_dump() {
+    let _cpu = cpu_heavy_lock();
+    let classes = tempfile::tempdir().unwrap();
+    let status = Command::new("javac")
+        .arg("-d")
+        .arg(classes.path())
+        .arg(programs_dir().join("Chain.java"))
+        .status()
+        .expect("javac (Java 17) is installed");
+    assert!(status.success(), "javac failed");
+    let stdout = classes.path().join("stdout.txt");
+    let target = KillOnDrop(
+        Command::new("java")
+            .arg("-XX:+DisableAttachMechanism")
+            .arg("-cp")
+            .arg(classes.path())
+            .args(["Chain", "60"])
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("java (17) is installed"),
+    );
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let log = record_cli(target.pid(), 3, out.path());
+    let printed = std::fs::read_to_string(&stdout).unwrap();
+    assert!(
+        !printed.contains("Full thread dump"),
+        "the JVM printed a thread dump:\n{printed}"
+    );
+    assert!(log.contains("JVMs left alone"), "{log}");
+}
+
 /// The directory node runs in (it writes an isolate-*.log into its working
 /// directory: kept out of ours) and tests/programs/chain.js under
 /// `node --perf-basic-prof`, 2 s in, its perf map written.

@@ -8,10 +8,16 @@
 //!
 //! [`refresh_decision`] is a pure function over two [`JitSnapshot`]s (the one taken
 //! right after the last refresh, and now); [`JitSnapshot::capture`] reads one from
-//! /proc. Must never: run jattach (the supervisor does).
+//! /proc. [`attach_check`] says whether jattach may touch a JVM at all: when the JVM
+//! has no attach socket yet, jattach sends it SIGQUIT, which kills a JVM that does not
+//! handle that signal yet (still starting up) and makes one started with
+//! `-XX:+DisableAttachMechanism` print a full thread dump to its own stdout. Must
+//! never: run jattach (the supervisor does).
 
 use std::{
     ffi::OsString,
+    io::Read as _,
+    os::unix::fs::FileTypeExt as _,
     time::{Duration, Instant},
 };
 
@@ -41,6 +47,105 @@ pub fn perfmap_args(pid: u32) -> Vec<OsString> {
         "jcmd".into(),
         "Compiler.perfmap".into(),
     ]
+}
+
+/// Most bytes read of a JVM's `/proc/PID/cmdline` or `/proc/PID/environ` when looking
+/// for `-XX:+DisableAttachMechanism` (options past it are not seen).
+pub const MAX_OPTIONS_BYTES: u64 = 256 << 10;
+/// `SIGQUIT`, the signal jattach sends a JVM that has no attach socket yet.
+const SIGQUIT: u32 = 3;
+/// Environment variables whose JVM options HotSpot reads, in its order: the
+/// command line comes between `JDK_JAVA_OPTIONS` and `_JAVA_OPTIONS`.
+const OPTIONS_BEFORE_COMMAND_LINE: [&str; 2] = ["JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS"];
+const OPTIONS_AFTER_COMMAND_LINE: &str = "_JAVA_OPTIONS";
+
+/// Whether jattach may be run against a JVM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachCheck {
+    /// Its attach socket exists (jattach connects, no signal), or it handles
+    /// SIGQUIT (which starts its attach listener).
+    Safe,
+    /// Started with `-XX:+DisableAttachMechanism`: SIGQUIT would only make it print
+    /// a thread dump to its stdout, every time we asked. Permanent for the process.
+    Disabled,
+    /// No attach socket and no SIGQUIT handler yet (starting up, or signals reduced
+    /// by `-Xrs` before its listener is up): SIGQUIT would kill it. Asked again
+    /// later.
+    NotReady,
+}
+
+/// Whether jattach may be run against `target`, decided as jattach and the JDK's
+/// own attach code do (JDK-8279124): the socket
+/// `/proc/PID/root/tmp/.java_pidNSPID` first, then the `SigCgt` mask of
+/// /proc/PID/status; `-XX:+DisableAttachMechanism` in the command line or the option
+/// variables of its environment refuses for good. Unreadable entries give
+/// [`AttachCheck::NotReady`]: when in doubt, no signal.
+pub fn attach_check(target: &TargetProcess) -> AttachCheck {
+    let pid = target.pid;
+    if attach_disabled(pid) {
+        return AttachCheck::Disabled;
+    }
+    let socket = format!("/proc/{pid}/root/tmp/.java_pid{}", target.ns_pid);
+    if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
+        return AttachCheck::Safe;
+    }
+    let handles_sigquit = i32::try_from(pid)
+        .ok()
+        .and_then(|p| Process::new(p).ok()?.status().ok())
+        .is_some_and(|status| handles_signal(status.sigcgt, SIGQUIT));
+    if handles_sigquit {
+        AttachCheck::Safe
+    } else {
+        AttachCheck::NotReady
+    }
+}
+
+/// Whether signal `signal` (1-based) is set in a /proc `SigCgt`-style mask.
+fn handles_signal(mask: u64, signal: u32) -> bool {
+    (1..=64).contains(&signal) && mask & (1 << (signal - 1)) != 0
+}
+
+/// Whether process `pid`'s JVM options disable the attach mechanism.
+fn attach_disabled(pid: u32) -> bool {
+    let read = |entry: &str| -> Vec<u8> {
+        let mut bytes = Vec::new();
+        if let Ok(file) = std::fs::File::open(format!("/proc/{pid}/{entry}")) {
+            let _ = file.take(MAX_OPTIONS_BYTES).read_to_end(&mut bytes);
+        }
+        bytes
+    };
+    let environ = read("environ");
+    let cmdline = read("cmdline");
+    attach_disabled_by(&environ, &cmdline)
+}
+
+/// Whether the options in a NUL-separated `environ` and `cmdline` leave
+/// `-XX:+DisableAttachMechanism` on: HotSpot reads `JAVA_TOOL_OPTIONS`,
+/// `JDK_JAVA_OPTIONS`, the command line, then `_JAVA_OPTIONS`, the last setting
+/// winning. Options after the main class are the program's, but a program argument
+/// spelled like this flag is rare enough to read as one (we then leave the JVM
+/// alone, which is the safe side).
+fn attach_disabled_by(environ: &[u8], cmdline: &[u8]) -> bool {
+    let variable = |name: &str| -> Vec<&[u8]> {
+        environ
+            .split(|&b| b == 0)
+            .find_map(|entry| entry.strip_prefix(name.as_bytes())?.strip_prefix(b"="))
+            .map(|value| value.split(u8::is_ascii_whitespace).collect())
+            .unwrap_or_default()
+    };
+    let mut options: Vec<&[u8]> = Vec::new();
+    for name in OPTIONS_BEFORE_COMMAND_LINE {
+        options.extend(variable(name));
+    }
+    options.extend(cmdline.split(|&b| b == 0));
+    options.extend(variable(OPTIONS_AFTER_COMMAND_LINE));
+    options
+        .iter()
+        .fold(false, |disabled, option| match *option {
+            b"-XX:+DisableAttachMechanism" => true,
+            b"-XX:-DisableAttachMechanism" => false,
+            _ => disabled,
+        })
 }
 
 /// What a JVM's JIT state looked like at one moment.
@@ -190,6 +295,52 @@ pub fn refresh_decision(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The last setting wins, in HotSpot's order of sources.
+    #[test]
+    fn disable_attach_mechanism_last_setting_wins() {
+        let cmd = |args: &[&str]| args.join("\0").into_bytes();
+        let plain = cmd(&["java", "-cp", ".", "Main"]);
+        let disabled = cmd(&["java", "-XX:+DisableAttachMechanism", "Main"]);
+        assert!(!attach_disabled_by(b"", &plain));
+        assert!(attach_disabled_by(b"", &disabled));
+        assert!(attach_disabled_by(
+            b"HOME=/\0JAVA_TOOL_OPTIONS=-Xmx1g -XX:+DisableAttachMechanism\0",
+            &plain
+        ));
+        assert!(!attach_disabled_by(
+            b"JAVA_TOOL_OPTIONS=-XX:+DisableAttachMechanism\0",
+            &cmd(&["java", "-XX:-DisableAttachMechanism", "Main"])
+        ));
+        assert!(!attach_disabled_by(
+            b"_JAVA_OPTIONS=-XX:-DisableAttachMechanism\0",
+            &disabled
+        ));
+        // A variable whose name merely ends like one of them is not read.
+        assert!(!attach_disabled_by(
+            b"MY_JAVA_TOOL_OPTIONS=-XX:+DisableAttachMechanism\0",
+            &plain
+        ));
+    }
+
+    /// SIGQUIT is bit 2 of SigCgt (signals are 1-based); out-of-range signals are
+    /// never handled.
+    #[test]
+    fn sigquit_bit_of_sigcgt() {
+        // A JVM with -Xrs before its listener is up (read on JDK 17 here).
+        assert!(!handles_signal(0x0000_0001_0100_1cc8, SIGQUIT));
+        assert!(handles_signal(0x0000_0001_0100_1ccc, SIGQUIT));
+        assert!(!handles_signal(u64::MAX, 0));
+        assert!(!handles_signal(u64::MAX, 65));
+    }
+
+    /// Our own test process handles no SIGQUIT and has no attach socket: jattach
+    /// would kill it.
+    #[test]
+    fn process_without_sigquit_handler_is_not_ready() {
+        let target = super::super::detect::detect(std::process::id()).unwrap();
+        assert_eq!(attach_check(&target), AttachCheck::NotReady);
+    }
 
     fn stamp(size: u64, ino: u64) -> FileStamp {
         FileStamp {
