@@ -60,52 +60,89 @@ pub fn encode(profile: &Profile, host: &HostInfo, max_bytes: usize) -> Encoded {
         by_pid.sort_by_key(|(pid, _)| *pid);
     }
     let mut out = Encoded::default();
-    let mut batch: Vec<(u32, Vec<&Stack>)> = Vec::new();
-    let mut batch_bytes = 0;
+    // Every part, and its size when encoded alone (at most `max_bytes`).
+    let mut parts: Vec<(u32, Vec<&Stack>)> = Vec::new();
+    let mut sizes: Vec<usize> = Vec::new();
     for (pid, stacks) in by_pid {
-        for part in fit(
+        for (part, size) in fit(
             profile,
             host,
-            pid,
-            stacks,
+            (pid, stacks),
             max_bytes,
             &mut out.oversized_stacks,
         ) {
-            let size = build(profile, host, std::slice::from_ref(&part)).encoded_len();
-            // Parts are encoded alone to size them; together they share a dictionary,
-            // so a batch is never bigger than the sum of its parts.
-            if !batch.is_empty() && batch_bytes + size > max_bytes {
-                push(&mut out, build(profile, host, &batch));
-                batch.clear();
-                batch_bytes = 0;
-            }
-            batch_bytes += size;
-            batch.push(part);
+            parts.push(part);
+            sizes.push(size);
         }
     }
-    if !batch.is_empty() {
-        push(&mut out, build(profile, host, &batch));
+    // In one request parts share a dictionary, so a request is not the sum of its
+    // parts: smaller when they share code, larger when they do not, as indices into a
+    // bigger dictionary take longer varints. A request is filled on an estimate (the
+    // sizes of its parts scaled by the last measured ratio of request to parts), then
+    // measured; one over the limit keeps the parts the measured ratio says fit and
+    // leaves the rest to the next request. Only measured requests are sent.
+    let mut ratio = 1.0;
+    let mut start = 0;
+    while start < parts.len() {
+        let mut end = start + prefix(&sizes[start..], ratio, max_bytes);
+        let mut retries = 0;
+        loop {
+            let request = build(profile, host, &parts[start..end]);
+            let len = request.encoded_len();
+            ratio = len as f64 / sizes[start..end].iter().sum::<usize>() as f64;
+            if len <= max_bytes {
+                out.sizes.push(len);
+                out.requests.push(request);
+                break;
+            }
+            if end - start == 1 {
+                // Not reached: fit measured this part alone within the limit. Were it
+                // over, it would be counted, never sent oversized.
+                out.oversized_stacks += parts[start].1.len() as u64;
+                break;
+            }
+            // At least one part fewer, and half as many from the second retry on, so
+            // a batch is built at most a logarithmic number of times.
+            retries += 1;
+            let most = if retries == 1 {
+                end - start - 1
+            } else {
+                (end - start) / 2
+            };
+            end = start + prefix(&sizes[start..start + most], ratio, max_bytes);
+        }
+        start = end;
     }
     out
 }
 
-fn push(out: &mut Encoded, request: ExportProfilesServiceRequest) {
-    out.sizes.push(request.encoded_len());
-    out.requests.push(request);
+/// How many of the leading parts of `sizes` (at least one) fit in `max_bytes`, their
+/// sum scaled by `ratio`.
+fn prefix(sizes: &[usize], ratio: f64, max_bytes: usize) -> usize {
+    let mut sum = 0;
+    let mut n = 0;
+    for &size in sizes {
+        sum += size;
+        if n > 0 && sum as f64 * ratio > max_bytes as f64 {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
-/// Splits one process's stacks into parts that each encode within `max_bytes`.
+/// Splits one process's stacks into parts that each encode within `max_bytes`, each
+/// with its encoded size.
 fn fit<'a>(
     profile: &Profile,
     host: &HostInfo,
-    pid: u32,
-    stacks: Vec<&'a Stack>,
+    part: (u32, Vec<&'a Stack>),
     max_bytes: usize,
     oversized: &mut u64,
-) -> Vec<(u32, Vec<&'a Stack>)> {
-    let part = (pid, stacks);
-    if build(profile, host, std::slice::from_ref(&part)).encoded_len() <= max_bytes {
-        return vec![part];
+) -> Vec<((u32, Vec<&'a Stack>), usize)> {
+    let size = build(profile, host, std::slice::from_ref(&part)).encoded_len();
+    if size <= max_bytes {
+        return vec![(part, size)];
     }
     let (pid, mut stacks) = part;
     if stacks.len() == 1 {
@@ -113,8 +150,8 @@ fn fit<'a>(
         return vec![];
     }
     let second = stacks.split_off(stacks.len() / 2);
-    let mut parts = fit(profile, host, pid, stacks, max_bytes, oversized);
-    parts.extend(fit(profile, host, pid, second, max_bytes, oversized));
+    let mut parts = fit(profile, host, (pid, stacks), max_bytes, oversized);
+    parts.extend(fit(profile, host, (pid, second), max_bytes, oversized));
     parts
 }
 
@@ -476,6 +513,92 @@ mod tests {
         };
         assert_eq!(count(&split), count(&whole));
         assert_eq!(split.oversized_stacks, 0);
+    }
+
+    /// `processes` processes sharing no code: each has its own binary and
+    /// `locations` locations, each in a function of its own, in stacks of five.
+    fn unshared_profile(processes: u32, locations: usize) -> Profile {
+        use crate::profile::{FrameKind, Line, Location, Object};
+        let mut profile = test_profile();
+        profile.stacks.clear();
+        profile.processes.clear();
+        for pid in 1..=processes {
+            let object = profile.objects.len();
+            profile.objects.push(Object {
+                path: format!("/opt/app{pid}/bin/app{pid}").into(),
+                build_id: Some(pid.to_be_bytes().into()),
+            });
+            let first = profile.locations.len();
+            for l in 0..locations {
+                profile.locations.push(Location {
+                    address: 0x1000 + 16 * l as u64,
+                    object: Some(object),
+                    kind: FrameKind::Native,
+                    lines: std::sync::Arc::new([Line {
+                        function: format!("app{pid}::module::function_{l}").into(),
+                        file: Some(format!("src/app{pid}.rs").into()),
+                        line: l as u32,
+                    }]),
+                });
+            }
+            for (i, chunk) in (first..first + locations)
+                .collect::<Vec<_>>()
+                .chunks(5)
+                .enumerate()
+            {
+                profile.stacks.push(Stack {
+                    pid,
+                    process: format!("app{pid}").into(),
+                    thread: format!("worker-{}", i % 4).into(),
+                    locations: chunk.to_vec(),
+                    count: 1 + (pid as u64 + i as u64) % 7,
+                });
+            }
+        }
+        profile
+    }
+
+    /// Processes that share no code make a request bigger than the sum of its
+    /// processes encoded alone (indices into the shared dictionary cross varint
+    /// sizes); every request is still within the limit, and every sample is sent once.
+    #[test]
+    fn unshared_code_stays_within_limit() {
+        // 60,000 locations, functions and strings in all, some 20,000 a request.
+        let profile = unshared_profile(600, 100);
+        let whole = encode(&profile, &host(), usize::MAX);
+        let limit = whole.sizes[0] / 3;
+        let split = encode(&profile, &host(), limit);
+        assert!(split.requests.len() >= 3, "{:?}", split.sizes);
+        for (request, &size) in split.requests.iter().zip(&split.sizes) {
+            assert_eq!(request.encoded_len(), size);
+        }
+        assert!(
+            split.sizes.iter().all(|&s| s <= limit),
+            "{:?} > {limit}",
+            split.sizes
+        );
+        assert_eq!(split.oversized_stacks, 0);
+        let mut sent: HashMap<i64, i64> = HashMap::new();
+        for rp in split.requests.iter().flat_map(|r| &r.resource_profiles) {
+            let pid = rp
+                .resource
+                .as_ref()
+                .unwrap()
+                .attributes
+                .iter()
+                .find_map(|kv| match (kv.key.as_str(), &kv.value.as_ref()?.value) {
+                    ("process.pid", Some(any_value::Value::IntValue(pid))) => Some(*pid),
+                    _ => None,
+                })
+                .unwrap();
+            let samples = &rp.scope_profiles[0].profiles[0].samples;
+            *sent.entry(pid).or_default() += samples.iter().map(|s| s.values[0]).sum::<i64>();
+        }
+        let mut expected: HashMap<i64, i64> = HashMap::new();
+        for s in &profile.stacks {
+            *expected.entry(i64::from(s.pid)).or_default() += s.count as i64;
+        }
+        assert_eq!(sent, expected);
     }
 
     /// A stack that cannot fit even alone is counted, not sent oversized.
