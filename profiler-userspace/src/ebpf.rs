@@ -48,6 +48,14 @@ pub enum SamplerError {
          (e.g. `sudo setcap cap_bpf,cap_perfmon+ep profiler`)"
     )]
     NotPermitted,
+    /// We run in a pid namespace other than the host's: the kernel reports host pids,
+    /// which our /proc would read as other processes.
+    #[error(
+        "the profiler must run in the host's PID namespace (in a container: `--pid=host`, \
+         or `hostPID: true` in Kubernetes): the kernel reports host pids, which this /proc \
+         would name as other processes"
+    )]
+    ForeignPidNamespace,
     /// The kernel refused a feature we need (BPF ring buffer: Linux 5.8+).
     #[error("this kernel lacks a BPF feature the sampler needs ({what}); Linux 5.8 or newer with CONFIG_BPF_SYSCALL is required")]
     KernelFeature {
@@ -287,8 +295,24 @@ impl Sampler {
     }
 }
 
-/// Fails early, with one sentence, when we clearly lack the capabilities to load BPF.
+/// The inode of the initial (host) pid namespace, fixed in the kernel
+/// (`PROC_PID_INIT_INO`).
+const HOST_PID_NAMESPACE_INO: u64 = 0xEFFF_FFFC;
+
+/// Fails early, with one sentence, when we run in a pid namespace other than the
+/// host's (samples carry host pids). Unreadable: let the run go on.
+pub fn check_pid_namespace() -> Result<(), SamplerError> {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(ns) if ns.ino() != HOST_PID_NAMESPACE_INO => Err(SamplerError::ForeignPidNamespace),
+        _ => Ok(()),
+    }
+}
+
+/// Fails early, with one sentence, when we clearly lack the capabilities to load BPF,
+/// or run where the pids the kernel reports mean other processes.
 pub fn check_privileges() -> Result<(), SamplerError> {
+    check_pid_namespace()?;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;

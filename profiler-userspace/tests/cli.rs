@@ -166,6 +166,29 @@ fn unprivileged_user_is_told_what_is_missing() {
     assert!(!out_dir.exists());
 }
 
+/// In a pid namespace of its own (a container without the host's pids) the profiler
+/// refuses in one sentence, before creating anything: the kernel's pids would name
+/// other processes there.
+#[test]
+fn foreign_pid_namespace_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(PROFILER)
+        .args(["record", "--duration", "1", "--output-dir"])
+        .arg(&out_dir)
+        .output()
+        .expect("unshare (util-linux) runs");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("must run in the host's PID namespace"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!out_dir.exists());
+}
+
 /// A 120 s recording into `dir`, sent `signal` after `after`; its output, and how
 /// long it took to exit after the signal.
 fn record_until_signal(dir: &Path, signal: i32, after: Duration) -> (Output, Duration) {
