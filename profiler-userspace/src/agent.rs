@@ -400,6 +400,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     let mut interval_start = SystemTime::now();
     let mut ticker = tokio::time::interval_at(Instant::now() + config.interval, config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Listeners made once, before the loop: one made per pass (`ctrl_c()`) would miss
+    // a signal that arrived while the loop body awaited, and the handler installed
+    // then would keep the signal from killing us either.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot handle SIGINT")?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;
     // A closed terminal (SIGHUP) stops the agent as SIGTERM does, flushing first,
@@ -487,7 +492,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                 sinks.deliver(&mut done, &stats);
                 collector.forget_exited().await;
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => break,
         }

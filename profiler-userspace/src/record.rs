@@ -418,6 +418,8 @@ async fn wait_for_end(config: &RecordConfig, collector: &Collector) -> bool {
         Duration::from_secs(5)
     };
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // Made once, before the loop (see the agent's loop).
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     // A closed terminal ends the recording early, and it is still written.
@@ -438,7 +440,7 @@ async fn wait_for_end(config: &RecordConfig, collector: &Collector) -> bool {
                     return true;
                 }
             }
-            _ = tokio::signal::ctrl_c() => break true,
+            _ = recv(&mut sigint) => break true,
             _ = recv(&mut sigterm) => break true,
             _ = recv(&mut sighup) => break true,
             _ = ticker.tick(), if config.progress => {
