@@ -59,6 +59,19 @@ pub enum ConfigError {
     #[error("{0}: no such file")]
     MissingFile(PathBuf),
     /// Unknown compression.
+    /// OTEL_EXPORTER_OTLP_(PROFILES_)PROTOCOL names a transport other than gRPC.
+    #[error(
+        "{variable}={value:?}: the agent speaks OTLP over gRPC only (an http/protobuf \
+         endpoint, often port 4318, would never answer it); point it at a gRPC endpoint \
+         and set OTEL_EXPORTER_OTLP_PROFILES_PROTOCOL=grpc"
+    )]
+    Protocol { variable: String, value: String },
+    /// The endpoint has a path, which gRPC does not use.
+    #[error(
+        "OTLP endpoint {0:?} has a path, which gRPC ignores (the service path is fixed): \
+         give scheme, host and port only"
+    )]
+    EndpointPath(String),
     #[error("compression {0:?} is not supported (use gzip or none)")]
     Compression(String),
     /// Unparsable timeout.

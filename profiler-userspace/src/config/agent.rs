@@ -69,11 +69,36 @@ pub struct AgentArgs {
 /// one value for the whole host would be wrong for every process but one.
 pub const PER_PROCESS_ATTRIBUTE_PREFIXES: [&str; 3] = ["process.", "thread.", "container."];
 
-/// Reads `OTEL_EXPORTER_OTLP_PROFILES_<NAME>`, else `OTEL_EXPORTER_OTLP_<NAME>`.
+/// Reads `OTEL_EXPORTER_OTLP_PROFILES_<NAME>`, else `OTEL_EXPORTER_OTLP_<NAME>`; an
+/// empty variable counts as unset (and does not hide the generic one).
 fn otel(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
-    env(&format!("OTEL_EXPORTER_OTLP_PROFILES_{name}"))
-        .or_else(|| env(&format!("OTEL_EXPORTER_OTLP_{name}")))
-        .filter(|v| !v.trim().is_empty())
+    otel_named(env, name).map(|(_, value)| value)
+}
+
+/// [`otel`], with the name of the variable that gave the value.
+fn otel_named(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<(String, String)> {
+    [
+        format!("OTEL_EXPORTER_OTLP_PROFILES_{name}"),
+        format!("OTEL_EXPORTER_OTLP_{name}"),
+    ]
+    .into_iter()
+    .find_map(|variable| {
+        let value = env(&variable).filter(|v| !v.trim().is_empty())?;
+        Some((variable, value))
+    })
+}
+
+/// Refuses an endpoint with a path: tonic keeps only scheme and authority, so a
+/// path (an HTTP exporter's `/v1development/profiles`, a proxy prefix) would be
+/// dropped without a word. A bare `/` is fine.
+fn check_endpoint_path(endpoint: &str) -> Result<(), ConfigError> {
+    let after_scheme = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    match after_scheme.split_once('/') {
+        Some((_, path)) if !path.is_empty() => Err(ConfigError::EndpointPath(endpoint.into())),
+        _ => Ok(()),
+    }
 }
 
 /// `key1=value1,key2=value2`, values percent-decoded (the OTel format).
@@ -210,6 +235,12 @@ impl AgentConfig {
                 None
             }
             Some(endpoint) => {
+                if let Some((variable, value)) = otel_named(env, "PROTOCOL") {
+                    if value.trim() != "grpc" {
+                        return Err(ConfigError::Protocol { variable, value });
+                    }
+                }
+                check_endpoint_path(&endpoint)?;
                 let endpoint = if endpoint.contains("://") {
                     endpoint
                 } else if otel(env, "INSECURE").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
@@ -489,6 +520,66 @@ mod tests {
             AgentConfig::new(a, &e),
             Err(ConfigError::QueueSize { .. })
         ));
+    }
+
+    /// An empty OTEL_EXPORTER_OTLP_PROFILES_* variable does not hide the generic one.
+    #[test]
+    fn empty_profiles_variable_falls_back_to_the_generic_one() {
+        let c = AgentConfig::new(
+            args(),
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT", ""),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4317"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.grpc.unwrap().endpoint, "http://generic:4317");
+    }
+
+    /// A protocol other than grpc is refused, naming the variable; the profiles
+    /// variable overrides the generic one.
+    #[test]
+    fn non_grpc_protocol_is_refused() {
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
+        let err = AgentConfig::new(
+            args(),
+            &env(&[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Protocol { variable, .. } if variable == "OTEL_EXPORTER_OTLP_PROTOCOL"),
+            "{err}"
+        );
+        let ok = AgentConfig::new(
+            args(),
+            &env(&[
+                endpoint,
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_PROFILES_PROTOCOL", "grpc"),
+            ]),
+        );
+        assert!(ok.is_ok());
+        // Without an endpoint the variable is someone else's business.
+        let files = AgentConfig::new(
+            args(),
+            &env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]),
+        );
+        assert!(files.is_ok());
+    }
+
+    /// An endpoint with a path is refused; a trailing slash is not a path.
+    #[test]
+    fn endpoint_path_is_refused() {
+        for (endpoint, ok) in [
+            ("http://c:4317", true),
+            ("http://c:4317/", true),
+            ("c:4317", true),
+            ("http://c:4318/v1development/profiles", false),
+            ("c:4317/prefix", false),
+        ] {
+            let r = AgentConfig::new(args(), &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)]));
+            assert_eq!(r.is_ok(), ok, "{endpoint}: {r:?}");
+        }
     }
 
     /// Export flags without an endpoint are refused by name; the same settings in
