@@ -562,6 +562,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         runtime_runs = profilers.stats().runs.load(Ordering::Relaxed),
         runtime_runs_failed = profilers.stats().runs_failed.load(Ordering::Relaxed),
         runtime_runs_stopped = profilers.stats().runs_stopped.load(Ordering::Relaxed),
+        runtime_runs_abandoned = profilers.stats().runs_abandoned.load(Ordering::Relaxed),
         runtime_rounds_missed = profilers.stats().rounds_missed.load(Ordering::Relaxed),
         runtime_targets_deferred = profilers.stats().targets_deferred.load(Ordering::Relaxed),
         jvm_perf_map_requests = profilers.stats().jit_refreshes.load(Ordering::Relaxed),

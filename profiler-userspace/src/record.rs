@@ -76,6 +76,8 @@ pub struct RuntimeSummary {
     pub runs_failed: u64,
     /// Runs ended by Ctrl-C (not failures).
     pub runs_stopped: u64,
+    /// Runs whose child did not end even after SIGKILL; the recording went on.
+    pub runs_abandoned: u64,
     /// The latest failed run, described (tool, pid, how it ended, its last line).
     pub last_failure: Option<String>,
     /// Samples from the runtime profilers, merged into the profile.
@@ -171,11 +173,14 @@ impl RecordSummary {
                 "  runtimes: {} runtime profiler runs ({} failed{}), {} interpreted samples; {} JVM perf maps requested, {} JIT frames named",
                 rt.runs,
                 rt.runs_failed,
-                if rt.runs_stopped > 0 {
-                    format!(", {} stopped early", rt.runs_stopped)
-                } else {
-                    String::new()
-                },
+                [
+                    (rt.runs_stopped, "stopped early"),
+                    (rt.runs_abandoned, "abandoned, their child unkillable")
+                ]
+                .iter()
+                .filter(|(n, _)| *n > 0)
+                .map(|(n, what)| format!(", {n} {what}"))
+                .collect::<String>(),
                 rt.samples,
                 rt.jit_refreshes,
                 rt.jit.named
@@ -305,6 +310,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         runs_parsed: rt_stats.runs_parsed.load(Ordering::Relaxed),
         runs_failed: rt_stats.runs_failed.load(Ordering::Relaxed),
         runs_stopped: rt_stats.runs_stopped.load(Ordering::Relaxed),
+        runs_abandoned: rt_stats.runs_abandoned.load(Ordering::Relaxed),
         last_failure: rt_stats.last_failure(),
         samples: interpreted
             .iter()

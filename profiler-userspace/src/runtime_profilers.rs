@@ -79,6 +79,14 @@ pub const ROUND_MARGIN: Duration = Duration::from_secs(1);
 /// Time a jattach run may take (attaching and the JVM writing its map).
 pub const JATTACH_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Time past its last run's deadline and twice the kill grace after which a round
+/// (or a JIT refresh) stops waiting for its runs. Only a child that even SIGKILL
+/// does not end (uninterruptible sleep: a hung NFS or FUSE read) gets there; without
+/// this limit the cycle waiting for the round would wait with it, and every later
+/// interval would be skipped. The abandoned run keeps its supervisor slot until its
+/// child really ends, so the cap on live children still holds.
+pub const ABANDON_AFTER: Duration = Duration::from_secs(2);
+
 /// Default most runtime profiler children alive at once.
 pub const DEFAULT_MAX_CHILDREN: usize = crate::supervise::DEFAULT_MAX_CONCURRENT;
 
@@ -195,6 +203,9 @@ pub struct RuntimeStats {
     pub runs_parsed: AtomicU64,
     /// Runs that failed, timed out or wrote unreadable output.
     pub runs_failed: AtomicU64,
+    /// Runs (jattach included) still not ended when their round stopped waiting
+    /// (see [`ABANDON_AFTER`]): their children ignored even SIGKILL so far.
+    pub runs_abandoned: AtomicU64,
     /// Runs ended by our own shutdown (Ctrl-C, SIGTERM), jattach runs included: not
     /// failures.
     pub runs_stopped: AtomicU64,
@@ -542,6 +553,31 @@ impl Shared {
         false
     }
 
+    /// How long past its deadline a run is waited for: its kill grace twice (SIGTERM
+    /// to SIGKILL, SIGKILL to reaped) and [`ABANDON_AFTER`].
+    fn abandon_grace(&self) -> Duration {
+        self.supervisor.config().kill_grace * 2 + ABANDON_AFTER
+    }
+
+    /// Counts runs a round stopped waiting for, with a warning the first time.
+    fn note_abandoned(&self, abandoned: usize) {
+        if abandoned == 0 {
+            return;
+        }
+        let before = self
+            .stats
+            .runs_abandoned
+            .fetch_add(abandoned as u64, Ordering::Relaxed);
+        let text = format!(
+            "{abandoned} runtime profiler runs did not end even after SIGKILL (uninterruptible sleep?): profiling goes on without them, each keeping its child slot until it ends"
+        );
+        if before == 0 {
+            tracing::warn!("{text} (later ones are logged at debug and counted)");
+        } else {
+            tracing::debug!("{text}");
+        }
+    }
+
     fn output_path(&self, runtime: Runtime, pid: u32, suffix: &str) -> PathBuf {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         self.scratch
@@ -753,13 +789,32 @@ async fn round(
         .fetch_add(deferred as u64, Ordering::Relaxed);
     shared.turn.fetch_add(started, Ordering::Relaxed);
 
+    let give_up =
+        latest_start + Duration::from_secs(secs) + RUN_DEADLINE_SLACK + shared.abandon_grace();
+    let (results, abandoned) = join_until(&mut runs, give_up).await;
+    shared.note_abandoned(abandoned);
+    results.into_iter().flatten().collect()
+}
+
+/// The results of the tasks in `set` that end by `give_up`, and how many did not:
+/// those are detached, to end on their own.
+async fn join_until<T: 'static>(
+    set: &mut tokio::task::JoinSet<T>,
+    give_up: Instant,
+) -> (Vec<T>, usize) {
     let mut out = Vec::new();
-    while let Some(result) = runs.join_next().await {
-        if let Ok(Some(samples)) = result {
-            out.push(samples);
+    loop {
+        match tokio::time::timeout_at(give_up, set.join_next()).await {
+            Ok(Some(Ok(value))) => out.push(value),
+            Ok(Some(Err(_))) => {}
+            Ok(None) => return (out, 0),
+            Err(_) => {
+                let abandoned = set.len();
+                set.detach_all();
+                return (out, abandoned);
+            }
         }
     }
-    out
 }
 
 async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
@@ -845,12 +900,41 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
             .await;
         });
     }
-    while runs.join_next().await.is_some() {}
+    let give_up = end + JATTACH_DEADLINE + shared.abandon_grace();
+    let (_, abandoned) = join_until(&mut runs, give_up).await;
+    shared.note_abandoned(abandoned);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tasks that end by the limit give their results; one that never ends is
+    /// counted and left running, and the wait ends at the limit.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn join_until_stops_at_its_limit() {
+        let mut set = tokio::task::JoinSet::new();
+        set.spawn(async { 1 });
+        set.spawn(async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            2
+        });
+        let (tx, rx) = oneshot::channel::<()>();
+        set.spawn(async move {
+            // Never ends (like a run whose child ignores SIGKILL) until told.
+            let _ = rx.await;
+            3
+        });
+        let start = Instant::now();
+        let (mut results, abandoned) = join_until(&mut set, start + Duration::from_secs(5)).await;
+        results.sort();
+        assert_eq!(results, vec![1, 2]);
+        assert_eq!(abandoned, 1);
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert!(set.is_empty());
+        // The detached task still runs: it can still be told to end.
+        assert!(tx.send(()).is_ok());
+    }
 
     /// Runs shrink as targets grow, never below a second, never past the window.
     #[test]
