@@ -455,7 +455,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     lost_total = collector.kernel_counters().lost(),
                     queued = sinks.queue.as_ref().map_or(0, |q| q.len()),
                     runtime_runs = profilers.stats().runs.load(Ordering::Relaxed),
-                    runtime_children = profilers.supervisor().live(),
+                    runtime_children = profilers.live_children(),
                     jit_named = done.jit.named,
                     perf_maps_read = done.jit.maps_read,
                     perf_maps_unchanged = done.jit.maps_unchanged,

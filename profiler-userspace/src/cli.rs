@@ -157,8 +157,8 @@ pub struct RuntimeCliArgs {
     /// Samples per second asked of py-spy, rbspy and phpspy [default: --frequency]
     #[arg(long, value_name = "HZ")]
     pub runtime_rate: Option<u64>,
-    /// Most runtime profiler processes running at once (they are niced, killed at
-    /// their deadline and reaped).
+    /// Most py-spy, rbspy and phpspy processes running at once (they are niced,
+    /// killed at their deadline and reaped); one jattach may run beside them.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CHILDREN)]
     pub max_runtime_children: usize,
     /// py-spy program (path, or name in PATH).

@@ -268,7 +268,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     }
     let interpreted = match round {
         Some(round) => {
-            let live = profilers.supervisor().live();
+            let live = profilers.live_children();
             if config.progress && !interrupted && live > 0 {
                 eprintln!(
                     "waiting for {live} runtime profiler(s) to finish (Ctrl-C stops them)..."

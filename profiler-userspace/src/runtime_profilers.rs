@@ -79,6 +79,12 @@ pub const ROUND_MARGIN: Duration = Duration::from_secs(1);
 /// Time a jattach run may take (attaching and the JVM writing its map).
 pub const JATTACH_DEADLINE: Duration = Duration::from_secs(10);
 
+/// jattach runs at once, beside the `--max-runtime-children` of the interpreted
+/// runtimes' profilers. Their own slot: py-spy runs that fill the interval would
+/// otherwise keep the short jattach runs waiting, and the cycle waits for those
+/// before symbolizing. A run is ~1 s of a mostly idle child.
+pub const JATTACH_MAX_CONCURRENT: usize = 1;
+
 /// Time past its last run's deadline and twice the kill grace after which a round
 /// (or a JIT refresh) stops waiting for its runs. Only a child that even SIGKILL
 /// does not end (uninterruptible sleep: a hung NFS or FUSE read) gets there; without
@@ -255,6 +261,8 @@ struct Tracked {
 struct Shared {
     config: RuntimeConfig,
     supervisor: Supervisor,
+    /// jattach's children, apart (see [`JATTACH_MAX_CONCURRENT`]).
+    jit_supervisor: Supervisor,
     tracked: Mutex<HashMap<u32, Tracked>>,
     /// Classifications so far.
     generation: AtomicU64,
@@ -352,10 +360,15 @@ impl RuntimeProfilers {
             max_concurrent: config.max_children.max(1),
             ..SupervisorConfig::default()
         });
+        let jit_supervisor = Supervisor::new(SupervisorConfig {
+            max_concurrent: JATTACH_MAX_CONCURRENT,
+            ..SupervisorConfig::default()
+        });
         Ok(RuntimeProfilers {
             shared: Arc::new(Shared {
                 config,
                 supervisor,
+                jit_supervisor,
                 tracked: Mutex::new(HashMap::new()),
                 generation: AtomicU64::new(0),
                 stats: Arc::new(RuntimeStats::default()),
@@ -378,8 +391,19 @@ impl RuntimeProfilers {
         &self.shared.stats
     }
 
+    /// The supervisor of the interpreted runtimes' profilers (py-spy, rbspy, phpspy).
     pub fn supervisor(&self) -> &Supervisor {
         &self.shared.supervisor
+    }
+
+    /// The supervisor of jattach runs.
+    pub fn jit_supervisor(&self) -> &Supervisor {
+        &self.shared.jit_supervisor
+    }
+
+    /// Children alive now, of both supervisors.
+    pub fn live_children(&self) -> usize {
+        self.shared.supervisor.live() + self.shared.jit_supervisor.live()
     }
 
     /// Starts a round over `pids` that ends within `window`; `None` when no
@@ -427,7 +451,10 @@ impl RuntimeProfilers {
     /// Kills every child and waits for them, until `deadline`.
     pub async fn shutdown(&self, deadline: Duration) {
         self.shared.stopping.store(true, Ordering::Relaxed);
-        let _ = self.shared.supervisor.shutdown(deadline).await;
+        let _ = tokio::join!(
+            self.shared.supervisor.shutdown(deadline),
+            self.shared.jit_supervisor.shutdown(deadline)
+        );
     }
 }
 
@@ -499,7 +526,7 @@ impl Shared {
     /// came free in time; `Some(Err)`: refused for another reason (the supervisor
     /// counts it).
     async fn start_by(
-        &self,
+        supervisor: &Supervisor,
         spec: &ChildSpec,
         latest_start: Instant,
     ) -> Option<Result<ChildHandle, Refused>> {
@@ -507,11 +534,10 @@ impl Shared {
             if Instant::now() > latest_start {
                 return None;
             }
-            match self.supervisor.start(spec.clone()) {
+            match supervisor.start(spec.clone()) {
                 Err(Refused::AtCapacity) => {
-                    let _ =
-                        tokio::time::timeout_at(latest_start, self.supervisor.capacity_available())
-                            .await;
+                    let _ = tokio::time::timeout_at(latest_start, supervisor.capacity_available())
+                        .await;
                 }
                 other => return Some(other),
             }
@@ -761,7 +787,7 @@ async fn round(
             started += 1;
             continue;
         };
-        let handle = match shared.start_by(&run.spec, latest_start).await {
+        let handle = match Shared::start_by(&shared.supervisor, &run.spec, latest_start).await {
             // No time left in this round: the rest wait.
             None => break,
             Some(Ok(handle)) => handle,
@@ -856,7 +882,7 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
             deadline: JATTACH_DEADLINE,
             env: vec![],
         };
-        let Some(Ok(handle)) = shared.start_by(&spec, end).await else {
+        let Some(Ok(handle)) = Shared::start_by(&shared.jit_supervisor, &spec, end).await else {
             shared
                 .stats
                 .jit_refresh_failures
