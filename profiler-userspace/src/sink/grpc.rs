@@ -49,6 +49,20 @@ pub const EXPORT_PATH: &str =
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// HTTP/2 keepalive: a PING this often, and only while a request is in flight (not
+/// while idle). grpc-go servers, among them the OpenTelemetry Collector, by default
+/// allow a client at most one ping per 5 minutes and none without an active stream;
+/// a client that pings more often gets, at its third such ping, GOAWAY
+/// `too_many_pings` and its connection closed, failing the requests on it. So 5
+/// minutes, that floor; as requests have a deadline (`--timeout`, 10 s by default),
+/// a ping goes out only for a request stuck longer than that. A dead idle connection
+/// is found by TCP keepalive ([`TCP_KEEPALIVE`]), which the server's gRPC layer never
+/// sees, and by the next request's deadline.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// TCP keepalive probes on the connection when idle (kernel-level, invisible to gRPC).
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// Where and how to export.
 #[derive(Clone, Debug)]
 pub struct GrpcConfig {
@@ -174,9 +188,9 @@ impl Exporter {
             .map_err(|e| endpoint_err(e.to_string()))?
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
             .timeout(config.timeout)
-            .tcp_keepalive(Some(Duration::from_secs(60)))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
+            .tcp_keepalive(Some(TCP_KEEPALIVE))
+            .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+            .keep_alive_while_idle(false);
         // `Some(client certificate given?)` for TLS, which the log's hints need.
         let tls = match endpoint.uri().scheme_str() {
             Some("https") => {
@@ -508,6 +522,12 @@ mod tests {
         ] {
             assert!(!is_retryable(code));
         }
+    }
+
+    /// Keepalive pings stay within what grpc-go servers allow by default.
+    #[test]
+    fn keepalive_respects_grpc_go_enforcement() {
+        assert!(HTTP2_KEEPALIVE_INTERVAL >= Duration::from_secs(5 * 60));
     }
 
     /// Bad endpoints and headers are refused with the reason.
