@@ -1,11 +1,22 @@
 //! OTLP gRPC export: one long-lived channel to the backend, fed by the export queue.
 //!
-//! Retries `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED` (and `ABORTED`,
-//! `UNKNOWN`, which a restarting proxy returns) with exponential backoff and jitter,
-//! keeping the request at the front of the queue: while the backend is down, new
-//! profiles queue behind it and the queue's byte bound drops the oldest. Any other
-//! status is permanent: the request is dropped and the cause is logged once. Logs at
-//! info are state changes only (backend down / back); per-request detail is debug.
+//! A failed export is one of three kinds ([`classify`]):
+//! - [`Failure::Down`]: no answer from the backend (it cannot be reached, the
+//!   connection broke, our deadline passed) or `UNAVAILABLE`. The request stays at the
+//!   front of the queue and is retried with exponential backoff and jitter, however
+//!   long the outage lasts: new profiles queue behind it and the queue's byte bound
+//!   drops the oldest.
+//! - [`Failure::Refused`]: the backend is up and answered this request with a status
+//!   that may change on a retry (`RESOURCE_EXHAUSTED`, `UNKNOWN`, ...), but may as
+//!   well be about this request (grpc-go answers an oversized message with
+//!   `RESOURCE_EXHAUSTED`, a proxy's 413 arrives as `UNKNOWN`). The request gets at
+//!   most [`MAX_REFUSED_ATTEMPTS`] attempts, then it is given up (counted, logged
+//!   once per cause), so it cannot hold up the requests behind it.
+//! - [`Failure::Permanent`]: any other status. The request is dropped at once and
+//!   the cause is logged once.
+//!
+//! Logs at info are state changes only (backend down / back); warnings are once per
+//! episode or once per cause; per-request detail is debug.
 //!
 //! Requests are queued already encoded (protobuf bytes), so the queue's byte bound is
 //! the real memory they take; a pass-through codec sends them as they are.
@@ -48,6 +59,28 @@ pub const EXPORT_PATH: &str =
 /// First retry delay; doubled per failure up to [`MAX_BACKOFF`], with ±50 % jitter.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Attempts a request gets while the backend answers it with a status that may
+/// change ([`Failure::Refused`]), the first included: 4, so retries after about
+/// 0.5, 1 and 2 s (±50 %, the backoff of this request's own refusals), then the
+/// request is given up. A request the backend will never take (too large for it, say)
+/// thus holds the ones behind it for ~3.5 s (at most ~5.3 s), well under one 15 s
+/// interval, instead of until the full queue evicts it; one the backend refused for a
+/// passing reason still gets three more chances. Failures while the backend is down
+/// ([`Failure::Down`]) do not count: an outage keeps requests queued.
+pub const MAX_REFUSED_ATTEMPTS: u32 = 4;
+
+/// Distinct messages logged per status code: a cause is the code and its message with
+/// the digits masked (`#`), so sizes and counts do not make each request a new cause;
+/// this caps the rest (request ids with letters, ...).
+pub const MAX_CAUSES_PER_CODE: usize = 4;
+
+/// Distinct `partial_success` messages logged (digits masked likewise).
+pub const MAX_PARTIAL_MESSAGES: usize = 16;
+
+/// Characters of a message that make its cause: enough to tell causes apart, while
+/// a message that goes on with request details is still one cause.
+pub const CAUSE_CHARS: usize = 80;
 
 /// HTTP/2 keepalive: a PING this often, and only while a request is in flight (not
 /// while idle). grpc-go servers, among them the OpenTelemetry Collector, by default
@@ -107,21 +140,113 @@ pub struct ExportStats {
     pub retries: AtomicU64,
     /// Requests dropped after a permanent error.
     pub rejected_requests: AtomicU64,
+    /// Requests given up after [`MAX_REFUSED_ATTEMPTS`] refusals by a backend that
+    /// was up ([`Failure::Refused`]).
+    pub given_up_requests: AtomicU64,
     /// Profiles the backend reported as rejected in `partial_success`.
     pub partially_rejected_profiles: AtomicU64,
 }
 
-/// Is a failed export worth retrying?
-pub fn is_retryable(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::ResourceExhausted
-            | Code::Aborted
-            | Code::Unknown
-            | Code::Cancelled
-    )
+/// What a failed export means for the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The backend is down or unreachable: no answer (connect, TLS or connection
+    /// failures, our deadline passing, a stream the server refused before any work),
+    /// or `UNAVAILABLE`, which servers and proxies (HTTP 429, 502, 503, 504) answer
+    /// when the backend cannot take anything now. Retried without an attempt bound.
+    Down,
+    /// The backend is up and refused this request with a status a retry may change
+    /// (`RESOURCE_EXHAUSTED`, `UNKNOWN` (an HTTP answer without a gRPC status, e.g. a
+    /// proxy's 413), `ABORTED`, `CANCELLED`, `DEADLINE_EXCEEDED`, `OUT_OF_RANGE`,
+    /// `DATA_LOSS`), or reset its stream. Retried at most [`MAX_REFUSED_ATTEMPTS`].
+    Refused,
+    /// Any other status (`INVALID_ARGUMENT`, `UNAUTHENTICATED`, `PERMISSION_DENIED`,
+    /// `UNIMPLEMENTED`, `INTERNAL`, ...): retrying cannot help. Dropped at once.
+    Permanent,
+}
+
+/// What a failed export means. A status the server sent has no source error; one
+/// tonic made from a local error (connect, I/O, timeout, HTTP/2) has one.
+pub fn classify(status: &Status) -> Failure {
+    let answered = match std::error::Error::source(status) {
+        None => true,
+        // The server reset this request's stream (HTTP/2 RST_STREAM): it is up and
+        // will not take this request; but REFUSED_STREAM says it did no work and is
+        // going away or overloaded, like a server that is down.
+        Some(source) => {
+            let text = with_sources(String::new(), Some(source));
+            text.contains("stream error received") && !text.contains("refused stream")
+        }
+    };
+    classify_code(status.code(), answered)
+}
+
+/// What a failed export with `code` means; `answered`: the server sent it.
+pub fn classify_code(code: Code, answered: bool) -> Failure {
+    match code {
+        Code::Unavailable => Failure::Down,
+        _ if !answered => Failure::Down,
+        Code::ResourceExhausted
+        | Code::Unknown
+        | Code::Aborted
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::OutOfRange
+        | Code::DataLoss => Failure::Refused,
+        _ => Failure::Permanent,
+    }
+}
+
+/// What was logged already, so each cause is logged once: keyed by a status code
+/// and [`cause_of`] its message, at most `per_code` messages per code (so at most 17
+/// codes times that in all; `partial_success` messages go under code 0).
+struct LoggedCauses {
+    seen: HashSet<(i32, String)>,
+    per_code: usize,
+}
+
+impl LoggedCauses {
+    fn new(per_code: usize) -> Self {
+        LoggedCauses {
+            seen: HashSet::new(),
+            per_code,
+        }
+    }
+
+    /// True the first time this cause is seen (and while the bound has room).
+    fn first(&mut self, code: i32, message: &str) -> bool {
+        let key = (code, cause_of(message));
+        if self.seen.contains(&key)
+            || self.seen.iter().filter(|(c, _)| *c == code).count() >= self.per_code
+        {
+            return false;
+        }
+        self.seen.insert(key)
+    }
+}
+
+/// The cause a message names: its first [`CAUSE_CHARS`] characters with each run of
+/// digits as `#` ("message larger than max (5000000 vs. 4194304)" and "... (4200000
+/// vs. 4194304)" are one cause).
+fn cause_of(message: &str) -> String {
+    let mut cause = String::new();
+    for c in message.chars().take(CAUSE_CHARS) {
+        if c.is_ascii_digit() {
+            if !cause.ends_with('#') {
+                cause.push('#');
+            }
+        } else {
+            cause.push(c);
+        }
+    }
+    cause
+}
+
+/// A `partial_success` the backend answered with.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Partial {
+    rejected_profiles: u64,
+    message: String,
 }
 
 /// Sends encoded requests as they are; decodes the response with prost.
@@ -241,7 +366,8 @@ impl Exporter {
         })
     }
 
-    async fn send(&mut self, request: &Bytes) -> Result<i64, Status> {
+    /// Sends one request; its `partial_success`, if the backend reported one.
+    async fn send(&mut self, request: &Bytes) -> Result<Option<Partial>, Status> {
         let mut req = tonic::Request::new(request.clone());
         req.set_timeout(self.timeout);
         for (k, v) in &self.headers {
@@ -258,13 +384,17 @@ impl Exporter {
             .into_inner();
         Ok(response
             .partial_success
-            .map_or(0, |p| p.rejected_profiles.max(0)))
+            .map(|p| Partial {
+                rejected_profiles: p.rejected_profiles.max(0) as u64,
+                message: p.error_message,
+            })
+            .filter(|p| p.rejected_profiles > 0 || !p.message.is_empty()))
     }
 
     /// Sends queued requests until the queue is closed and empty.
     pub async fn run(mut self, queue: Arc<ExportQueue<QueuedRequest>>, stats: Arc<ExportStats>) {
-        let mut failures: u32 = 0;
-        let mut logged_causes: HashSet<(i32, String)> = HashSet::new();
+        let mut log = ExportLog::default();
+        let mut retries = Retries::default();
         let mut jitter = Jitter::new();
         loop {
             let Some((id, request)) = queue.front() else {
@@ -275,58 +405,252 @@ impl Exporter {
                 continue;
             };
             let bytes = request.len() as u64;
-            match self.send(&request).await {
-                Ok(rejected) => {
+            let status = match self.send(&request).await {
+                Ok(partial) => {
                     queue.remove(id);
                     stats.sent_requests.fetch_add(1, Ordering::Relaxed);
                     stats.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
-                    if failures > 0 {
-                        info!(
-                            endpoint = %self.endpoint,
-                            failed_attempts = failures,
-                            "OTLP backend is reachable again"
-                        );
-                        failures = 0;
-                    }
-                    if rejected > 0 {
-                        stats
+                    retries.sent();
+                    log.sent(&self.endpoint);
+                    if let Some(partial) = partial {
+                        let total = stats
                             .partially_rejected_profiles
-                            .fetch_add(rejected as u64, Ordering::Relaxed);
-                        debug!(rejected, "backend partially rejected a request");
+                            .fetch_add(partial.rejected_profiles, Ordering::Relaxed)
+                            + partial.rejected_profiles;
+                        log.partial(&self.endpoint, &partial, total);
                     }
                     debug!(bytes, queued = queue.len(), "exported profiles");
+                    continue;
                 }
-                Err(status) if is_retryable(status.code()) => {
-                    if failures == 0 {
-                        warn!(
-                            endpoint = %self.endpoint,
-                            code = ?status.code(),
-                            message = %describe(&status, self.tls),
-                            "OTLP backend unavailable; retrying with backoff, profiles wait in the bounded queue"
-                        );
-                    }
-                    failures = failures.saturating_add(1);
+                Err(status) => status,
+            };
+            let failure = classify(&status);
+            match retries.failed(id, failure) {
+                Next::Retry(delay) => {
+                    log.retrying(&self.endpoint, &status, self.tls, failure);
                     stats.retries.fetch_add(1, Ordering::Relaxed);
-                    let delay = jitter.apply(backoff(failures));
-                    debug!(?delay, code = ?status.code(), "export failed, will retry");
+                    let delay = jitter.apply(delay);
+                    debug!(?delay, code = ?status.code(), ?failure, "export failed, will retry");
                     tokio::time::sleep(delay).await;
                 }
-                Err(status) => {
+                Next::GiveUp { attempts } => {
                     queue.remove(id);
-                    stats.rejected_requests.fetch_add(1, Ordering::Relaxed);
-                    let cause = (status.code() as i32, status.message().to_string());
-                    if logged_causes.len() < 64 && logged_causes.insert(cause) {
-                        warn!(
-                            endpoint = %self.endpoint,
-                            code = ?status.code(),
-                            message = %describe(&status, self.tls),
-                            "OTLP backend rejected profiles permanently; dropping them (logged once per cause)"
-                        );
-                    } else {
-                        debug!(code = ?status.code(), "rejected again");
-                    }
+                    let given_up = stats.given_up_requests.fetch_add(1, Ordering::Relaxed) + 1;
+                    log.given_up(&self.endpoint, &status, self.tls, attempts, given_up);
+                }
+                Next::Drop => {
+                    queue.remove(id);
+                    let rejected = stats.rejected_requests.fetch_add(1, Ordering::Relaxed) + 1;
+                    log.rejected(&self.endpoint, &status, self.tls, rejected);
                 }
             }
+        }
+    }
+}
+
+/// What to do with the front request after a failed attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Send it again after this delay (before jitter).
+    Retry(Duration),
+    /// Refused [`MAX_REFUSED_ATTEMPTS`] times: remove it and count it.
+    GiveUp { attempts: u32 },
+    /// A permanent error: remove it and count it.
+    Drop,
+}
+
+/// The retry state: the front request's refusals and the outage's failures.
+#[derive(Debug, Default)]
+struct Retries {
+    /// The request the backend refused last (queue id) and how often in a row.
+    refused: Option<(u64, u32)>,
+    /// Consecutive attempts that failed with the backend down, for their backoff.
+    down_failures: u32,
+}
+
+impl Retries {
+    /// The request `id` failed with `failure`.
+    fn failed(&mut self, id: u64, failure: Failure) -> Next {
+        match failure {
+            // Refusals of the request are kept: an outage between them does not
+            // reset its count.
+            Failure::Down => {
+                self.down_failures = self.down_failures.saturating_add(1);
+                Next::Retry(backoff(self.down_failures))
+            }
+            // The backend answered, so it is up: the outage backoff starts over, and
+            // this request's own refusals set its delay, so a backend that refuses
+            // every request gives each the same few seconds.
+            Failure::Refused => {
+                self.down_failures = 0;
+                let attempts = match self.refused {
+                    Some((front, n)) if front == id => n + 1,
+                    _ => 1,
+                };
+                if attempts >= MAX_REFUSED_ATTEMPTS {
+                    self.refused = None;
+                    Next::GiveUp { attempts }
+                } else {
+                    self.refused = Some((id, attempts));
+                    Next::Retry(backoff(attempts))
+                }
+            }
+            Failure::Permanent => {
+                self.down_failures = 0;
+                Next::Drop
+            }
+        }
+    }
+
+    /// A request went through.
+    fn sent(&mut self) {
+        self.down_failures = 0;
+        self.refused = None;
+    }
+}
+
+/// The exporter's log: the failing episode's start and end once each (per kind of
+/// failure), and each cause of a dropped request or partial rejection once.
+struct ExportLog {
+    /// Failed attempts since the last request went through.
+    failed_attempts: u32,
+    /// Warned already in this episode that the backend is down / refuses requests.
+    warned_down: bool,
+    warned_refused: bool,
+    rejected: LoggedCauses,
+    given_up: LoggedCauses,
+    partial: LoggedCauses,
+}
+
+impl Default for ExportLog {
+    fn default() -> Self {
+        ExportLog {
+            failed_attempts: 0,
+            warned_down: false,
+            warned_refused: false,
+            rejected: LoggedCauses::new(MAX_CAUSES_PER_CODE),
+            given_up: LoggedCauses::new(MAX_CAUSES_PER_CODE),
+            partial: LoggedCauses::new(MAX_PARTIAL_MESSAGES),
+        }
+    }
+}
+
+impl ExportLog {
+    /// A request went through: the end of a failing episode, if one was on.
+    fn sent(&mut self, endpoint: &str) {
+        if self.failed_attempts > 0 {
+            if self.warned_down {
+                info!(
+                    endpoint,
+                    failed_attempts = self.failed_attempts,
+                    "OTLP backend is reachable again"
+                );
+            } else {
+                info!(
+                    endpoint,
+                    failed_attempts = self.failed_attempts,
+                    "OTLP backend accepts requests again"
+                );
+            }
+        }
+        self.failed_attempts = 0;
+        self.warned_down = false;
+        self.warned_refused = false;
+    }
+
+    /// An attempt failed and the request will be retried.
+    fn retrying(&mut self, endpoint: &str, status: &Status, tls: Option<bool>, failure: Failure) {
+        self.failed_attempts = self.failed_attempts.saturating_add(1);
+        match failure {
+            Failure::Down if !self.warned_down => {
+                self.warned_down = true;
+                warn!(
+                    endpoint,
+                    code = ?status.code(),
+                    message = %describe(status, tls),
+                    "OTLP backend unavailable; retrying with backoff, profiles wait in the bounded queue"
+                );
+            }
+            Failure::Refused if !self.warned_refused => {
+                self.warned_refused = true;
+                warn!(
+                    endpoint,
+                    code = ?status.code(),
+                    message = %describe(status, tls),
+                    max_attempts = MAX_REFUSED_ATTEMPTS,
+                    "OTLP backend unavailable to this request: it answers but refuses it; retrying it with backoff, then giving it up"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// A request refused [`MAX_REFUSED_ATTEMPTS`] times was given up.
+    fn given_up(
+        &mut self,
+        endpoint: &str,
+        status: &Status,
+        tls: Option<bool>,
+        attempts: u32,
+        given_up_requests: u64,
+    ) {
+        self.failed_attempts = self.failed_attempts.saturating_add(1);
+        if self.given_up.first(status.code() as i32, status.message()) {
+            warn!(
+                endpoint,
+                code = ?status.code(),
+                message = %describe(status, tls),
+                attempts,
+                given_up_requests,
+                "OTLP backend kept refusing a request; gave it up, its profiles are lost (logged once per cause, all counted)"
+            );
+        } else {
+            debug!(code = ?status.code(), attempts, given_up_requests, "gave up another request");
+        }
+    }
+
+    /// A request was dropped after a permanent error.
+    fn rejected(
+        &mut self,
+        endpoint: &str,
+        status: &Status,
+        tls: Option<bool>,
+        rejected_requests: u64,
+    ) {
+        if self.rejected.first(status.code() as i32, status.message()) {
+            warn!(
+                endpoint,
+                code = ?status.code(),
+                message = %describe(status, tls),
+                rejected_requests,
+                "OTLP backend rejected profiles permanently; dropping them (logged once per cause, all counted)"
+            );
+        } else {
+            debug!(code = ?status.code(), rejected_requests, "rejected again");
+        }
+    }
+
+    /// The backend took a request but reported `partial_success`.
+    fn partial(&mut self, endpoint: &str, partial: &Partial, total_rejected_profiles: u64) {
+        if !self.partial.first(0, &partial.message) {
+            debug!(
+                rejected_profiles = partial.rejected_profiles,
+                total_rejected_profiles, "partial success again"
+            );
+        } else if partial.rejected_profiles > 0 {
+            warn!(
+                endpoint,
+                rejected_profiles = partial.rejected_profiles,
+                total_rejected_profiles,
+                message = %partial.message,
+                "OTLP backend rejected some profiles of a request (partial_success); counted, logged once per message"
+            );
+        } else {
+            warn!(
+                endpoint,
+                message = %partial.message,
+                "OTLP backend accepted a request with a warning (partial_success); logged once per message"
+            );
         }
     }
 }
@@ -505,23 +829,159 @@ mod tests {
         }
     }
 
-    /// Outages are retried; rejections are not.
+    /// A status the backend answered: retried without bound when it says it is
+    /// unavailable, a few times when it refuses the request with a status that may
+    /// change, not at all otherwise.
     #[test]
-    fn status_classes() {
+    fn answered_statuses_are_classified_by_code() {
+        let class = |code| classify(&Status::new(code, "from the server"));
+        assert_eq!(class(Code::Unavailable), Failure::Down);
         for code in [
-            Code::Unavailable,
-            Code::DeadlineExceeded,
             Code::ResourceExhausted,
+            Code::Unknown,
+            Code::Aborted,
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::OutOfRange,
+            Code::DataLoss,
         ] {
-            assert!(is_retryable(code));
+            assert_eq!(class(code), Failure::Refused, "{code:?}");
         }
         for code in [
             Code::InvalidArgument,
             Code::Unauthenticated,
             Code::PermissionDenied,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::FailedPrecondition,
+            Code::NotFound,
         ] {
-            assert!(!is_retryable(code));
+            assert_eq!(class(code), Failure::Permanent, "{code:?}");
         }
+        // tonic's answer to a proxy's HTTP 413, which carries no gRPC status.
+        let http_413 =
+            Status::unknown("grpc-status header missing, mapped from HTTP status code 413");
+        assert_eq!(classify(&http_413), Failure::Refused);
+    }
+
+    /// An error of this text, as the transport's errors are.
+    #[derive(Debug)]
+    struct Transport(&'static str);
+
+    impl std::fmt::Display for Transport {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Transport {}
+
+    /// No answer from the backend (tonic's statuses made from a local error) means
+    /// it is down, whatever the code: retried through the outage. A stream the server
+    /// reset is its answer to this request, unless it refused the stream before any
+    /// work (it is going away).
+    #[test]
+    fn failures_without_an_answer_mean_the_backend_is_down() {
+        let local = |e: Transport| Status::from_error(Box::new(e));
+        let refused_connection = Status::from_error(Box::new(tonic::ConnectError(Box::new(
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        ))));
+        assert_eq!(refused_connection.code(), Code::Unavailable);
+        assert_eq!(classify(&refused_connection), Failure::Down);
+        // Our deadline passing is CANCELLED with a source.
+        let deadline = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(deadline.code(), Code::Cancelled);
+        assert_eq!(classify(&deadline), Failure::Down);
+        // A connection broken mid-request is UNKNOWN with a source.
+        let broken = local(Transport("connection closed before message completed"));
+        assert_eq!(broken.code(), Code::Unknown);
+        assert_eq!(classify(&broken), Failure::Down);
+        assert_eq!(
+            classify(&local(Transport(
+                "connection error received: not a result of an error"
+            ))),
+            Failure::Down
+        );
+        assert_eq!(
+            classify(&local(Transport(
+                "stream error received: refused stream before processing any application logic"
+            ))),
+            Failure::Down
+        );
+        assert_eq!(
+            classify(&local(Transport(
+                "stream error received: unspecific protocol error detected"
+            ))),
+            Failure::Refused
+        );
+        assert_eq!(classify_code(Code::InvalidArgument, false), Failure::Down);
+    }
+
+    /// A refused request gets MAX_REFUSED_ATTEMPTS attempts with its own backoff,
+    /// then is given up; failures while the backend is down do not count and keep
+    /// the request; the next request starts afresh.
+    #[test]
+    fn refused_requests_get_bounded_attempts() {
+        let mut r = Retries::default();
+        assert_eq!(r.failed(7, Failure::Refused), Next::Retry(backoff(1)));
+        assert_eq!(r.failed(7, Failure::Refused), Next::Retry(backoff(2)));
+        // An outage in between: retried without bound, with the outage's backoff.
+        for n in 1..=20 {
+            assert_eq!(r.failed(7, Failure::Down), Next::Retry(backoff(n)));
+        }
+        assert_eq!(r.failed(7, Failure::Refused), Next::Retry(backoff(3)));
+        assert_eq!(
+            r.failed(7, Failure::Refused),
+            Next::GiveUp {
+                attempts: MAX_REFUSED_ATTEMPTS
+            }
+        );
+        // The next request gets its own attempts and short delays, not the growing
+        // backoff of a long episode.
+        for n in 1..MAX_REFUSED_ATTEMPTS {
+            assert_eq!(r.failed(8, Failure::Refused), Next::Retry(backoff(n)));
+        }
+        assert!(matches!(r.failed(8, Failure::Refused), Next::GiveUp { .. }));
+        // A request that was evicted from the queue mid-retries: its successor
+        // starts afresh.
+        assert_eq!(r.failed(9, Failure::Refused), Next::Retry(backoff(1)));
+        assert_eq!(r.failed(10, Failure::Refused), Next::Retry(backoff(1)));
+        assert_eq!(r.failed(10, Failure::Permanent), Next::Drop);
+        // A backend down for ever keeps its request.
+        let mut r = Retries::default();
+        for _ in 0..1000 {
+            assert!(matches!(r.failed(1, Failure::Down), Next::Retry(_)));
+        }
+        r.sent();
+        assert_eq!(r.failed(2, Failure::Down), Next::Retry(backoff(1)));
+    }
+
+    /// A cause is its code and its message with digits masked, so sizes and request
+    /// numbers do not make every request a new warning; each code logs a bounded
+    /// number of distinct messages.
+    #[test]
+    fn causes_are_logged_once_each_and_bounded() {
+        assert_eq!(
+            cause_of("grpc: received message larger than max (5000000 vs. 4194304)"),
+            "grpc: received message larger than max (# vs. #)"
+        );
+        let mut logged = LoggedCauses::new(MAX_CAUSES_PER_CODE);
+        let code = Code::ResourceExhausted as i32;
+        assert!(logged.first(code, "larger than max (5000000 vs. 4194304)"));
+        assert!(!logged.first(code, "larger than max (4200001 vs. 4194304)"));
+        // The same message under another code is another cause.
+        assert!(logged.first(Code::Unknown as i32, "larger than max (1 vs. 2)"));
+        // Messages that differ past CAUSE_CHARS are one cause.
+        let long = "x".repeat(CAUSE_CHARS);
+        assert!(logged.first(code, &format!("{long} request abc")));
+        assert!(!logged.first(code, &format!("{long} request def")));
+        // Messages that differ otherwise (ids with letters) stop at the bound.
+        let mut new = 0;
+        for id in ["req-aa", "req-ab", "req-ac", "req-ad", "req-ae", "req-af"] {
+            new += usize::from(logged.first(code, id));
+        }
+        assert_eq!(new, MAX_CAUSES_PER_CODE - 2);
+        assert!(!logged.first(code, "req-zz"));
     }
 
     /// Keepalive pings stay within what grpc-go servers allow by default.
