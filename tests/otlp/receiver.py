@@ -16,14 +16,22 @@ one JSON line per request to --out:
 "bytes" is the request's uncompressed protobuf size; "gzip_bytes" is its size
 gzipped at level 6, the level tonic's gzip uses on the wire (bench/agent_outage.py).
 
-Modes: ok (default), reject (--code NAME: every call fails with that status),
-stall (--stall SECONDS before answering). --token T requires the header
+"call" numbers the calls from 1 and "sha256" is a digest of the decoded request
+(re-encoded), the same for every attempt at the same request.
+
+Modes: ok (default), reject (--code NAME: every call fails with that status, or only
+the first N calls with --refuse-first N, then they succeed; the message carries the
+call's number and size, as real servers' messages carry sizes and ids),
+stall (--stall SECONDS before answering). --partial-reject N answers every accepted
+call with partial_success: N profiles rejected, the message carrying the call's
+number. --token T requires the header
 `authorization: Bearer T` (else UNAUTHENTICATED). --tls-cert/--tls-key serve TLS;
 --tls-client-ca CA also requires a client certificate signed by CA (mutual TLS).
 Prints "LISTENING <port>" once ready. Stops on SIGTERM.
 """
 import argparse
 import gzip
+import hashlib
 import json
 import signal
 import sys
@@ -151,30 +159,42 @@ class Servicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
         self.args = args
         self.out = out
         self.lock = threading.Lock()
+        self.calls = 0
 
     def Export(self, request, context):
+        with self.lock:
+            self.calls += 1
+            call = self.calls
         md = {k: v for k, v in context.invocation_metadata()}
         if self.args.token is not None and md.get("authorization") != f"Bearer {self.args.token}":
-            self.record(request, md, status="UNAUTHENTICATED")
+            self.record(request, md, call, status="UNAUTHENTICATED")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
         if self.args.mode == "stall":
             time.sleep(self.args.stall)
-        if self.args.mode == "reject":
-            self.record(request, md, status=self.args.code)
-            context.abort(getattr(grpc.StatusCode, self.args.code), f"rejected by test: {self.args.code}")
-        self.record(request, md, status="OK")
+        if self.args.mode == "reject" and (self.args.refuse_first == 0 or call <= self.args.refuse_first):
+            self.record(request, md, call, status=self.args.code)
+            context.abort(
+                getattr(grpc.StatusCode, self.args.code),
+                f"rejected by test: {self.args.code} (call {call}, {request.ByteSize()} bytes)",
+            )
+        self.record(request, md, call, status="OK")
         resp = profiles_service_pb2.ExportProfilesServiceResponse()
         if self.args.partial_reject:
             resp.partial_success.rejected_profiles = self.args.partial_reject
-            resp.partial_success.error_message = "partially rejected by test"
+            resp.partial_success.error_message = (
+                f"{self.args.partial_reject} profiles rejected by test (call {call})"
+            )
         return resp
 
-    def record(self, request, md, status):
+    def record(self, request, md, call, status):
         resources, errors = decode(request)
+        encoded = request.SerializeToString(deterministic=True)
         line = json.dumps({
             "status": status,
+            "call": call,
+            "sha256": hashlib.sha256(encoded).hexdigest(),
             "bytes": request.ByteSize(),
-            "gzip_bytes": len(gzip.compress(request.SerializeToString(), compresslevel=6)),
+            "gzip_bytes": len(gzip.compress(encoded, compresslevel=6)),
             "metadata": {k: v for k, v in md.items() if not k.startswith("grpc-")},
             "resources": resources,
             "errors": errors,
@@ -190,6 +210,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--mode", choices=["ok", "reject", "stall"], default="ok")
     ap.add_argument("--code", default="UNAVAILABLE")
+    ap.add_argument("--refuse-first", type=int, default=0)
     ap.add_argument("--stall", type=float, default=30.0)
     ap.add_argument("--token")
     ap.add_argument("--partial-reject", type=int, default=0)

@@ -582,3 +582,133 @@ fn full_disk_deletes_the_oldest_profiles() {
     );
     assert_pprof_reads(&disk.dir.path().join(pprofs.last().unwrap()));
 }
+
+/// A field `name=value` of the agent's log line `line`, as a number.
+fn log_field(line: &str, name: &str) -> u64 {
+    let at = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + name.len()
+        + 2;
+    line[at..].split(' ').next().unwrap().parse().unwrap()
+}
+
+/// A backend that is up but refuses requests with RESOURCE_EXHAUSTED (what grpc-go
+/// answers a message over its size limit) does not hold export up: each request gets
+/// MAX_REFUSED_ATTEMPTS attempts, is given up and counted, the cause is warned about
+/// once (though every refusal's message differs in its numbers), and the requests
+/// behind it go through once the backend accepts them.
+#[test]
+fn refused_requests_are_given_up_and_export_goes_on() {
+    use profiler::sink::grpc::MAX_REFUSED_ATTEMPTS;
+    let attempts = MAX_REFUSED_ATTEMPTS as usize;
+    // Exactly two requests' worth of refusals: the exporter sends one at a time.
+    let refusals = 2 * attempts;
+    let receiver = Receiver::start(
+        0,
+        &[
+            "--mode",
+            "reject",
+            "--code",
+            "RESOURCE_EXHAUSTED",
+            "--refuse-first",
+            &refusals.to_string(),
+        ],
+    );
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let mut agent = Agent::start_with_env(
+        &["--endpoint", &endpoint, "--interval", "1", "--include-idle"],
+        &[("RUST_LOG", "profiler=info,profiler::sink::grpc=debug")],
+    );
+    let accepted = |requests: &[Value]| requests.iter().filter(|r| r["status"] == "OK").count();
+    // Each refused request takes ~3.5 s (at most ~5.3 s) of retries; a request
+    // retried without bound would take over a minute to reach the 9th call.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while accepted(&receiver.requests()) < 2 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
+    let log = agent.log();
+    let requests = receiver.requests();
+    assert!(
+        accepted(&requests) >= 2,
+        "export did not go on: {} calls; log:\n{log}",
+        requests.len()
+    );
+    assert_well_formed(&requests);
+
+    // The refused calls: two requests, each tried exactly MAX_REFUSED_ATTEMPTS times
+    // in a row, and neither sent again.
+    let mut by_call: Vec<&Value> = requests.iter().collect();
+    by_call.sort_by_key(|r| r["call"].as_u64().unwrap());
+    let refused: Vec<&str> = by_call
+        .iter()
+        .filter(|r| r["status"] == "RESOURCE_EXHAUSTED")
+        .map(|r| r["sha256"].as_str().unwrap())
+        .collect();
+    assert_eq!(refused.len(), refusals, "{log}");
+    let (first, second) = refused.split_at(attempts);
+    assert!(first.iter().all(|h| *h == first[0]), "{refused:?}");
+    assert!(second.iter().all(|h| *h == second[0]), "{refused:?}");
+    assert_ne!(first[0], second[0], "the same request was tried again");
+    assert!(
+        by_call
+            .iter()
+            .filter(|r| r["status"] == "OK")
+            .all(|r| r["sha256"] != first[0] && r["sha256"] != second[0]),
+        "a given-up request was sent again"
+    );
+
+    assert_eq!(
+        log.matches("OTLP backend kept refusing a request; gave it up")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("OTLP backend unavailable").count(), 1, "{log}");
+    assert!(log.contains("OTLP backend accepts requests again"), "{log}");
+    assert!(!log.contains("rejected profiles permanently"), "{log}");
+    // Counted: the second give-up, logged at debug, carries the count.
+    let last = log
+        .lines()
+        .rfind(|l| l.contains("given_up_requests="))
+        .unwrap_or_else(|| panic!("no count: {log}"));
+    assert_eq!(log_field(last, "given_up_requests"), 2, "{log}");
+}
+
+/// A backend that takes requests but reports some profiles rejected
+/// (partial_success): the rejected profiles are counted, and its message (which
+/// differs in its numbers from one answer to the next) is warned about once.
+#[test]
+fn partial_success_is_counted_and_its_message_logged_once() {
+    let receiver = Receiver::start(0, &["--partial-reject", "2"]);
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let mut agent = Agent::start(&["--endpoint", &endpoint, "--interval", "1", "--include-idle"]);
+    let requests = receiver.wait_for(3, Duration::from_secs(20));
+    assert!(requests.len() >= 3, "{} requests", requests.len());
+    assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
+    let log = agent.log();
+    // Every request the receiver took was answered before the agent exited.
+    let accepted = receiver
+        .requests()
+        .iter()
+        .filter(|r| r["status"] == "OK")
+        .count() as u64;
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("partial_success"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("WARN"), "{log}");
+    assert!(
+        warnings[0].contains("profiles rejected by test (call 1)"),
+        "{log}"
+    );
+    assert_eq!(log_field(warnings[0], "rejected_profiles"), 2, "{log}");
+    let stopped = log.lines().find(|l| l.contains("stopped")).unwrap();
+    assert_eq!(
+        log_field(stopped, "partially_rejected_profiles"),
+        2 * accepted,
+        "{stopped}"
+    );
+}
