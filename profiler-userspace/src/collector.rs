@@ -119,17 +119,22 @@ impl Collector {
         aggregate.await.context("the drain task ended unexpectedly")
     }
 
-    /// Forgets processes that exited: their metadata and open binaries are released
-    /// and they are captured again if their pid is reused.
+    /// Forgets processes that exited or exec'd: their metadata and open binaries are
+    /// released and they are captured again when next sampled. Off the runtime
+    /// thread: it reads /proc for every tracked process, and waits for the table
+    /// while the capture worker reads one; the drain runs on that thread.
     pub async fn forget_exited(&self) {
-        let exited: Vec<u32> = {
-            let mut table = self.table.lock().expect("process table lock");
+        let table = self.table.clone();
+        let exited = tokio::task::spawn_blocking(move || {
+            let mut table = table.lock().expect("process table lock");
             let exited = table.exited();
             for &pid in &exited {
                 table.remove(pid);
             }
             exited
-        };
+        })
+        .await
+        .unwrap_or_default();
         if !exited.is_empty() {
             let _ = self.commands.send(DrainCommand::Forget(exited)).await;
         }

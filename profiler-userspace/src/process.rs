@@ -125,6 +125,9 @@ pub struct ProcessInfo {
     pub mappings: Vec<Mapping>,
     /// Start time in clock ticks since boot: tells a reused pid from this process.
     pub start_time: u64,
+    /// Device and inode of the executable when captured: an exec (which keeps pid
+    /// and start time) changes them. `None` when unreadable (kernel threads).
+    pub exe_id: Option<(u64, u64)>,
     /// Container id from the process's cgroup, when it runs in one.
     pub container_id: Option<String>,
 }
@@ -213,14 +216,16 @@ impl ProcessTable {
     }
 
     /// Tracked processes that have exited (or whose pid now belongs to another
-    /// process).
+    /// process), or exec'd another executable since their capture: what we hold of
+    /// them no longer describes what runs under their pid.
     pub fn exited(&self) -> Vec<u32> {
         self.processes
             .values()
             .filter(|p| {
-                Process::new(p.pid as i32)
+                let exited = Process::new(p.pid as i32)
                     .and_then(|proc| proc.stat())
-                    .map_or(true, |stat| stat.starttime != p.start_time)
+                    .map_or(true, |stat| stat.starttime != p.start_time);
+                exited || exe_id(p.pid) != p.exe_id
             })
             .map(|p| p.pid)
             .collect()
@@ -239,6 +244,10 @@ impl ProcessTable {
             other => CaptureError::Unreadable { pid, source: other },
         };
         let process = Process::new(pid as i32).map_err(gone)?;
+        // Before the mappings: an exec between the two leaves an old id beside the
+        // new mappings, which the next check of `exited` notices (the other order
+        // would hide it for good).
+        let exe_id = exe_id(pid);
         let maps = process.maps().map_err(gone)?;
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|s| s.trim_end().to_string())
@@ -285,6 +294,7 @@ impl ProcessTable {
             exe,
             mappings,
             start_time,
+            exe_id,
             container_id,
         })
     }
@@ -332,6 +342,14 @@ impl ProcessTable {
         self.objects.insert(key, Arc::downgrade(&object));
         MappedObject::File(object)
     }
+}
+
+/// Device and inode of process `pid`'s executable (`None`: gone, a kernel thread, or
+/// unreadable).
+fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    std::fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Whether `pid` is a process that still runs (not gone, not a zombie waiting for

@@ -62,6 +62,71 @@ fn kernel_frames_under_user_frames() {
     );
 }
 
+/// A process that execs another program keeps its pid and start time: the agent
+/// notices the new executable at the end of an interval, so later profiles name the
+/// new program and its functions, not the shell it replaced.
+#[test]
+fn agent_notices_exec() {
+    let _cpu = cpu_heavy_lock();
+    let dir = tempfile::tempdir().unwrap();
+    // bash spins as itself (so it is captured as bash) until told, then becomes chain.
+    let go = dir.path().join("go");
+    let script = format!(
+        "while [ ! -e {} ]; do :; done; exec {} 30",
+        go.display(),
+        program("chain").display()
+    );
+    let target = KillOnDrop::spawn(std::process::Command::new("bash").args(["-c", &script]));
+    let pid = target.pid().to_string();
+    let mut agent = Agent::start(&[
+        "--interval",
+        "2",
+        "--pid",
+        &pid,
+        "--output-dir",
+        dir.path().join("profiles").to_str().unwrap(),
+    ]);
+    agent.wait_for_log("profiling started", std::time::Duration::from_secs(30));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    std::fs::write(&go, "").unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert!(
+        agent
+            .terminate(std::time::Duration::from_secs(20))
+            .unwrap()
+            .success(),
+        "{}",
+        agent.log()
+    );
+    let mut folded: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("profiles"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".folded"))
+        .collect();
+    folded.sort();
+    let stacks: Vec<FoldedStack> = folded.iter().flat_map(|p| read_folded_file(p)).collect();
+    let as_bash: u64 = stacks
+        .iter()
+        .filter(|s| s.frames[0] == "bash")
+        .map(|s| s.count)
+        .sum();
+    assert!(as_bash > 0, "the shell was never sampled: {folded:?}");
+    // The last two profiles come well after the exec and its interval's end.
+    let late: Vec<FoldedStack> = folded
+        .iter()
+        .rev()
+        .take(2)
+        .flat_map(|p| read_folded_file(p))
+        .collect();
+    let named = samples_with_chain(&late, "chain", &CHAIN_ROOT_FIRST);
+    let total: u64 = late.iter().map(|s| s.count).sum();
+    assert!(
+        named * 2 > total,
+        "{named} of {total} late samples show chain's functions:\n{:?}",
+        late.iter().take(5).collect::<Vec<_>>()
+    );
+}
+
 /// A program that starts after recording began and exits before it ends is still
 /// named: its binary was captured on first sight.
 #[test]

@@ -134,7 +134,13 @@ pub struct FoldedStack {
 
 /// Reads `profile.folded`, failing on any malformed line.
 pub fn read_folded(dir: &Path) -> Vec<FoldedStack> {
-    let text = std::fs::read_to_string(dir.join("profile.folded")).expect("profile.folded");
+    read_folded_file(&dir.join("profile.folded"))
+}
+
+/// Reads a folded-stacks file, failing on any malformed line.
+pub fn read_folded_file(path: &Path) -> Vec<FoldedStack> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     text.lines()
         .map(|line| {
             let (stack, count) = line.rsplit_once(' ').expect("`stack count` line");
