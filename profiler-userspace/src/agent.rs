@@ -33,7 +33,7 @@ use crate::{
     sink::{
         files::{self, FilesWritten},
         grpc::{ExportStats, Exporter, QueuedRequest},
-        queue::ExportQueue,
+        queue::{ExportQueue, QueueStats},
     },
     symbolize::{IntervalMeta, Symbolizer, AGENT_BLAZESYM_FILE_BUDGET, AGENT_MAX_DWARF_FILE_BYTES},
 };
@@ -273,9 +273,15 @@ impl Sinks {
                 }
             }
         }
-        stats
+        let oversized_before = stats
             .oversized_stacks
             .fetch_add(done.oversized, Ordering::Relaxed);
+        if oversized_before == 0 && done.oversized > 0 {
+            warn!(
+                oversized_stacks = done.oversized,
+                "stacks left out of OTLP export: each alone exceeds the request size limit (--max-request-kib); they are in the local files if those are on; later ones are counted in the stopped line"
+            );
+        }
         match done.files.take() {
             Some(Err(e)) => {
                 stats.file_errors.fetch_add(1, Ordering::Relaxed);
@@ -538,6 +544,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         }
     }
     let export_stats = sinks.export_stats.clone();
+    let queue = sinks.queue.clone();
+    let queue_dropped = |stat: fn(&QueueStats) -> &AtomicU64| {
+        queue
+            .as_ref()
+            .map_or(0, |q| stat(&q.stats).load(Ordering::Relaxed))
+    };
     sinks.flush(deadline).await;
     if worker_free {
         worker.join().await;
@@ -548,10 +560,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         samples = stats.samples.load(Ordering::Relaxed),
         lost = stopped.kernel.lost(),
         unreadable_records = stopped.drain_stats.malformed(),
+        kernel_stack_walk_errors = stopped
+            .kernel
+            .get(profiler_common::Counter::KernelStackError),
+        user_stack_walk_errors = stopped.kernel.get(profiler_common::Counter::UserStackError),
         user_stacks_cut = stopped.drain_stats.user_walks_derailed(),
         exported_requests = export_stats.sent_requests.load(Ordering::Relaxed),
         exported_bytes = export_stats.sent_bytes.load(Ordering::Relaxed),
+        export_retries = export_stats.retries.load(Ordering::Relaxed),
         rejected_requests = export_stats.rejected_requests.load(Ordering::Relaxed),
+        given_up_requests = export_stats.given_up_requests.load(Ordering::Relaxed),
+        queue_dropped_requests = queue_dropped(|q| &q.dropped),
+        queue_dropped_bytes = queue_dropped(|q| &q.dropped_bytes),
+        oversized_stacks = stats.oversized_stacks.load(Ordering::Relaxed),
         partially_rejected_profiles = export_stats
             .partially_rejected_profiles
             .load(Ordering::Relaxed),
@@ -559,6 +580,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .process_stats
             .gone_before_capture
             .load(Ordering::Relaxed),
+        processes_untracked_table_full = stopped.process_stats.table_full.load(Ordering::Relaxed),
+        first_sights_deferred_queue_full = stopped.process_stats.queue_full.load(Ordering::Relaxed),
+        binaries_unopened_table_full = stopped.process_stats.objects_full.load(Ordering::Relaxed),
         runtime_runs = profilers.stats().runs.load(Ordering::Relaxed),
         runtime_runs_failed = profilers.stats().runs_failed.load(Ordering::Relaxed),
         runtime_runs_stopped = profilers.stats().runs_stopped.load(Ordering::Relaxed),

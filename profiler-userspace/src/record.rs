@@ -134,6 +134,17 @@ impl RecordSummary {
                 self.aggregate.folded_samples
             );
         }
+        let walk_errors = [
+            self.kernel.get(profiler_common::Counter::KernelStackError),
+            self.kernel.get(profiler_common::Counter::UserStackError),
+        ];
+        if walk_errors.iter().any(|&n| n > 0) {
+            let _ = writeln!(
+                s,
+                "  stack walks that failed in the kernel: {} kernel, {} user (the samples are kept without those frames)",
+                walk_errors[0], walk_errors[1]
+            );
+        }
         if self.user_walks_derailed > 0 {
             let _ = writeln!(
                 s,
