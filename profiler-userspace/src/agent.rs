@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
+use tokio::{sync::oneshot, time::Instant};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -224,9 +224,47 @@ impl Episodes {
 }
 
 /// The running agent's sinks.
+/// The exporter, on a thread and runtime of its own: tonic gzips and TLS encrypts a
+/// request (up to `--max-request-kib`, tens of ms) inline on the thread that polls
+/// it, and the agent's runtime thread is the one the ring buffer drain runs on.
+struct ExporterThread {
+    /// Fires when the exporter has ended (queue closed and empty, or aborted).
+    done: oneshot::Receiver<()>,
+    abort: tokio::task::AbortHandle,
+}
+
+impl ExporterThread {
+    fn start(
+        grpc: &crate::sink::grpc::GrpcConfig,
+        queue: Arc<ExportQueue<QueuedRequest>>,
+        stats: Arc<ExportStats>,
+    ) -> anyhow::Result<ExporterThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the exporter's runtime")?;
+        // The channel spawns its connection tasks on the runtime it is made in.
+        let exporter = {
+            let _inside = runtime.enter();
+            Exporter::new(grpc).context("cannot set up OTLP export")?
+        };
+        let task = runtime.spawn(exporter.run(queue, stats));
+        let abort = task.abort_handle();
+        let (done_tx, done) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("exporter".into())
+            .spawn(move || {
+                let _ = runtime.block_on(task);
+                let _ = done_tx.send(());
+            })
+            .context("cannot start the exporter's thread")?;
+        Ok(ExporterThread { done, abort })
+    }
+}
+
 struct Sinks {
     queue: Option<Arc<ExportQueue<QueuedRequest>>>,
-    exporter: Option<JoinHandle<()>>,
+    exporter: Option<ExporterThread>,
     export_stats: Arc<ExportStats>,
     /// Local files failing, and deleting old profiles for space: each logged when
     /// it begins and when it ends.
@@ -239,10 +277,9 @@ impl Sinks {
         let export_stats = Arc::new(ExportStats::default());
         let (queue, exporter) = match &config.grpc {
             Some(grpc) => {
-                let exporter = Exporter::new(grpc).context("cannot set up OTLP export")?;
                 let queue = Arc::new(ExportQueue::new(config.queue_bytes));
-                let handle = tokio::spawn(exporter.run(queue.clone(), export_stats.clone()));
-                (Some(queue), Some(handle))
+                let thread = ExporterThread::start(grpc, queue.clone(), export_stats.clone())?;
+                (Some(queue), Some(thread))
             }
             None => (None, None),
         };
@@ -332,12 +369,12 @@ impl Sinks {
     async fn flush(self, deadline: Instant) {
         let Some(queue) = self.queue else { return };
         queue.close();
-        if let Some(mut exporter) = self.exporter {
-            if tokio::time::timeout_at(deadline, &mut exporter)
+        if let Some(exporter) = self.exporter {
+            if tokio::time::timeout_at(deadline, exporter.done)
                 .await
                 .is_err()
             {
-                exporter.abort();
+                exporter.abort.abort();
                 warn!(
                     unsent_requests = queue.len(),
                     "shutdown deadline reached before every profile was exported"
