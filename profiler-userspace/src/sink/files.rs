@@ -92,7 +92,7 @@ fn write_atomic(
 /// profile that still cannot be written leaves neither of its files behind.
 pub fn write(profile: &Profile, config: &FilesConfig) -> io::Result<FilesWritten> {
     fs::create_dir_all(&config.dir)?;
-    let stem = stem(profile.start);
+    let stem = unused_stem(&config.dir, stem(profile.start));
     let mut profiles_deleted_for_space = 0;
     loop {
         match write_pair(profile, &config.dir, &stem) {
@@ -100,7 +100,7 @@ pub fn write(profile: &Profile, config: &FilesConfig) -> io::Result<FilesWritten
                 return Ok(FilesWritten {
                     pprof,
                     folded,
-                    deleted: prune(config)?,
+                    deleted: prune(config, &stem)?,
                     profiles_deleted_for_space,
                 })
             }
@@ -163,16 +163,35 @@ fn delete_oldest(dir: &Path, keep: &str) -> io::Result<usize> {
         .count())
 }
 
-/// Deletes the oldest profiles (both files of each) beyond the limits.
-fn prune(config: &FilesConfig) -> io::Result<usize> {
+/// `stem`, or `stem-1`, `stem-2`, ... when a profile of that name exists (the clock
+/// stepped back): a profile never replaces another.
+fn unused_stem(dir: &Path, stem: String) -> String {
+    let taken = |s: &str| {
+        dir.join(format!("{s}.pb.gz")).exists() || dir.join(format!("{s}.folded")).exists()
+    };
+    if !taken(&stem) {
+        return stem;
+    }
+    (1..)
+        .map(|n| format!("{stem}-{n}"))
+        .find(|s| !taken(s))
+        .expect("some suffix is free")
+}
+
+/// Deletes the oldest profiles (both files of each) beyond the limits, never
+/// `keep` (the one just written: after the clock stepped back it sorts first).
+fn prune(config: &FilesConfig, keep: &str) -> io::Result<usize> {
     let stems = list(&config.dir)?;
     let mut total: u64 = stems.values().flatten().map(|(_, len)| len).sum();
     let mut count = stems.len();
     let mut deleted = 0;
-    // Oldest first; always keep the newest profile.
-    for files in stems.values() {
+    // Oldest first.
+    for (stem, files) in &stems {
         if count <= 1 || (count <= config.max_profiles && total <= config.max_bytes) {
             break;
+        }
+        if stem == keep {
+            continue;
         }
         for (path, len) in files {
             if fs::remove_file(path).is_ok() {
@@ -190,6 +209,32 @@ mod tests {
     use super::*;
     use crate::profile::test_profile;
     use std::time::Duration;
+
+    /// After the clock steps back, the profile just written is kept (others go, by
+    /// name), and one with the same time as an earlier one does not replace it.
+    #[test]
+    fn clock_stepping_back_keeps_the_new_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = FilesConfig {
+            dir: dir.path().to_path_buf(),
+            max_profiles: 2,
+            max_bytes: u64::MAX,
+        };
+        let at = |ms: u64| {
+            let mut p = test_profile();
+            p.start = UNIX_EPOCH + Duration::from_millis(ms);
+            p
+        };
+        write(&at(2_000_000_000_000), &config).unwrap();
+        write(&at(2_000_000_015_000), &config).unwrap();
+        // The clock went back a day.
+        let back = write(&at(1_999_913_600_000), &config).unwrap();
+        assert!(back.pprof.exists(), "the newest profile was deleted");
+        let same = write(&at(1_999_913_600_000), &config).unwrap();
+        assert!(same.pprof.exists());
+        assert_ne!(same.pprof, back.pprof, "written over the earlier profile");
+        assert_eq!(list(dir.path()).unwrap().len(), 2);
+    }
 
     /// File names sort by time and show it in UTC.
     #[test]
