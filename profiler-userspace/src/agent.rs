@@ -412,6 +412,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .join(","),
         "profiling started"
     );
+    for limit in crate::ebpf::naming_limits() {
+        warn!("{limit}");
+    }
     let ctx = CycleContext {
         table: collector.table().clone(),
         host: HostInfo {

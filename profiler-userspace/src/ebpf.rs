@@ -45,7 +45,8 @@ pub enum SamplerError {
     /// The process lacks CAP_BPF/CAP_PERFMON (or CAP_SYS_ADMIN).
     #[error(
         "loading the eBPF sampler needs root, or the CAP_BPF and CAP_PERFMON capabilities \
-         (e.g. `sudo setcap cap_bpf,cap_perfmon+ep profiler`)"
+         and, to name what it samples, CAP_SYSLOG, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH \
+         and CAP_CHECKPOINT_RESTORE (`sudo setcap {SETCAP_CAPABILITIES}+ep profiler`)"
     )]
     NotPermitted,
     /// We run in a pid namespace other than the host's: the kernel reports host pids,
@@ -295,6 +296,59 @@ impl Sampler {
     }
 }
 
+/// Every capability the profiler needs without root: loading BPF and perf events,
+/// then naming frames (kernel symbols, other users' maps and binaries).
+pub const SETCAP_CAPABILITIES: &str =
+    "cap_bpf,cap_perfmon,cap_syslog,cap_sys_ptrace,cap_dac_read_search,cap_checkpoint_restore";
+
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+const CAP_CHECKPOINT_RESTORE: u32 = 40;
+
+/// This process's effective capabilities (`CapEff`), if readable.
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// What will stay unnamed for lack of privileges, one sentence each (empty as
+/// root). The sampler itself may run without them (CAP_BPF and CAP_PERFMON), but
+/// every frame of another user's process, and every kernel frame, would be
+/// `[unknown]`.
+pub fn naming_limits() -> Vec<String> {
+    let mut limits = Vec::new();
+    if let Err(e) = crate::symbolize::kallsyms::check_visible(std::path::Path::new(
+        crate::symbolize::kallsyms::KALLSYMS,
+    )) {
+        limits.push(format!("kernel frames will be unnamed: {e}"));
+    }
+    if let Some(eff) = effective_capabilities() {
+        let has = |cap: u32| eff & (1 << cap) != 0;
+        let missing: Vec<&str> = [
+            (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+            (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
+            (CAP_CHECKPOINT_RESTORE, "CAP_CHECKPOINT_RESTORE"),
+        ]
+        .into_iter()
+        .filter(|&(cap, _)| !has(cap) && !(cap == CAP_CHECKPOINT_RESTORE && has(CAP_SYS_ADMIN)))
+        .map(|(_, name)| name)
+        .collect();
+        if !missing.is_empty() {
+            limits.push(format!(
+                "other users' processes will be unnamed: reading their mappings and binaries needs {} (or root)",
+                missing.join(", ")
+            ));
+        }
+    }
+    limits
+}
+
 /// The inode of the initial (host) pid namespace, fixed in the kernel
 /// (`PROC_PID_INIT_INO`).
 const HOST_PID_NAMESPACE_INO: u64 = 0xEFFF_FFFC;
@@ -313,18 +367,8 @@ pub fn check_pid_namespace() -> Result<(), SamplerError> {
 /// or run where the pids the kernel reports mean other processes.
 pub fn check_privileges() -> Result<(), SamplerError> {
     check_pid_namespace()?;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+    let Some(eff) = effective_capabilities() else {
         return Ok(()); // let the kernel decide
-    };
-    let Some(eff) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-    else {
-        return Ok(());
     };
     let has = |cap: u32| eff & (1 << cap) != 0;
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {

@@ -259,6 +259,10 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     if let (true, Some(missing)) = (config.progress, &missing_tools) {
         eprintln!("note: runtime profilers {missing}");
     }
+    // Said even with --quiet: without them the profile is mostly `[unknown]`.
+    for limit in crate::ebpf::naming_limits() {
+        eprintln!("warning: {limit}");
+    }
     // The whole host has no previous interval to tell the busy processes: look at
     // every process now.
     let candidates = if config.pids.is_empty() {

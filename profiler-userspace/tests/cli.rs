@@ -166,6 +166,41 @@ fn unprivileged_user_is_told_what_is_missing() {
     assert!(!out_dir.exists());
 }
 
+/// With only the capabilities that load the sampler, a recording runs but says up
+/// front that kernel frames and other users' processes will be unnamed, and what
+/// would name them.
+#[test]
+fn sampler_only_capabilities_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    // Writable by the unprivileged user the recording runs as.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let caps = "-all,+bpf,+perfmon";
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps={caps}"))
+        .arg(format!("--ambient-caps={caps}"))
+        .arg(format!("--bounding-set={caps}"))
+        .arg(PROFILER)
+        .args(["record", "--quiet", "--duration", "1", "--output-dir"])
+        .arg(dir.path().join("out"))
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: kernel frames will be unnamed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("other users' processes will be unnamed: reading their mappings and binaries needs CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH, CAP_CHECKPOINT_RESTORE"),
+        "{err}"
+    );
+}
+
 /// In a pid namespace of its own (a container without the host's pids) the profiler
 /// refuses in one sentence, before creating anything: the kernel's pids would name
 /// other processes there.

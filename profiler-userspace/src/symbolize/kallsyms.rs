@@ -29,7 +29,10 @@ pub enum KallsymsError {
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     /// Every address is zero: kptr_restrict hides them from this process.
-    #[error("{path} shows no addresses (kernel.kptr_restrict hides them; run as root)")]
+    #[error(
+        "{path} shows no addresses to this process (kernel.kptr_restrict and \
+         perf_event_paranoid hide them without CAP_SYSLOG; run as root)"
+    )]
     Hidden { path: PathBuf },
 }
 
@@ -55,6 +58,23 @@ fn lines(path: &Path) -> Result<impl Iterator<Item = String>, KallsymsError> {
     Ok(BufReader::with_capacity(64 * 1024, file)
         .lines()
         .map_while(Result::ok))
+}
+
+/// Whether `path` shows addresses to this process: its first lines are enough (a
+/// hidden table is all zeros). `Err` says why not, in one sentence.
+pub fn check_visible(path: &Path) -> Result<(), KallsymsError> {
+    const LINES_LOOKED_AT: usize = 64;
+    let visible = lines(path)?
+        .take(LINES_LOOKED_AT)
+        .filter_map(|line| parse_line(&line).map(|(addr, _, _)| addr))
+        .any(|addr| addr != 0);
+    if visible {
+        Ok(())
+    } else {
+        Err(KallsymsError::Hidden {
+            path: path.to_path_buf(),
+        })
+    }
 }
 
 /// Names the function containing each address of `addrs` (None when no text symbol
