@@ -210,7 +210,7 @@ impl RecordSummary {
         if rt.jit.maps_refused > 0 || rt.jit.malformed_lines > 0 {
             let _ = writeln!(
                 s,
-                "  perf maps: {} refused (a symbolic link, another owner, not a regular file, unreadable), {} malformed lines skipped",
+                "  perf maps: {} refused (a symbolic link, another owner, not a regular file, left by an earlier process, unreadable), {} malformed lines skipped",
                 rt.jit.maps_refused, rt.jit.malformed_lines
             );
         }

@@ -268,6 +268,59 @@ fn foreign_owned_perf_map_is_refused_and_counted() {
     assert!(log.contains("perf maps: 1 refused"), "{log}");
 }
 
+/// A perf map last written before its process started (a previous process's with
+/// the same pid: Node never deletes its map) is not used; the same map written after
+/// the start names the code.
+#[test]
+fn perf_map_older_than_its_process_is_refused() {
+    use std::io::BufRead as _;
+    let _cpu = cpu_heavy_lock();
+    let mut child = Command::new(program("anon_code"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start anon_code");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let target = KillOnDrop(child);
+    let addr = u64::from_str_radix(line.trim(), 16).expect("hex address");
+    let map = PathBuf::from(format!("/tmp/perf-{}.map", target.pid()));
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _map = RemoveOnDrop(map.clone());
+    std::fs::write(&map, format!("{addr:x} 100 planted_fn\n")).unwrap();
+    let named = |dir: &Path| {
+        read_folded(dir)
+            .iter()
+            .filter(|s| s.frames.iter().any(|f| f == "planted_fn_[j]"))
+            .map(|s| s.count)
+            .sum::<u64>()
+    };
+
+    let fresh = tempfile::tempdir().unwrap();
+    let log = record_cli(target.pid(), 2, fresh.path());
+    assert!(
+        named(fresh.path()) > 20,
+        "the fresh map named nothing:\n{log}"
+    );
+
+    let status = Command::new("touch")
+        .args(["-d", "1 hour ago"])
+        .arg(&map)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stale = tempfile::tempdir().unwrap();
+    let log = record_cli(target.pid(), 2, stale.path());
+    assert_eq!(named(stale.path()), 0, "names from a stale map:\n{log}");
+    assert!(log.contains("perf maps: 1 refused"), "{log}");
+}
+
 /// `programs/chain.py` running for `secs`, settled.
 fn python_chain(secs: u64) -> KillOnDrop {
     let target = spawn(

@@ -36,7 +36,8 @@ pub struct JitCounts {
     pub maps_read: u64,
     /// Perf map lines skipped as malformed, over all maps read.
     pub malformed_lines: u64,
-    /// Perf maps refused (symlink, wrong owner, not a regular file) or unreadable.
+    /// Perf maps refused (symlink, wrong owner, not a regular file, last written
+    /// before the process started) or unreadable.
     pub maps_refused: u64,
     /// Processes whose frames were all named from names kept since an earlier
     /// interval (their map had not changed): no read.
@@ -80,6 +81,25 @@ fn kind_of(runtime: Option<Runtime>) -> FrameKind {
     }
 }
 
+/// Slack for comparing a file's mtime with a process start time known to a clock
+/// tick and a boot time known to a second.
+const START_TIME_SLACK_NS: i128 = 2_000_000_000;
+
+/// Whether the perf map was last written before its process started: a previous
+/// process's with the same pid (Node never deletes its map), whose addresses mean
+/// nothing in this one. Unknown times give false.
+fn written_before_start(stamp: &FileStamp, target: &TargetProcess) -> bool {
+    let (Ok(boot_secs), ticks) = (procfs::boot_time_secs(), procfs::ticks_per_second()) else {
+        return false;
+    };
+    if ticks == 0 {
+        return false;
+    }
+    let started_ns = i128::from(boot_secs) * 1_000_000_000
+        + i128::from(target.start_time) * 1_000_000_000 / i128::from(ticks);
+    stamp.mtime_ns < started_ns - START_TIME_SLACK_NS
+}
+
 impl JitNamer {
     /// Names the frames of `refs` (one list per stack, `tgids[i]` the process of
     /// stack `i`) that are in anonymous or unmapped memory, from each process's perf
@@ -109,6 +129,11 @@ impl JitNamer {
                 Entry::Occupied(kept) => kept.into_mut(),
                 Entry::Vacant(slot) => {
                     let Ok(target) = detect(pid) else { continue };
+                    if written_before_start(&stamp, &target) {
+                        // Checked once per stamp: a rewrite makes a new one.
+                        counts.maps_refused += 1;
+                        continue;
+                    }
                     slot.insert(Kept {
                         stamp,
                         target,
