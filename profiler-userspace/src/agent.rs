@@ -469,6 +469,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         )
     };
 
+    let mut failure: Option<anyhow::Error> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
@@ -492,7 +493,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             }
             done = async { in_flight.as_mut().expect("guarded by the if").await }, if in_flight.is_some() => {
                 in_flight = None;
-                let mut done = done.context("a profiling cycle failed")?;
+                let Ok(mut done) = done else {
+                    // The cycle thread is gone (a panic): stop, but through the
+                    // shutdown path, so what is queued is still exported.
+                    failure = Some(anyhow::anyhow!(
+                        "a profiling cycle failed (its thread ended unexpectedly)"
+                    ));
+                    break;
+                };
                 stats.samples.fetch_add(done.samples, Ordering::Relaxed);
                 debug!(
                     samples = done.samples,
@@ -556,11 +564,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                 .min(std::time::Duration::from_secs(3)),
         )
         .await;
-    let mut worker_free = true;
+    let mut worker_free = failure.is_none();
     if let Some(done) = in_flight.take() {
         match tokio::time::timeout_at(deadline, done).await {
-            Ok(Ok(mut done)) => sinks.deliver(&mut done, &stats),
-            _ => {
+            Ok(Ok(mut done)) => {
+                stats.samples.fetch_add(done.samples, Ordering::Relaxed);
+                sinks.deliver(&mut done, &stats);
+            }
+            Ok(Err(_)) => {
+                worker_free = false;
+                warn!("the cycle in flight failed: its profile is lost");
+            }
+            Err(_) => {
                 worker_free = false;
                 warn!("the cycle in flight did not finish before the shutdown deadline");
             }
@@ -635,7 +650,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         profiles_deleted_for_space = stats.profiles_deleted_for_space.load(Ordering::Relaxed),
         "stopped"
     );
-    Ok(stats)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(stats),
+    }
 }
 
 #[cfg(test)]
