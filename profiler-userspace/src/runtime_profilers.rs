@@ -205,7 +205,7 @@ pub struct RuntimeStats {
     pub rounds_missed: AtomicU64,
     /// Runs started (py-spy, rbspy, phpspy).
     pub runs: AtomicU64,
-    /// Runs that produced stacks.
+    /// Runs whose output was read (it may hold no stacks: an idle target).
     pub runs_parsed: AtomicU64,
     /// Runs that failed, timed out or wrote unreadable output.
     pub runs_failed: AtomicU64,
@@ -215,9 +215,11 @@ pub struct RuntimeStats {
     /// Runs ended by our own shutdown (Ctrl-C, SIGTERM), jattach runs included: not
     /// failures.
     pub runs_stopped: AtomicU64,
-    /// Runs the supervisor refused (target busy, backing off, tool missing).
+    /// Runs the supervisor refused (target busy, backing off, tool missing),
+    /// jattach runs included.
     pub runs_refused: AtomicU64,
-    /// Targets that did not fit in their round and wait for a later one.
+    /// Targets that did not fit in their round (or JVMs that found no jattach
+    /// slot in time) and wait for a later one.
     pub targets_deferred: AtomicU64,
     /// Lines of tool output skipped as malformed.
     pub malformed_lines: AtomicU64,
@@ -226,8 +228,9 @@ pub struct RuntimeStats {
     pub samples_dropped: AtomicU64,
     /// Processes that could not be classified (exited, unreadable).
     pub detect_errors: AtomicU64,
-    /// jattach runs asking a JVM for its perf map, and those that failed.
+    /// jattach runs asking a JVM for its perf map.
     pub jit_refreshes: AtomicU64,
+    /// Of those, runs that failed or after which no map could be looked at.
     pub jit_refresh_failures: AtomicU64,
     /// JVM refreshes not asked for because jattach could harm the JVM: attach
     /// disabled, or no SIGQUIT handler yet (see [`jattach::attach_check`]).
@@ -882,12 +885,21 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
             deadline: JATTACH_DEADLINE,
             env: vec![],
         };
-        let Some(Ok(handle)) = Shared::start_by(&shared.jit_supervisor, &spec, end).await else {
-            shared
-                .stats
-                .jit_refresh_failures
-                .fetch_add(1, Ordering::Relaxed);
-            continue;
+        let handle = match Shared::start_by(&shared.jit_supervisor, &spec, end).await {
+            Some(Ok(handle)) => handle,
+            // Busy, backing off, tool missing: not a failed refresh.
+            Some(Err(_)) => {
+                shared.stats.runs_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // No slot in time: asked again next cycle.
+            None => {
+                shared
+                    .stats
+                    .targets_deferred
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
         };
         shared.stats.jit_refreshes.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
