@@ -356,9 +356,17 @@ impl JitRefresh {
 impl RuntimeProfilers {
     /// Must be called within the tokio runtime the rounds will run on.
     pub fn new(config: RuntimeConfig) -> std::io::Result<RuntimeProfilers> {
+        let tmp = std::env::temp_dir();
+        let swept = sweep_scratch(&tmp);
+        if swept > 0 {
+            tracing::info!(
+                swept,
+                "removed the runtime profilers' directories of profilers that are gone"
+            );
+        }
         let scratch = tempfile::Builder::new()
-            .prefix("profiler-runtimes-")
-            .tempdir()?;
+            .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&tmp)?;
         let supervisor = Supervisor::new(SupervisorConfig {
             max_concurrent: config.max_children.max(1),
             ..SupervisorConfig::default()
@@ -459,6 +467,44 @@ impl RuntimeProfilers {
             self.shared.jit_supervisor.shutdown(deadline)
         );
     }
+}
+
+/// Start of the name of a profiler's scratch directory in the temporary directory,
+/// followed by its pid and `-`.
+const SCRATCH_PREFIX: &str = "profiler-runtimes-";
+
+/// Removes from `tmp` the scratch directories whose profiler is gone: one killed
+/// by SIGKILL or the OOM killer leaves its own behind, with the outputs of the runs
+/// it had in flight. Only directories (not symlinks) owned by us are touched, and
+/// only when no process has their pid. Returns how many were removed.
+fn sweep_scratch(tmp: &std::path::Path) -> usize {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return 0;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let us = unsafe { libc::geteuid() };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours = entry
+            .path()
+            .symlink_metadata()
+            .is_ok_and(|m| m.is_dir() && m.uid() == us);
+        let owner_alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if ours && !owner_alive && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Every live pid of the host (for `record` of the whole host, which has no previous
@@ -946,6 +992,31 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scratch directories of profilers that are gone are removed; ours, other
+    /// names and symlinks are left alone.
+    #[test]
+    fn sweep_removes_only_dead_profilers_scratch() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Above the largest pid_max: no process has it.
+        let dead = tmp.path().join(format!("{SCRATCH_PREFIX}4194304-abc"));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join("python-1-0.txt"), "stacks").unwrap();
+        let alive = tmp
+            .path()
+            .join(format!("{SCRATCH_PREFIX}{}-def", std::process::id()));
+        std::fs::create_dir(&alive).unwrap();
+        let other = tmp.path().join(format!("{SCRATCH_PREFIX}notapid"));
+        std::fs::create_dir(&other).unwrap();
+        let target = tempfile::tempdir().unwrap();
+        let link = tmp.path().join(format!("{SCRATCH_PREFIX}4194305-lnk"));
+        std::os::unix::fs::symlink(target.path(), &link).unwrap();
+
+        assert_eq!(sweep_scratch(tmp.path()), 1);
+        assert!(!dead.exists());
+        assert!(alive.exists() && other.exists() && target.path().exists());
+        assert!(link.symlink_metadata().is_ok());
+    }
 
     /// Tasks that end by the limit give their results; one that never ends is
     /// counted and left running, and the wait ends at the limit.
