@@ -644,6 +644,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         runtime_runs_abandoned = profilers.stats().runs_abandoned.load(Ordering::Relaxed),
         runtime_rounds_missed = profilers.stats().rounds_missed.load(Ordering::Relaxed),
         runtime_targets_deferred = profilers.stats().targets_deferred.load(Ordering::Relaxed),
+        runtime_candidates_skipped = profilers.stats().candidates_skipped.load(Ordering::Relaxed),
         jvm_perf_map_requests = profilers.stats().jit_refreshes.load(Ordering::Relaxed),
         jvm_attach_skipped = profilers.stats().jit_attach_skipped.load(Ordering::Relaxed),
         profiles_not_written = stats.file_errors.load(Ordering::Relaxed),

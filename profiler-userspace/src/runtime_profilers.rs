@@ -226,6 +226,9 @@ pub struct RuntimeStats {
     /// Samples a tool reported that were thrown away (malformed) or folded into the
     /// overflow stack.
     pub samples_dropped: AtomicU64,
+    /// Candidates past [`MAX_CANDIDATES_PER_ROUND`] not looked at in a round (they
+    /// are in a later one's window).
+    pub candidates_skipped: AtomicU64,
     /// Processes that could not be classified (exited, unreadable).
     pub detect_errors: AtomicU64,
     /// jattach runs asking a JVM for its perf map.
@@ -509,13 +512,27 @@ fn sweep_scratch(tmp: &std::path::Path) -> usize {
 
 /// Every live pid of the host (for `record` of the whole host, which has no previous
 /// interval to learn the busy processes from), at most [`MAX_CANDIDATES_PER_ROUND`].
+/// Kernel threads (no executable) are left out: on a large host the lowest pids,
+/// which /proc lists first, are mostly theirs.
 pub fn all_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return vec![];
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok())
         .take(MAX_CANDIDATES_PER_ROUND)
         .collect()
+}
+
+/// Which of `len` candidates a classification looks at: all of them up to
+/// [`MAX_CANDIDATES_PER_ROUND`]; past it, a window that moves on by its width each
+/// time, so every candidate gets its turn. Returns (start, count).
+fn candidate_window(len: usize, generation: u64) -> (usize, usize) {
+    if len <= MAX_CANDIDATES_PER_ROUND {
+        return (0, len);
+    }
+    let start = (generation as usize).wrapping_mul(MAX_CANDIDATES_PER_ROUND) % len;
+    (start, MAX_CANDIDATES_PER_ROUND)
 }
 
 impl Shared {
@@ -525,7 +542,11 @@ impl Shared {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
-        for &pid in pids.iter().take(MAX_CANDIDATES_PER_ROUND) {
+        let (start, count) = candidate_window(pids.len(), generation);
+        self.stats
+            .candidates_skipped
+            .fetch_add((pids.len() - count) as u64, Ordering::Relaxed);
+        for &pid in pids.iter().cycle().skip(start).take(count) {
             if pid == 0 || pid == std::process::id() {
                 continue;
             }
@@ -992,6 +1013,24 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past the bound, the window moves on so every candidate is looked at in turn,
+    /// each once per lap.
+    #[test]
+    fn candidate_window_covers_everyone_in_turn() {
+        assert_eq!(candidate_window(10, 7), (0, 10));
+        let len = MAX_CANDIDATES_PER_ROUND * 2 + 100;
+        let laps = len.div_ceil(MAX_CANDIDATES_PER_ROUND) as u64;
+        let mut seen = vec![0u32; len];
+        for generation in 1..=laps {
+            let (start, count) = candidate_window(len, generation);
+            assert_eq!(count, MAX_CANDIDATES_PER_ROUND);
+            for i in (start..start + count).map(|i| i % len) {
+                seen[i] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n >= 1), "someone never had a turn");
+    }
 
     /// Scratch directories of profilers that are gone are removed; ours, other
     /// names and symlinks are left alone.
