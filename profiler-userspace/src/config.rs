@@ -28,6 +28,9 @@ pub enum ConfigError {
     #[error("--duration must be at least 1 second")]
     Duration,
     /// A pid that does not exist.
+    /// A thread id where a process id belongs.
+    #[error("--pid {tid} is a thread of process {tgid}: give the process id (all its threads are profiled)")]
+    ThreadId { tid: u32, tgid: u32 },
     #[error("--pid {pid}: no such process")]
     NoSuchPid { pid: u32 },
     /// Too many pids for the in-kernel filter.
@@ -235,8 +238,21 @@ pub(crate) fn check_pids(pids: &[u32]) -> Result<(), ConfigError> {
         if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
             return Err(ConfigError::NoSuchPid { pid });
         }
+        // /proc/TID exists for a thread too, but the kernel filters on the process.
+        if let Some(tgid) = thread_group_of(pid).filter(|&tgid| tgid != pid) {
+            return Err(ConfigError::ThreadId { tid: pid, tgid });
+        }
     }
     Ok(())
+}
+
+/// The process (thread group) `pid` belongs to, from /proc/PID/status.
+fn thread_group_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Creates the directory and proves we can write into it.
@@ -258,6 +274,28 @@ pub(crate) fn check_output_dir(dir: &Path) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread id is refused, naming its process; the process id itself passes.
+    #[test]
+    fn thread_id_names_its_process() {
+        // A thread that stays alive while we check.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let waiting = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() as u32 }).unwrap();
+            let _ = rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        let pid = std::process::id();
+        assert_eq!(
+            check_pids(&[tid]),
+            Err(ConfigError::ThreadId { tid, tgid: pid })
+        );
+        assert_eq!(check_pids(&[pid]), Ok(()));
+        drop(tx);
+        waiting.join().unwrap();
+    }
 
     fn config(
         duration: u64,
