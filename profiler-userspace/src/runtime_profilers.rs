@@ -740,7 +740,9 @@ fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<Planned
     };
     Some(PlannedRun {
         spec: ChildSpec {
-            key: format!("{}:{}", program.display(), target.pid),
+            // With the start time: a later process given the same pid does not
+            // inherit this one's back-off.
+            key: format!("{}:{}:{}", program.display(), target.pid, target.start_time),
             program: program.to_path_buf(),
             args,
             deadline: Duration::from_secs(run_secs) + RUN_DEADLINE_SLACK,
@@ -946,7 +948,12 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
     let mut runs = tokio::task::JoinSet::new();
     for jvm in jvms {
         let spec = ChildSpec {
-            key: format!("{}:{}", shared.config.tools.jattach.display(), jvm.pid),
+            key: format!(
+                "{}:{}:{}",
+                shared.config.tools.jattach.display(),
+                jvm.pid,
+                jvm.start_time
+            ),
             program: shared.config.tools.jattach.clone(),
             args: jattach::perfmap_args(jvm.pid),
             deadline: JATTACH_DEADLINE,
