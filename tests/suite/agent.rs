@@ -489,6 +489,36 @@ fn local_files_rotate() {
     assert_pprof_reads(&pprofs[1]);
 }
 
+/// SIGINT (Ctrl-C) and SIGHUP (a closed terminal) stop the agent as SIGTERM does:
+/// exit 0, the interval in progress written.
+#[test]
+fn sigint_and_sighup_flush_the_last_profile() {
+    for signal in [libc::SIGINT, libc::SIGHUP] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = Agent::start(&[
+            "--interval",
+            "60",
+            "--output-dir",
+            dir.path().to_str().unwrap(),
+            "--include-idle",
+        ]);
+        agent.wait_for_log("profiling started", Duration::from_secs(30));
+        std::thread::sleep(Duration::from_secs(2));
+        let status = agent.stop_with(signal, Duration::from_secs(20));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "signal {signal}: {status:?}\n{}",
+            agent.log()
+        );
+        let profiles = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pb.gz"))
+            .count();
+        assert_eq!(profiles, 1, "signal {signal}:\n{}", agent.log());
+    }
+}
+
 /// Google's pprof reads the profile at `path`.
 fn assert_pprof_reads(path: &std::path::Path) {
     let out = std::process::Command::new(pprof_bin())

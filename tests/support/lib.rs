@@ -488,8 +488,17 @@ impl Agent {
 
     /// Sends SIGTERM and waits (up to `timeout`) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.stop_with(libc::SIGTERM, timeout)
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the agent to exit.
+    pub fn stop_with(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
         // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.pid() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.pid() as i32, signal) };
         let end = std::time::Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.0.try_wait() {
