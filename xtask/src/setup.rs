@@ -2,7 +2,9 @@
 //!
 //! On Debian 12 (the machine kind this project targets) missing Debian packages are
 //! installed with apt-get and bpf-linker with `cargo install`. On any other system
-//! nothing is installed: the exact prerequisite is printed and setup fails.
+//! nothing is installed: where dpkg exists, the missing Debian packages are named
+//! and setup fails; elsewhere the prerequisites are printed in plain terms (commands
+//! and paths) and the build goes on, failing where one is really missing.
 
 use std::{
     path::{Path, PathBuf},
@@ -24,6 +26,9 @@ const RUST_WEB_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
 pub struct PackageGroup {
     pub purpose: &'static str,
     pub packages: &'static [&'static str],
+    /// The same needs in words any distribution can act on (commands and paths the
+    /// build and tests look for), printed where the Debian names do not apply.
+    pub requires: &'static str,
 }
 
 /// Compiling the eBPF program: a Rust 1.96 with its std sources (LLVM 22), and
@@ -40,6 +45,10 @@ pub const BUILD: PackageGroup = PackageGroup {
         "libzstd-dev",
         "gcc",
     ],
+    requires: "a Rust 1.96 toolchain installed as /usr/bin/cargo and /usr/bin/rustc with \
+               its standard library sources under /usr/lib/rustlib/src/rust/library (the \
+               eBPF crate builds its own core with -Z build-std), LLVM 22 development \
+               files with llvm-config (for bpf-linker), zlib and zstd headers, gcc",
 };
 
 /// Peers the tests check our output against: Google's pprof is built from
@@ -57,18 +66,30 @@ pub const TEST: PackageGroup = PackageGroup {
         "jattach",
         "python3-venv",
     ],
+    requires: "gcc, Go (to build Google's pprof with `go build \
+               github.com/google/pprof`), setpriv and unshare (util-linux), ruby, java and \
+               javac 17, node, jattach on PATH, python3 with its venv module",
 };
 
 /// The reference profilers the overhead benchmark runs beside ours.
 pub const BENCH: PackageGroup = PackageGroup {
     purpose: "for the benchmark (perf and bpftrace are the reference profilers)",
     packages: &["linux-perf", "bpftrace", "gcc"],
+    requires: "perf and bpftrace on PATH, gcc",
 };
 
 fn is_debian_bookworm() -> bool {
     std::fs::read_to_string("/etc/os-release")
         .map(|s| s.lines().any(|l| l == "VERSION_CODENAME=bookworm"))
         .unwrap_or(false)
+}
+
+/// Whether packages can be looked up by their Debian names here.
+fn has_dpkg() -> bool {
+    Command::new("dpkg-query")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn package_installed(package: &str) -> bool {
@@ -84,6 +105,21 @@ fn package_installed(package: &str) -> bool {
 
 /// Installs the Debian packages of `groups` that are missing.
 pub fn ensure_packages(groups: &[PackageGroup]) -> Result<()> {
+    if !is_debian_bookworm() && !has_dpkg() {
+        // Package names mean nothing here and nothing can be checked by them: say
+        // what is needed in plain terms.
+        let needs: Vec<String> = groups
+            .iter()
+            .map(|g| format!("  {} ({})", g.requires, g.purpose))
+            .collect();
+        eprintln!(
+            "xtask: not Debian 12: nothing is installed for you; the build and tests need:\n{}\n  \
+             and bpf-linker {BPF_LINKER_VERSION}: `LLVM_PREFIX=<llvm 22 prefix> cargo install \
+             bpf-linker@{BPF_LINKER_VERSION} --locked --no-default-features --features llvm-22`",
+            needs.join("\n")
+        );
+        return Ok(());
+    }
     let mut missing: Vec<&str> = Vec::new();
     let mut purposes = Vec::new();
     for group in groups {
@@ -103,7 +139,7 @@ pub fn ensure_packages(groups: &[PackageGroup]) -> Result<()> {
     }
     if !is_debian_bookworm() {
         bail!(
-            "missing prerequisites; this is not Debian 12, so install the equivalents yourself:\n{}\n\
+            "missing Debian packages; this is not Debian 12, so install them (or their equivalents) yourself:\n{}\n\
              and bpf-linker {BPF_LINKER_VERSION}: `LLVM_PREFIX=<llvm 22 prefix> cargo install \
              bpf-linker@{BPF_LINKER_VERSION} --locked --no-default-features --features llvm-22`",
             purposes.join("\n")
