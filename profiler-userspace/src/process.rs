@@ -53,10 +53,19 @@ pub struct ObjectFile {
     pub build_id: Option<Vec<u8>>,
     /// File size in bytes.
     pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
     file: File,
 }
 
 impl ObjectFile {
+    /// Tells this file from another that later gets the same device and inode (a
+    /// deploy that deleted it, freeing the inode, and wrote a new binary): what is
+    /// cached about it by inode must not name the new one.
+    pub fn version(&self) -> u64 {
+        self.size.rotate_left(32) ^ self.mtime_ns as u64
+    }
+
     /// A path through which blazesym (or anyone in this process) can read the file,
     /// even after the process that mapped it exited or the file was deleted.
     pub fn readable_path(&self) -> PathBuf {
@@ -337,6 +346,7 @@ impl ProcessTable {
             path: path.to_string(),
             build_id: read_build_id(&file),
             size: meta.len(),
+            mtime_ns: mtime_ns(&meta),
             file,
         });
         self.objects.insert(key, Arc::downgrade(&object));
@@ -412,8 +422,15 @@ fn own_vdso() -> std::io::Result<Arc<ObjectFile>> {
         path: "[vdso]".into(),
         build_id,
         size: meta.len(),
+        mtime_ns: mtime_ns(&meta),
         file,
     }))
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
 }
 
 /// The drain's side of first sight: remembers which tgids it has passed on and hands

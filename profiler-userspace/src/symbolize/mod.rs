@@ -43,8 +43,14 @@ pub const TABLE_FULL_FRAME: &str = "[stack table full]";
 /// Key of one symbol lookup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SymKey {
-    /// An offset in a binary identified by device and inode.
-    File { dev: u64, ino: u64, offset: u64 },
+    /// An offset in a binary identified by device, inode and
+    /// [`version`](crate::process::ObjectFile::version).
+    File {
+        dev: u64,
+        ino: u64,
+        version: u64,
+        offset: u64,
+    },
     /// A kernel address.
     Kernel(u64),
 }
@@ -349,12 +355,16 @@ impl Symbolizer {
         let mut resolved: HashMap<SymKey, Resolved> = HashMap::new();
         let mut kernel_pending: Vec<u64> = Vec::new();
         let mut file_pending: HashMap<(u64, u64), (Arc<ObjectFile>, Vec<u64>)> = HashMap::new();
+        // Keys whose lookup failed as a whole (a binary or kallsyms unreadable this
+        // time): unnamed now, looked up again next time rather than cached.
+        let mut failed: std::collections::HashSet<SymKey> = Default::default();
         for frame in refs.iter().flatten() {
             let key = match frame {
                 FrameRef::Kernel(addr) => SymKey::Kernel(*addr),
                 FrameRef::File { object, offset } => SymKey::File {
                     dev: object.dev,
                     ino: object.ino,
+                    version: object.version(),
                     offset: *offset,
                 },
                 FrameRef::Unknown { .. } | FrameRef::Jit { .. } => continue,
@@ -386,13 +396,16 @@ impl Symbolizer {
                     self.kernel_table = kallsyms::KernelTable::load(&self.kallsyms).ok();
                 }
                 match &self.kernel_table {
-                    Some(table) => table.resolve(&kernel_pending),
-                    None => vec![None; kernel_pending.len()],
+                    Some(table) => Some(table.resolve(&kernel_pending)),
+                    None => None,
                 }
             } else {
-                kallsyms::resolve(&self.kallsyms, &kernel_pending)
-                    .unwrap_or_else(|_| vec![None; kernel_pending.len()])
+                kallsyms::resolve(&self.kallsyms, &kernel_pending).ok()
             };
+            let names = names.unwrap_or_else(|| {
+                failed.extend(kernel_pending.iter().map(|&a| SymKey::Kernel(a)));
+                vec![None; kernel_pending.len()]
+            });
             for (addr, name) in kernel_pending.iter().zip(names) {
                 let lines: Option<Arc<[Line]>> = name.map(|function| {
                     Arc::from([Line {
@@ -412,39 +425,43 @@ impl Symbolizer {
             elf.debug_syms = self
                 .max_dwarf_file_bytes
                 .is_none_or(|max| object.size <= max);
-            let names = self.lookup(&Source::Elf(elf), Input::FileOffset(&offsets));
+            let version = object.version();
+            let key = |offset: u64| SymKey::File {
+                dev,
+                ino,
+                version,
+                offset,
+            };
+            let names = self
+                .lookup(&Source::Elf(elf), Input::FileOffset(&offsets))
+                .unwrap_or_else(|| {
+                    failed.extend(offsets.iter().map(|&o| key(o)));
+                    vec![None; offsets.len()]
+                });
             for (offset, name) in offsets.iter().zip(names) {
-                resolved.insert(
-                    SymKey::File {
-                        dev,
-                        ino,
-                        offset: *offset,
-                    },
-                    name,
-                );
+                resolved.insert(key(*offset), name);
             }
         }
         for (key, value) in &resolved {
-            self.cache.insert(*key, value.clone());
+            if !failed.contains(key) {
+                self.cache.insert(*key, value.clone());
+            }
         }
         resolved
     }
 
-    /// One blazesym batch; a failure of the whole batch leaves every address unnamed.
-    fn lookup(&self, source: &Source<'_>, input: Input<&[u64]>) -> Vec<Resolved> {
-        let n = match input {
-            Input::AbsAddr(a) | Input::VirtOffset(a) | Input::FileOffset(a) => a.len(),
-        };
-        match self.blaze.symbolize(source, input) {
-            Ok(results) => results
+    /// One blazesym batch; `None` when the whole batch failed.
+    fn lookup(&self, source: &Source<'_>, input: Input<&[u64]>) -> Option<Vec<Resolved>> {
+        let results = self.blaze.symbolize(source, input).ok()?;
+        Some(
+            results
                 .iter()
                 .map(|r| match r {
                     Symbolized::Sym(sym) => Some(lines_of(sym)),
                     Symbolized::Unknown(_) => None,
                 })
                 .collect(),
-            Err(_) => vec![None; n],
-        }
+        )
     }
 }
 
@@ -671,6 +688,7 @@ impl Builder {
                 let key = SymKey::File {
                     dev: object.dev,
                     ino: object.ino,
+                    version: object.version(),
                     offset: *offset,
                 };
                 self.push_location(LocKey::Sym(key), |b| {
@@ -750,4 +768,32 @@ fn unknown_lines(module: &str, offset: u64) -> Arc<[Line]> {
         file: None,
         line: 0,
     }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lookup that failed as a whole (kallsyms unreadable) leaves its frames
+    /// unnamed but is not cached: once the source is readable, they are named.
+    #[test]
+    fn failed_lookups_are_not_cached() {
+        let mut symbolizer = Symbolizer::new(64);
+        let dir = tempfile::tempdir().unwrap();
+        symbolizer.kallsyms = dir.path().join("kallsyms");
+        let frames = vec![vec![FrameRef::Kernel(0xffff_ffff_8100_0010)]];
+        let key = SymKey::Kernel(0xffff_ffff_8100_0010);
+
+        let first = symbolizer.resolve(&frames);
+        assert_eq!(first.get(&key), Some(&None));
+
+        std::fs::write(
+            &symbolizer.kallsyms,
+            "ffffffff81000000 T do_work\nffffffff81001000 T other\n",
+        )
+        .unwrap();
+        let second = symbolizer.resolve(&frames);
+        let named = second.get(&key).cloned().flatten().expect("named now");
+        assert_eq!(&*named[0].function, "do_work");
+    }
 }
