@@ -395,10 +395,9 @@ impl Symbolizer {
                 if self.kernel_table.is_none() {
                     self.kernel_table = kallsyms::KernelTable::load(&self.kallsyms).ok();
                 }
-                match &self.kernel_table {
-                    Some(table) => Some(table.resolve(&kernel_pending)),
-                    None => None,
-                }
+                self.kernel_table
+                    .as_ref()
+                    .map(|table| table.resolve(&kernel_pending))
             } else {
                 kallsyms::resolve(&self.kallsyms, &kernel_pending).ok()
             };
