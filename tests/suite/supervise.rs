@@ -368,6 +368,97 @@ fn soak_leaves_nothing_behind() {
     });
 }
 
+/// Attempts of the shared-keys soak, over [`SHARED_KEYS`] keys.
+const SHARED_KEY_ATTEMPTS: usize = 600;
+const SHARED_KEYS: usize = 8;
+
+/// Many attempts on a few keys, as rounds retrying the same targets do: half the
+/// keys' runs succeed, half fail. A key whose run is alive is refused as busy, a
+/// failing key backs off (it starts no more often than its back-off allows), every
+/// started run is reaped, and fds, threads and children return to their baseline.
+#[test]
+fn shared_keys_are_refused_while_busy_or_backing_off() {
+    if !alone("shared_keys_are_refused_while_busy_or_backing_off") {
+        return;
+    }
+    let backoff = ms(200);
+    let rt = profiler::record::runtime().expect("runtime");
+    let rt_handle = rt.handle().clone();
+    rt.block_on(async {
+        let sup = Supervisor::new(SupervisorConfig {
+            max_concurrent: 4,
+            kill_grace: ms(50),
+            failure_backoff: Backoff {
+                initial: backoff,
+                max: backoff,
+            },
+            ..SupervisorConfig::default()
+        });
+        let spec = |key: usize| ChildSpec {
+            key: format!("shared:{key}"),
+            program: "sh".into(),
+            // Even keys succeed, odd keys fail; each run lasts ~20 ms.
+            args: vec!["-c".into(), format!("sleep 0.02; exit {}", key % 2).into()],
+            deadline: Duration::from_secs(10),
+            env: vec![],
+        };
+        let before = resources();
+        let t0 = Instant::now();
+        let (mut busy, mut backing_off) = (0u64, 0u64);
+        let mut started = [0u64; SHARED_KEYS];
+        let mut waiting = vec![];
+        for i in 0..SHARED_KEY_ATTEMPTS {
+            let key = i % SHARED_KEYS;
+            match sup.start(spec(key)) {
+                Ok(h) => {
+                    started[key] += 1;
+                    waiting.push(rt_handle.spawn(h.wait()));
+                }
+                Err(Refused::Busy) => busy += 1,
+                Err(Refused::BackingOff { .. }) => backing_off += 1,
+                Err(Refused::AtCapacity) => sup.capacity_available().await,
+                Err(e) => panic!("attempt {i}: {e}"),
+            }
+            // After each pass over the keys, let the oldest run end: time passes,
+            // some keys are still busy and some back-offs expire.
+            if i % SHARED_KEYS == SHARED_KEYS - 1 && !waiting.is_empty() {
+                waiting.remove(0).await.expect("run task");
+            }
+        }
+        for w in waiting {
+            w.await.expect("run task");
+        }
+        sup.idle().await;
+        let elapsed = t0.elapsed();
+        sup.shutdown(Duration::from_secs(5))
+            .await
+            .expect("all reaped");
+        let after = resources();
+        println!(
+            "shared keys: {SHARED_KEY_ATTEMPTS} attempts in {elapsed:.2?}: started {started:?}, \
+             busy {busy}, backing off {backing_off}; before {before:?}; after {after:?}"
+        );
+        assert!(busy > 0, "no attempt found its key busy");
+        assert!(backing_off > 0, "no failing key backed off");
+        // A failing key starts at most once per back-off period (plus the first).
+        let most = elapsed.as_millis() as u64 / backoff.as_millis() as u64 + 1;
+        for key in (1..SHARED_KEYS).step_by(2) {
+            assert!(
+                started[key] <= most,
+                "failing key {key} started {} times in {elapsed:?}",
+                started[key]
+            );
+        }
+        // Succeeding keys are not held back beyond being busy.
+        for key in (0..SHARED_KEYS).step_by(2) {
+            assert!(started[key] > started[key + 1], "{started:?}");
+        }
+        assert_eq!(sup.stats().snapshot().live, 0);
+        assert_eq!((after.fds, after.threads), (before.fds, before.threads));
+        assert_eq!((after.children, after.zombies), (0, 0));
+    });
+}
+
 /// 200 targets started at once: only `max_concurrent` start, the rest are refused
 /// as at capacity; run through as slots free up, no more than `max_concurrent`
 /// children are ever alive and no thread is created.
