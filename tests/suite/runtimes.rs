@@ -101,12 +101,8 @@ fn ruby_chain_from_rbspy() {
     assert!(ruby > 50, "{ruby} samples with the Ruby chain:\n{log}");
 }
 
-/// A JVM run with -XX:+PreserveFramePointer: jattach makes it write its perf map
-/// (JDK 17's `0x` addresses), and the eBPF stacks through JIT code get method names,
-/// the whole chain in order.
-#[test]
-fn java_jit_frames_named_through_jattach() {
-    let _cpu = cpu_heavy_lock();
+/// A directory holding `programs/Chain.java` compiled (`Chain.class`).
+fn compile_chain_java() -> tempfile::TempDir {
     let classes = tempfile::tempdir().unwrap();
     let status = Command::new("javac")
         .arg("-d")
@@ -115,6 +111,16 @@ fn java_jit_frames_named_through_jattach() {
         .status()
         .expect("javac (Java 17) is installed");
     assert!(status.success(), "javac failed");
+    classes
+}
+
+/// A JVM run with -XX:+PreserveFramePointer: jattach makes it write its perf map
+/// (JDK 17's `0x` addresses), and the eBPF stacks through JIT code get method names,
+/// the whole chain in order.
+#[test]
+fn java_jit_frames_named_through_jattach() {
+    let _cpu = cpu_heavy_lock();
+    let classes = compile_chain_java();
     let target = spawn(
         Command::new("java")
             .args([
@@ -178,14 +184,7 @@ fn jvm_without_sigquit_handler_is_not_signalled() {
 #[test]
 fn jvm_with_attach_disabled_prints_no_thread_dump() {
     let _cpu = cpu_heavy_lock();
-    let classes = tempfile::tempdir().unwrap();
-    let status = Command::new("javac")
-        .arg("-d")
-        .arg(classes.path())
-        .arg(programs_dir().join("Chain.java"))
-        .status()
-        .expect("javac (Java 17) is installed");
-    assert!(status.success(), "javac failed");
+    let classes = compile_chain_java();
     let stdout = classes.path().join("stdout.txt");
     let target = KillOnDrop(
         Command::new("java")
