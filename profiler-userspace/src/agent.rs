@@ -223,7 +223,6 @@ impl Episodes {
     }
 }
 
-/// The running agent's sinks.
 /// The exporter, on a thread and runtime of its own: tonic gzips and TLS encrypts a
 /// request (up to `--max-request-kib`, tens of ms) inline on the thread that polls
 /// it, and the agent's runtime thread is the one the ring buffer drain runs on.
@@ -262,6 +261,7 @@ impl ExporterThread {
     }
 }
 
+/// The running agent's sinks.
 struct Sinks {
     queue: Option<Arc<ExportQueue<QueuedRequest>>>,
     exporter: Option<ExporterThread>,
