@@ -410,11 +410,6 @@ impl RuntimeProfilers {
         &self.shared.supervisor
     }
 
-    /// The supervisor of jattach runs.
-    pub fn jit_supervisor(&self) -> &Supervisor {
-        &self.shared.jit_supervisor
-    }
-
     /// Children alive now, of both supervisors.
     pub fn live_children(&self) -> usize {
         self.shared.supervisor.live() + self.shared.jit_supervisor.live()
@@ -649,10 +644,10 @@ impl Shared {
         false
     }
 
-    /// How long past its deadline a run is waited for: its kill grace twice (SIGTERM
-    /// to SIGKILL, SIGKILL to reaped) and [`ABANDON_AFTER`].
-    fn abandon_grace(&self) -> Duration {
-        self.supervisor.config().kill_grace * 2 + ABANDON_AFTER
+    /// How long past its deadline a run of `supervisor` is waited for: its kill
+    /// grace twice (SIGTERM to SIGKILL, SIGKILL to reaped) and [`ABANDON_AFTER`].
+    fn abandon_grace(supervisor: &Supervisor) -> Duration {
+        supervisor.config().kill_grace * 2 + ABANDON_AFTER
     }
 
     /// Counts runs a round stopped waiting for, with a warning the first time.
@@ -690,6 +685,13 @@ struct PlannedRun {
     output: PathBuf,
     /// Other files the tool writes that we remove (rbspy's raw samples).
     extra: Option<PathBuf>,
+}
+
+/// The supervisor key of `program`'s runs on `target`: one run at a time, one
+/// back-off. With the start time, so a later process given the same pid does not
+/// inherit this one's back-off.
+fn run_key(program: &Path, target: &TargetProcess) -> String {
+    format!("{}:{}:{}", program.display(), target.pid, target.start_time)
 }
 
 fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<PlannedRun> {
@@ -740,9 +742,7 @@ fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<Planned
     };
     Some(PlannedRun {
         spec: ChildSpec {
-            // With the start time: a later process given the same pid does not
-            // inherit this one's back-off.
-            key: format!("{}:{}:{}", program.display(), target.pid, target.start_time),
+            key: run_key(program, &target),
             program: program.to_path_buf(),
             args,
             deadline: Duration::from_secs(run_secs) + RUN_DEADLINE_SLACK,
@@ -887,8 +887,10 @@ async fn round(
         .fetch_add(deferred as u64, Ordering::Relaxed);
     shared.turn.fetch_add(started, Ordering::Relaxed);
 
-    let give_up =
-        latest_start + Duration::from_secs(secs) + RUN_DEADLINE_SLACK + shared.abandon_grace();
+    let give_up = latest_start
+        + Duration::from_secs(secs)
+        + RUN_DEADLINE_SLACK
+        + Shared::abandon_grace(&shared.supervisor);
     let (results, abandoned) = join_until(&mut runs, give_up).await;
     shared.note_abandoned(abandoned);
     results.into_iter().flatten().collect()
@@ -922,19 +924,20 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
             .classify(&pids, |r| r == Runtime::Java)
             .into_iter()
             .filter_map(|jvm| {
-                let now = JitSnapshot::capture(&jvm, std::time::Instant::now()).ok()?;
-                {
+                // A JVM that is never asked costs no read of its mappings.
+                let last = {
                     let tracked = classify.tracked.lock().unwrap_or_else(|p| p.into_inner());
                     let known = tracked.get(&jvm.pid);
                     if known.is_some_and(|t| t.attach_disabled) {
                         return None;
                     }
-                    let last = known.and_then(|t| t.jit_refreshed.as_ref());
-                    if let RefreshDecision::Keep =
-                        jattach::refresh_decision(last, &now, &RefreshPolicy::default())
-                    {
-                        return None;
-                    }
+                    known.and_then(|t| t.jit_refreshed)
+                };
+                let now = JitSnapshot::capture(&jvm, std::time::Instant::now()).ok()?;
+                if let RefreshDecision::Keep =
+                    jattach::refresh_decision(last.as_ref(), &now, &RefreshPolicy::default())
+                {
+                    return None;
                 }
                 classify.attach_allowed(&jvm).then_some(jvm)
             })
@@ -948,12 +951,7 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
     let mut runs = tokio::task::JoinSet::new();
     for jvm in jvms {
         let spec = ChildSpec {
-            key: format!(
-                "{}:{}:{}",
-                shared.config.tools.jattach.display(),
-                jvm.pid,
-                jvm.start_time
-            ),
+            key: run_key(&shared.config.tools.jattach, &jvm),
             program: shared.config.tools.jattach.clone(),
             args: jattach::perfmap_args(jvm.pid),
             deadline: JATTACH_DEADLINE,
@@ -1012,7 +1010,7 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
             .await;
         });
     }
-    let give_up = end + JATTACH_DEADLINE + shared.abandon_grace();
+    let give_up = end + JATTACH_DEADLINE + Shared::abandon_grace(&shared.jit_supervisor);
     let (_, abandoned) = join_until(&mut runs, give_up).await;
     shared.note_abandoned(abandoned);
 }
