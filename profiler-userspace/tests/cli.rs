@@ -140,23 +140,28 @@ fn bad_values_name_their_flag() {
     }
 }
 
+/// A 1 s recording into `out_dir` as user nobody with only the capabilities `caps`
+/// (setpriv's syntax, e.g. `-all,+bpf`), in its inheritable, ambient and bounding
+/// sets.
+fn record_as_nobody(caps: &str, out_dir: &Path) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps={caps}"))
+        .arg(format!("--ambient-caps={caps}"))
+        .arg(format!("--bounding-set={caps}"))
+        .arg(PROFILER)
+        .args(["record", "--quiet", "--duration", "1", "--output-dir"])
+        .arg(out_dir)
+        .output()
+        .expect("setpriv (util-linux) runs")
+}
+
 /// Without privileges the user is told what is missing, and nothing is created.
 #[test]
 fn unprivileged_user_is_told_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(PROFILER)
-        .args(["record", "--duration", "1", "--output-dir"])
-        .arg(&out_dir)
-        .output()
-        .expect("setpriv (util-linux) runs");
+    let out = record_as_nobody("-all", &out_dir);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("needs root, or the CAP_BPF and CAP_PERFMON capabilities"),
@@ -178,17 +183,7 @@ fn sampler_only_capabilities_are_warned_about() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let caps = "-all,+bpf,+perfmon";
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(format!("--inh-caps={caps}"))
-        .arg(format!("--ambient-caps={caps}"))
-        .arg(format!("--bounding-set={caps}"))
-        .arg(PROFILER)
-        .args(["record", "--quiet", "--duration", "1", "--output-dir"])
-        .arg(dir.path().join("out"))
-        .output()
-        .expect("setpriv (util-linux) runs");
+    let out = record_as_nobody("-all,+bpf,+perfmon", &dir.path().join("out"));
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(
