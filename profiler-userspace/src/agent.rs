@@ -620,6 +620,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .get(profiler_common::Counter::KernelStackError),
         user_stack_walk_errors = stopped.kernel.get(profiler_common::Counter::UserStackError),
         user_stacks_cut = stopped.drain_stats.user_walks_derailed(),
+        stacks_at_depth_limit = stopped.drain_stats.stacks_at_depth_limit(),
         exported_requests = export_stats.sent_requests.load(Ordering::Relaxed),
         exported_bytes = export_stats.sent_bytes.load(Ordering::Relaxed),
         export_retries = export_stats.retries.load(Ordering::Relaxed),

@@ -192,6 +192,19 @@ impl<'a> RawSample<'a> {
     pub fn user_len(&self) -> usize {
         self.frames.len() / 8 - self.kernel_frames
     }
+
+    /// True when a stack filled all [`MAX_STACK_DEPTH`] slots, so its outermost
+    /// frames were probably cut (the walk cannot tell a stack of exactly that depth
+    /// from a deeper one).
+    pub fn at_depth_limit(&self) -> bool {
+        at_depth_limit(self.kernel_len(), self.user_len())
+    }
+}
+
+/// True when either stack has [`MAX_STACK_DEPTH`] frames: see
+/// [`RawSample::at_depth_limit`].
+pub fn at_depth_limit(kernel_len: usize, user_len: usize) -> bool {
+    kernel_len == MAX_STACK_DEPTH || user_len == MAX_STACK_DEPTH
 }
 
 /// The thread of each CPU's last record that carried a name, to name the records
@@ -238,6 +251,8 @@ pub struct DrainStats {
     pub malformed: AtomicU64,
     /// Samples whose user stack was cut at an impossible return address.
     pub user_walks_derailed: AtomicU64,
+    /// Samples with a stack at the [`MAX_STACK_DEPTH`] limit, its root cut.
+    pub stacks_at_depth_limit: AtomicU64,
 }
 
 impl DrainStats {
@@ -249,6 +264,9 @@ impl DrainStats {
     }
     pub fn user_walks_derailed(&self) -> u64 {
         self.user_walks_derailed.load(Ordering::Relaxed)
+    }
+    pub fn stacks_at_depth_limit(&self) -> u64 {
+        self.stacks_at_depth_limit.load(Ordering::Relaxed)
     }
 }
 
@@ -346,6 +364,11 @@ impl DrainLoop {
                             if sample.user_walk_derailed {
                                 self.stats
                                     .user_walks_derailed
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            if sample.at_depth_limit() {
+                                self.stats
+                                    .stacks_at_depth_limit
                                     .fetch_add(1, Ordering::Relaxed);
                             }
                             self.first_sight.observe(sample.tgid, &sample.comm);
@@ -450,6 +473,25 @@ mod tests {
         }
         let bytes = record(&[], &[0x40_1000, 0x7f00_0000_0000]);
         assert_eq!(RawSample::parse(&bytes).unwrap().user_len(), 2);
+    }
+
+    /// A stack that fills all MAX_STACK_DEPTH slots is at the limit (its root
+    /// probably cut); one frame fewer, or one cut short by a derailed walk, is not.
+    #[test]
+    fn full_stacks_are_at_the_depth_limit() {
+        let full: Vec<u64> = (0..MAX_STACK_DEPTH as u64).map(|i| 0x40_1000 + i).collect();
+        let at_limit = |kernel: &[u64], user: &[u64]| {
+            RawSample::parse(&record(kernel, user))
+                .unwrap()
+                .at_depth_limit()
+        };
+        let kernel_full: Vec<u64> = full.iter().map(|ip| ip | (0xffff << 48)).collect();
+        assert!(at_limit(&[], &full));
+        assert!(at_limit(&kernel_full, &[0x40_1000]));
+        assert!(!at_limit(&kernel_full[1..], &full[1..]));
+        let mut derailed = full.clone();
+        derailed[100] = u64::MAX;
+        assert!(!at_limit(&[], &derailed));
     }
 
     /// `record` of `tid` on `cpu`; `same_thread` makes it refer to the previous

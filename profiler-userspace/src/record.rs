@@ -56,6 +56,8 @@ pub struct RecordSummary {
     pub malformed: u64,
     /// Samples whose user stack was cut at an impossible return address.
     pub user_walks_derailed: u64,
+    /// Samples with a stack at the depth limit, its root cut.
+    pub stacks_at_depth_limit: u64,
     pub aggregate: AggregateStats,
     pub stacks: usize,
     pub processes: usize,
@@ -150,6 +152,15 @@ impl RecordSummary {
                 s,
                 "  user stacks cut at an impossible return address: {} (a frame-pointer walk through code built without frame pointers)",
                 self.user_walks_derailed
+            );
+        }
+        if self.stacks_at_depth_limit > 0 {
+            let _ = writeln!(
+                s,
+                "  stacks deeper than {} frames: {} samples, their outer frames cut (under a {} frame)",
+                profiler_common::MAX_STACK_DEPTH,
+                self.stacks_at_depth_limit,
+                crate::symbolize::TRUNCATED_FRAME
             );
         }
         if self.gone_before_capture > 0 {
@@ -377,6 +388,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         records: stopped.drain_stats.records(),
         malformed: stopped.drain_stats.malformed(),
         user_walks_derailed: stopped.drain_stats.user_walks_derailed(),
+        stacks_at_depth_limit: stopped.drain_stats.stacks_at_depth_limit(),
         aggregate: aggregate_stats,
         stacks,
         processes: profile

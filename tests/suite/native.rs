@@ -1,5 +1,6 @@
 //! Native sampling: known call chains appear root to leaf in the folded output.
 
+use profiler::symbolize::TRUNCATED_FRAME;
 use profiler_tests::*;
 
 /// The chain main -> chain_outer -> chain_middle -> chain_inner -> spin_leaf of a
@@ -170,7 +171,7 @@ fn deep_leaf_stacks(depth: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// A 60-deep recursion is recorded with every frame.
+/// A 60-deep recursion is recorded with every frame, and nothing marks it cut.
 #[test]
 fn deep_stack_is_complete() {
     let stacks = deep_leaf_stacks("60");
@@ -179,21 +180,46 @@ fn deep_stack_is_complete() {
         .map(|frames| frames.iter().filter(|f| *f == "recurse").count())
         .max();
     assert_eq!(deepest, Some(61), "{stacks:#?}");
+    assert!(
+        stacks.iter().flatten().all(|f| f != TRUNCATED_FRAME),
+        "{stacks:#?}"
+    );
 }
 
 /// A recursion deeper than the walk's limit keeps the innermost MAX_STACK_DEPTH (127)
-/// user frames: a sample of user code, which the program writes into the smaller
-/// user-only slot, has room for all of them.
+/// user frames (a sample of user code, which the program writes into the smaller
+/// user-only slot, has room for all of them), under a `[truncated]` frame right
+/// below the process, so cut stacks do not pose as roots; the summary counts them.
 #[test]
-fn stack_past_the_limit_keeps_127_frames() {
-    let stacks = deep_leaf_stacks("200");
-    // The root frame is the process name.
-    let deepest = stacks.iter().map(|frames| frames.len() - 1).max();
-    assert_eq!(
-        deepest,
-        Some(profiler_common::MAX_STACK_DEPTH),
-        "{stacks:#?}"
-    );
+fn stack_past_the_limit_keeps_127_frames_under_a_truncated_frame() {
+    let target = start("deep", &["4", "200"]);
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let summary = record(&[target.pid()], 2, 97, out.path());
+    let stacks: Vec<Vec<String>> = read_folded(out.path())
+        .into_iter()
+        .filter(|s| s.frames.last().map(String::as_str) == Some("deep_leaf"))
+        .map(|s| s.frames)
+        .collect();
+    let text = summary.render();
+    assert!(!stacks.is_empty(), "{text}");
+    for frames in &stacks {
+        // Process name, the marker, then the 127 innermost frames.
+        assert_eq!(frames[1], TRUNCATED_FRAME, "{frames:#?}");
+        assert_eq!(
+            frames.len() - 2,
+            profiler_common::MAX_STACK_DEPTH,
+            "{frames:#?}"
+        );
+    }
+    // Every deep_leaf sample is cut; the count covers them (and any other).
+    let cut: u64 = read_folded(out.path())
+        .iter()
+        .filter(|s| s.frames.get(1).map(String::as_str) == Some(TRUNCATED_FRAME))
+        .map(|s| s.count)
+        .sum();
+    assert_eq!(summary.stacks_at_depth_limit, cut, "{text}");
+    assert!(text.contains("stacks deeper than 127 frames:"), "{text}");
 }
 
 /// Removes a file when dropped (the debug file a test installs system-wide).

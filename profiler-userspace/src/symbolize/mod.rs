@@ -23,7 +23,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
     Input, Sym, Symbolized,
 };
-use profiler_common::TASK_COMM_LEN;
+use profiler_common::{MAX_STACK_DEPTH, TASK_COMM_LEN};
 
 pub use cache::{SymbolCache, MAX_SYMBOL_CACHE_ENTRIES};
 pub use jit::JitCounts;
@@ -39,6 +39,11 @@ use crate::{
 pub const KERNEL_OBJECT: &str = "[kernel.kallsyms]";
 /// The frame that stands for stacks the aggregator had no room for.
 pub const TABLE_FULL_FRAME: &str = "[stack table full]";
+/// The frame that stands for the outer frames of a stack deeper than
+/// [`MAX_STACK_DEPTH`](profiler_common::MAX_STACK_DEPTH), which the walk did not
+/// reach: placed where they would be, so cut stacks gather under it rather than
+/// pose as roots of their own.
+pub const TRUNCATED_FRAME: &str = "[truncated]";
 
 /// Key of one symbol lookup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,7 +109,8 @@ enum LocKey {
     Unknown(Arc<str>, u64),
     Jit(u32, u64),
     Interpreted(FrameKind, Arc<str>, Option<Arc<str>>, u32),
-    TableFull,
+    /// A synthetic frame with this name.
+    Marker(&'static str),
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -267,7 +273,16 @@ impl Symbolizer {
         let mut b = Builder::default();
         let mut stacks = Vec::with_capacity(aggregate.len() + 1);
         for (stack, frames) in aggregate.stacks().zip(&refs) {
-            let locations = frames.iter().map(|f| b.location(f, &resolved)).collect();
+            let mut locations: Vec<usize> =
+                frames.iter().map(|f| b.location(f, &resolved)).collect();
+            // Leaf first: a cut user stack ends at the marker; a cut kernel stack
+            // has it between its kernel and user frames.
+            if stack.user().len() == MAX_STACK_DEPTH {
+                locations.push(b.marker(TRUNCATED_FRAME));
+            }
+            if stack.kernel_len == MAX_STACK_DEPTH {
+                locations.insert(MAX_STACK_DEPTH, b.marker(TRUNCATED_FRAME));
+            }
             stacks.push(Stack {
                 pid: stack.tgid,
                 process: process_name(stack.tgid, &stack.thread, &procs),
@@ -277,7 +292,7 @@ impl Symbolizer {
             });
         }
         for (tgid, thread, count) in aggregate.overflow() {
-            let loc = b.table_full();
+            let loc = b.marker(TABLE_FULL_FRAME);
             stacks.push(Stack {
                 pid: tgid,
                 process: process_name(tgid, thread, &procs),
@@ -314,7 +329,7 @@ impl Symbolizer {
         }
         let unattributed = aggregate.stats().unattributed_samples;
         if unattributed > 0 {
-            let loc = b.table_full();
+            let loc = b.marker(TABLE_FULL_FRAME);
             stacks.push(Stack {
                 pid: 0,
                 process: "[unattributed]".into(),
@@ -646,13 +661,14 @@ impl Builder {
         })
     }
 
-    fn table_full(&mut self) -> usize {
-        self.push_location(LocKey::TableFull, |_| Location {
+    /// The location of a synthetic frame (see [`TABLE_FULL_FRAME`], [`TRUNCATED_FRAME`]).
+    fn marker(&mut self, name: &'static str) -> usize {
+        self.push_location(LocKey::Marker(name), |_| Location {
             address: 0,
             object: None,
             kind: FrameKind::Native,
             lines: Arc::new([Line {
-                function: TABLE_FULL_FRAME.into(),
+                function: name.into(),
                 file: None,
                 line: 0,
             }]),
