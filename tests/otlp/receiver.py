@@ -11,6 +11,7 @@ one JSON line per request to --out:
       {"sample_type": ["samples", "count"], "period_type": [...], "period": N,
        "samples": [{"frames": ["leaf", ..., "root"], "frame_types": [...],
                     "values": [..], "attributes": {...}}]}]}],
+   "mappings": [{"filename": "...", "attributes": {...}}],
    "errors": ["..."], "bytes": N, "metadata": {...}}
 
 "bytes" is the request's uncompressed protobuf size; "gzip_bytes" is its size
@@ -56,7 +57,8 @@ def any_value(v):
 
 
 def decode(request):
-    """The request as plain data, plus every index that does not resolve."""
+    """The request as plain data: its resources and the dictionary's mappings
+    (past the zero entry), plus every index that does not resolve."""
     d = request.dictionary
     errors = []
 
@@ -95,9 +97,10 @@ def decode(request):
                 out[s(kv.key_strindex)] = any_value(kv.value)
         return out
 
-    for m in d.mapping_table:
-        s(m.filename_strindex)
-        attrs(m.attribute_indices)
+    mappings = [
+        {"filename": s(m.filename_strindex), "attributes": attrs(m.attribute_indices)}
+        for m in d.mapping_table[1:]
+    ]
     for f in d.function_table:
         s(f.name_strindex), s(f.system_name_strindex), s(f.filename_strindex)
 
@@ -151,7 +154,7 @@ def decode(request):
                     })
                 res["profiles"].append(out)
         resources.append(res)
-    return resources, errors
+    return resources, mappings, errors
 
 
 class Servicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
@@ -187,7 +190,7 @@ class Servicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
         return resp
 
     def record(self, request, md, call, status):
-        resources, errors = decode(request)
+        resources, mappings, errors = decode(request)
         encoded = request.SerializeToString(deterministic=True)
         line = json.dumps({
             "status": status,
@@ -197,6 +200,7 @@ class Servicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
             "gzip_bytes": len(gzip.compress(encoded, compresslevel=6)),
             "metadata": {k: v for k, v in md.items() if not k.startswith("grpc-")},
             "resources": resources,
+            "mappings": mappings,
             "errors": errors,
         })
         with self.lock:

@@ -119,6 +119,97 @@ fn exports_known_chain_with_resource_attributes() {
     assert_eq!(local as i64, total, "OTLP and local files disagree");
 }
 
+/// A cgroup named as Docker names a container's (`docker-<64 hex>.scope`) in the
+/// cgroup v2 hierarchy, holding one process; moved back out and removed on drop.
+struct ContainerCgroup {
+    dir: std::path::PathBuf,
+    root: std::path::PathBuf,
+    pid: u32,
+    id: String,
+}
+
+impl ContainerCgroup {
+    fn enter(pid: u32) -> ContainerCgroup {
+        // cgroup v2 alone, or the unified hierarchy of a hybrid setup.
+        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.join("cgroup.controllers").exists())
+            .expect("a cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified");
+        let id = format!("{:064x}", u128::from(std::process::id()) << 64 | 0xc0ffee);
+        let dir = root.join(format!("docker-{id}.scope"));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let cgroup = ContainerCgroup { dir, root, pid, id };
+        std::fs::write(cgroup.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", cgroup.dir.display()));
+        cgroup
+    }
+}
+
+impl Drop for ContainerCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The GNU build id of an ELF file, as `readelf -n` prints it.
+fn build_id_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("readelf")
+        .arg("-n")
+        .arg(path)
+        .output()
+        .expect("readelf (binutils) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .unwrap_or_else(|| panic!("no build id in {}: {text}", path.display()))
+        .to_string()
+}
+
+/// A process in a container's cgroup arrives with `container.id`, and its
+/// executable's mapping with the build id `readelf` finds in the file.
+#[test]
+fn container_id_and_build_id_reach_the_receiver() {
+    let receiver = Receiver::start(0, &[]);
+    let target = start("chain", &["30"]);
+    let cgroup = ContainerCgroup::enter(target.pid());
+    settle();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let mut agent = Agent::start(&[
+        "--endpoint",
+        &endpoint,
+        "--interval",
+        "1",
+        "--pid",
+        &target.pid().to_string(),
+    ]);
+    let requests = receiver.wait_for(2, Duration::from_secs(20));
+    assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
+    assert_well_formed(&requests);
+    let profiles = otlp_profiles_of(&requests, target.pid());
+    assert!(!profiles.is_empty(), "{}", agent.log());
+    for (attrs, _) in &profiles {
+        assert_eq!(attrs["container.id"], cgroup.id.as_str(), "{attrs}");
+    }
+
+    let exe = program("chain");
+    let want = build_id_of(&exe);
+    let mappings: Vec<&Value> = requests
+        .iter()
+        .flat_map(|r| r["mappings"].as_array().unwrap())
+        .filter(|m| m["filename"] == exe.to_str().unwrap())
+        .collect();
+    assert!(!mappings.is_empty(), "no mapping of {}", exe.display());
+    for m in mappings {
+        assert_eq!(
+            m["attributes"]["process.executable.build_id.gnu"],
+            want.as_str(),
+            "{m}"
+        );
+    }
+}
+
 /// With the backend down, the agent keeps its memory bounded, drops the oldest
 /// profiles (and says so), and resumes exporting when the backend comes back,
 /// without a restart.
