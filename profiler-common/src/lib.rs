@@ -176,8 +176,9 @@ pub enum Counter {
     FilteredOut = 2,
     /// LOSS: the ring buffer was full.
     RingBufferFull = 3,
-    /// Kernel stack walk failed with an error other than "no kernel stack"
-    /// (the sample is still emitted, without kernel frames).
+    /// The kernel stack walk of a sample of kernel code failed, "no kernel stack"
+    /// included (-EFAULT: the kernel's callchain buffers were in use); the sample
+    /// is still emitted, without kernel frames.
     KernelStackError = 4,
     /// User stack walk failed with an error other than "no user stack"
     /// (the sample is still emitted, without user frames).

@@ -138,7 +138,9 @@ fn emit<T: 'static>(
             status: stacks::NO_STACK,
         }
     };
-    if kernel.status != 0 && kernel.status != stacks::NO_STACK {
+    // A sample of kernel code always has a kernel stack: any error, "no stack"
+    // (-EFAULT: the perf callchain buffers were busy) included, lost its frames.
+    if in_kernel && kernel.status != 0 {
         bump(counters, Counter::KernelStackError);
     }
     // User frames go right after the kernel frames: at most 2 x MAX_STACK_DEPTH in
