@@ -129,6 +129,13 @@ impl RecordSummary {
             self.kernel.get(profiler_common::Counter::RingBufferFull),
             self.malformed
         );
+        if self.kernel.get(profiler_common::Counter::RingBufferFull) > 0 {
+            let _ = writeln!(
+                s,
+                "  the reader fell behind the kernel at {} Hz; a lower --frequency loses fewer",
+                self.frequency_hz
+            );
+        }
         if self.aggregate.folded_samples > 0 {
             let _ = writeln!(
                 s,
