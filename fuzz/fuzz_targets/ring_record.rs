@@ -1,15 +1,20 @@
 //! Arbitrary bytes as a ring buffer record: parsing must never panic or read out of
-//! bounds, and whatever parses must aggregate without panicking.
+//! bounds, whatever parses as a sample must aggregate without panicking, and a fork
+//! or exec must go into a lineage without panicking.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use profiler::{
     aggregate::{AggregateLimits, Aggregator},
-    drain::RawSample,
+    drain::Record,
+    lineage::Lineage,
 };
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(sample) = RawSample::parse(data) {
+    if let Ok(Record::Process(change)) = Record::parse(data) {
+        Lineage::default().apply(change);
+    }
+    if let Ok(Record::Sample(sample)) = Record::parse(data) {
         let frames = sample.kernel_ips().count() + sample.user_ips().count();
         assert_eq!(frames, sample.kernel_len() + sample.user_len());
         let mut agg = Aggregator::new(AggregateLimits {

@@ -19,11 +19,25 @@ pub const MAP_SAMPLES: &str = "SAMPLES";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Hash set of tgids to sample when [`GLOBAL_FILTER_BY_PID`] is set.
 pub const MAP_PID_FILTER: &str = "PID_FILTER";
+/// Per-CPU `u64` (one entry): [`ProcessEvent`]s lost to a full ring buffer.
+pub const MAP_PROCESS_EVENTS_LOST: &str = "PROCESS_EVENTS_LOST";
+
+/// Raw tracepoint program on `task_newtask`: a [`ProcessEvent`] for each new
+/// process (not thread), naming its parent.
+pub const PROGRAM_ON_FORK: &str = "on_fork";
+/// Raw tracepoint program on `sched_process_exec`: a [`ProcessEvent`] for each exec.
+pub const PROGRAM_ON_EXEC: &str = "on_exec";
+/// The tracepoints they attach to.
+pub const TRACEPOINT_FORK: &str = "task_newtask";
+pub const TRACEPOINT_EXEC: &str = "sched_process_exec";
 
 /// Global `u8`: non-zero means "sample only tgids present in [`MAP_PID_FILTER`]".
 pub const GLOBAL_FILTER_BY_PID: &str = "FILTER_BY_PID";
 /// Global `u8`: non-zero means "also emit samples of the idle task (pid 0)".
 pub const GLOBAL_INCLUDE_IDLE: &str = "INCLUDE_IDLE";
+/// Global `u32`: byte offset of `pid` in the kernel's `task_struct`, found in its
+/// BTF by userspace (aya cannot relocate field accesses in a Rust program).
+pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
 /// Global `u64`, a power of two: each CPU wakes the reader on every this-many-th
 /// record it emits; otherwise the reader polls on a timer. Keeps wake-ups (and any
 /// look at shared ring buffer state) off the per-sample path.
@@ -98,6 +112,29 @@ pub mod record_kind {
     /// of ~3 us on this project's VM), and a busy CPU runs one thread for many
     /// samples in a row. See [`COMM_READ_EVERY`](super::COMM_READ_EVERY).
     pub const NATIVE_STACKS_SAME_THREAD: u16 = 2;
+    /// A [`ProcessEvent`](super::ProcessEvent): process `pid` was forked by `parent`.
+    pub const PROCESS_FORKED: u16 = 3;
+    /// A [`ProcessEvent`](super::ProcessEvent): process `pid` exec'd a new program
+    /// (`parent` is 0).
+    pub const PROCESS_EXECED: u16 = 4;
+}
+
+/// A record of the process tree changing, in the same ring buffer as samples, so
+/// the reader sees a fork before any sample of the child. Lets a process that was
+/// forked without an exec, and exited before the reader could read its mappings,
+/// be named from its parent's, which it shares. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessEvent {
+    /// [`record_kind::PROCESS_FORKED`] or [`record_kind::PROCESS_EXECED`].
+    pub kind: u16,
+    /// `size_of::<ProcessEvent>()` when written.
+    pub header_len: u16,
+    /// The new (or exec'ing) process: a tgid.
+    pub pid: u32,
+    /// The tgid that forked it; 0 for an exec.
+    pub parent: u32,
+    pub reserved: u32,
 }
 
 /// Each CPU reads `comm` at least on every this-many-th record it emits, even for
@@ -230,10 +267,12 @@ mod user {
     unsafe impl aya::Pod for super::SampleHeader {}
     unsafe impl aya::Pod for super::SampleRecord {}
     unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::ProcessEvent {}
 }
 
 const _: () = assert!(core::mem::size_of::<SampleHeader>() == 40);
 const _: () = assert!(core::mem::size_of::<CpuState>() == 56);
+const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 16);
 const _: () = assert!(COMM_READ_EVERY.is_power_of_two());
 const _: () = assert!(2 * MAX_STACK_DEPTH <= MAX_RECORD_FRAMES);
 const _: () = assert!(MAX_RECORD_FRAMES.is_power_of_two());

@@ -412,7 +412,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .join(","),
         "profiling started"
     );
-    for limit in crate::ebpf::naming_limits() {
+    for limit in crate::ebpf::naming_limits()
+        .into_iter()
+        .chain(collector.process_events_warning())
+    {
         warn!("{limit}");
     }
     let ctx = CycleContext {
@@ -636,6 +639,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .process_stats
             .gone_before_capture
             .load(Ordering::Relaxed),
+        processes_named_from_parent = stopped
+            .process_stats
+            .named_from_parent
+            .load(Ordering::Relaxed),
+        process_events_lost = stopped.process_events_lost,
         processes_untracked_table_full = stopped.process_stats.table_full.load(Ordering::Relaxed),
         first_sights_deferred_queue_full = stopped.process_stats.queue_full.load(Ordering::Relaxed),
         binaries_unopened_table_full = stopped.process_stats.objects_full.load(Ordering::Relaxed),

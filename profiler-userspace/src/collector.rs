@@ -40,6 +40,8 @@ pub struct Stopped {
     pub kernel: KernelCounters,
     /// Run time of the eBPF program.
     pub bpf: ProgramStats,
+    /// Fork and exec events the kernel could not write (ring buffer full).
+    pub process_events_lost: u64,
     pub table: Arc<Mutex<ProcessTable>>,
     pub process_stats: Arc<ProcessStats>,
     pub drain_stats: Arc<DrainStats>,
@@ -108,6 +110,17 @@ impl Collector {
         self.sampler.program_stats()
     }
 
+    /// The warning to give at start when forks and execs are not tracked: a
+    /// process forked without an exec that exits before it is captured then goes
+    /// unnamed.
+    pub fn process_events_warning(&self) -> Option<String> {
+        self.sampler.process_events_problem().map(|why| {
+            format!(
+                "forks are not tracked ({why}): a process forked without an exec that exits within ~0.5 s will be unnamed"
+            )
+        })
+    }
+
     /// Closes the current interval and returns its aggregate; sampling goes on into a
     /// fresh one.
     pub async fn take_interval(&self) -> anyhow::Result<Aggregator> {
@@ -148,6 +161,7 @@ impl Collector {
             .sampler
             .counters()
             .context("cannot read the eBPF counters")?;
+        let process_events_lost = self.sampler.process_events_lost();
         let (reply, aggregate) = oneshot::channel();
         self.commands
             .send(DrainCommand::Stop(reply))
@@ -175,6 +189,7 @@ impl Collector {
             aggregate,
             kernel,
             bpf,
+            process_events_lost,
             table,
             process_stats,
             drain_stats,

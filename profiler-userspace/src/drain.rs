@@ -1,5 +1,6 @@
-//! Stage 2: drain the ring buffer. Each record is parsed into a [`RawSample`] that
-//! borrows the ring buffer's bytes, handed to the aggregator, and released.
+//! Stage 2: drain the ring buffer. Each record is parsed ([`Record::parse`]) into a
+//! [`RawSample`] that borrows the ring buffer's bytes, handed to the aggregator,
+//! and released, or into a fork or exec ([`ProcessChange`]) for the process stage.
 //!
 //! Owns: the ring buffer reader and the drain task. Must never: allocate per sample,
 //! block on anything slow (symbolization, /proc reads, export happen elsewhere), or
@@ -14,13 +15,15 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{record_kind, SampleHeader, MAX_CPUS, MAX_STACK_DEPTH, TASK_COMM_LEN};
+use profiler_common::{
+    record_kind, ProcessEvent, SampleHeader, MAX_CPUS, MAX_STACK_DEPTH, TASK_COMM_LEN,
+};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::{mpsc, oneshot},
 };
 
-use crate::{aggregate::Aggregator, process::FirstSight};
+use crate::{aggregate::Aggregator, lineage::ProcessChange, process::FirstSight};
 
 /// How often the ring buffer is read without a wake-up. The eBPF program wakes us
 /// only after each CPU emitted enough records to fill a quarter of the ring with
@@ -116,6 +119,49 @@ pub enum ParseError {
 }
 
 const HEADER_LEN: usize = std::mem::size_of::<SampleHeader>();
+const PROCESS_EVENT_LEN: usize = std::mem::size_of::<ProcessEvent>();
+
+/// One ring buffer record.
+#[derive(Debug)]
+pub enum Record<'a> {
+    Sample(RawSample<'a>),
+    Process(ProcessChange),
+}
+
+impl<'a> Record<'a> {
+    /// Parses one ring buffer record of any kind.
+    pub fn parse(bytes: &'a [u8]) -> Result<Record<'a>, ParseError> {
+        let kind = match bytes {
+            [a, b, ..] => u16::from_ne_bytes([*a, *b]),
+            _ => return Err(ParseError::Truncated { len: bytes.len() }),
+        };
+        if !matches!(
+            kind,
+            record_kind::PROCESS_FORKED | record_kind::PROCESS_EXECED
+        ) {
+            return RawSample::parse(bytes).map(Record::Sample);
+        }
+        if bytes.len() < PROCESS_EVENT_LEN {
+            return Err(ParseError::Truncated { len: bytes.len() });
+        }
+        // SAFETY: at least PROCESS_EVENT_LEN bytes of plain old data; unaligned read.
+        let event: ProcessEvent =
+            unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessEvent>()) };
+        if usize::from(event.header_len) < PROCESS_EVENT_LEN
+            || usize::from(event.header_len) > bytes.len()
+        {
+            return Err(ParseError::Truncated { len: bytes.len() });
+        }
+        Ok(Record::Process(if kind == record_kind::PROCESS_FORKED {
+            ProcessChange::Forked {
+                pid: event.pid,
+                parent: event.parent,
+            }
+        } else {
+            ProcessChange::Execed { pid: event.pid }
+        }))
+    }
+}
 
 impl<'a> RawSample<'a> {
     /// Parses one ring buffer record.
@@ -253,6 +299,8 @@ pub struct DrainStats {
     pub user_walks_derailed: AtomicU64,
     /// Samples with a stack at the [`MAX_STACK_DEPTH`] limit, its root cut.
     pub stacks_at_depth_limit: AtomicU64,
+    /// Fork and exec records read (not counted in `records`).
+    pub process_events: AtomicU64,
 }
 
 impl DrainStats {
@@ -267,6 +315,9 @@ impl DrainStats {
     }
     pub fn stacks_at_depth_limit(&self) -> u64 {
         self.stacks_at_depth_limit.load(Ordering::Relaxed)
+    }
+    pub fn process_events(&self) -> u64 {
+        self.process_events.load(Ordering::Relaxed)
     }
 }
 
@@ -351,14 +402,23 @@ impl DrainLoop {
     async fn drain_available(&mut self) {
         loop {
             let mut handled = 0;
+            let mut process_events = 0;
             {
                 let ring = self.ring.get_mut();
                 while handled < RECORDS_PER_BATCH {
                     let Some(item) = ring.next() else { break };
                     handled += 1;
-                    let parsed = RawSample::parse(&item).and_then(|mut sample| {
-                        self.thread_names.resolve(&mut sample).map(|()| sample)
-                    });
+                    let parsed = match Record::parse(&item) {
+                        Ok(Record::Process(change)) => {
+                            process_events += 1;
+                            self.first_sight.process_changed(change);
+                            continue;
+                        }
+                        Ok(Record::Sample(mut sample)) => {
+                            self.thread_names.resolve(&mut sample).map(|()| sample)
+                        }
+                        Err(e) => Err(e),
+                    };
                     match parsed {
                         Ok(sample) => {
                             if sample.user_walk_derailed {
@@ -382,7 +442,10 @@ impl DrainLoop {
             }
             self.stats
                 .records
-                .fetch_add(handled as u64, Ordering::Relaxed);
+                .fetch_add((handled - process_events) as u64, Ordering::Relaxed);
+            self.stats
+                .process_events
+                .fetch_add(process_events as u64, Ordering::Relaxed);
             if handled < RECORDS_PER_BATCH {
                 return;
             }
@@ -473,6 +536,49 @@ mod tests {
         }
         let bytes = record(&[], &[0x40_1000, 0x7f00_0000_0000]);
         assert_eq!(RawSample::parse(&bytes).unwrap().user_len(), 2);
+    }
+
+    fn process_event(kind: u16, pid: u32, parent: u32) -> Vec<u8> {
+        let event = ProcessEvent {
+            kind,
+            header_len: PROCESS_EVENT_LEN as u16,
+            pid,
+            parent,
+            reserved: 0,
+        };
+        // SAFETY: ProcessEvent is plain old data without padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&event as *const ProcessEvent).cast::<u8>(),
+                PROCESS_EVENT_LEN,
+            )
+        }
+        .to_vec()
+    }
+
+    /// Fork and exec records become process changes; a short one is malformed;
+    /// a sample still parses as a sample.
+    #[test]
+    fn parses_process_events() {
+        let fork = process_event(record_kind::PROCESS_FORKED, 20, 10);
+        assert!(matches!(
+            Record::parse(&fork),
+            Ok(Record::Process(ProcessChange::Forked {
+                pid: 20,
+                parent: 10
+            }))
+        ));
+        let exec = process_event(record_kind::PROCESS_EXECED, 20, 0);
+        assert!(matches!(
+            Record::parse(&exec),
+            Ok(Record::Process(ProcessChange::Execed { pid: 20 }))
+        ));
+        assert!(Record::parse(&fork[..PROCESS_EVENT_LEN - 1]).is_err());
+        assert!(Record::parse(&fork[..1]).is_err());
+        assert!(matches!(
+            Record::parse(&record(&[], &[0x40_1000])),
+            Ok(Record::Sample(_))
+        ));
     }
 
     /// A stack that fills all MAX_STACK_DEPTH slots is at the limit (its root

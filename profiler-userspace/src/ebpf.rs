@@ -1,5 +1,6 @@
 //! Stage 1: load the eBPF sampler, attach it to cpu-clock on every online CPU, and
-//! read its counters.
+//! read its counters. Also attaches the fork and exec tracker (best effort: without
+//! it, only forked processes that exit very quickly lose their names).
 //!
 //! Owns the loaded object (programs, maps, perf links): dropping [`Sampler`] detaches
 //! everything. Must never: leave a perf event attached after an error (aya's links
@@ -11,15 +12,16 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        PerfEvent, ProgramError,
+        PerfEvent, ProgramError, RawTracePoint,
     },
     util::online_cpus,
     Ebpf, EbpfError, EbpfLoader,
 };
 use profiler_common::{
     Counter, Counters, CpuState, COUNTER_COUNT, GLOBAL_FILTER_BY_PID, GLOBAL_INCLUDE_IDLE,
-    GLOBAL_WAKEUP_EVERY, MAP_COUNTERS, MAP_PID_FILTER, MAP_SAMPLES, MAX_PID_FILTER_ENTRIES,
-    PROGRAM_SAMPLE,
+    GLOBAL_TASK_PID_OFFSET, GLOBAL_WAKEUP_EVERY, MAP_COUNTERS, MAP_PID_FILTER,
+    MAP_PROCESS_EVENTS_LOST, MAP_SAMPLES, MAX_PID_FILTER_ENTRIES, PROGRAM_ON_EXEC, PROGRAM_ON_FORK,
+    PROGRAM_SAMPLE, TRACEPOINT_EXEC, TRACEPOINT_FORK,
 };
 
 /// The compiled eBPF program, built by build.rs and embedded in the binary.
@@ -148,6 +150,9 @@ pub struct ProgramStats {
 pub struct Sampler {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, CpuState>,
+    /// Why the fork and exec tracker is off, if it is.
+    process_events: Result<(), String>,
+    process_events_lost: Option<PerCpuArray<MapData, u64>>,
     /// Keeps kernel BPF run-time statistics enabled while we run.
     _stats: Option<std::os::fd::OwnedFd>,
     cpus: usize,
@@ -171,7 +176,15 @@ impl Sampler {
             .ring_buffer_bytes
             .unwrap_or_else(|| profiler_common::ring_buffer_bytes(cpus.len() as u32));
         let wakeup_every = profiler_common::wakeup_every(ring_bytes, cpus.len() as u32);
+        // The fork tracker reads the new task's pid at this offset; 0 turns it off.
+        let task_pid_offset = crate::btf::kernel_member_offset(
+            std::path::Path::new(crate::btf::VMLINUX_BTF),
+            "task_struct",
+            "pid",
+        );
+        let pid_offset = task_pid_offset.as_ref().copied().unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_TASK_PID_OFFSET, &pid_offset, true)
             .override_global(GLOBAL_FILTER_BY_PID, &filter_by_pid, true)
             .override_global(GLOBAL_INCLUDE_IDLE, &include_idle, true)
             .override_global(GLOBAL_WAKEUP_EVERY, &wakeup_every, true)
@@ -225,6 +238,16 @@ impl Sampler {
                 })?;
         }
 
+        // Only with a pid filter are forks of no use (children are not sampled).
+        let process_events = match task_pid_offset {
+            _ if !config.pids.is_empty() => Ok(()),
+            Ok(_) => attach_process_events(&mut ebpf),
+            Err(e) => Err(format!("task_struct layout unknown: {e}")),
+        };
+        let process_events_lost = ebpf
+            .take_map(MAP_PROCESS_EVENTS_LOST)
+            .and_then(|m| PerCpuArray::try_from(m).ok());
+
         let ring = RingBuf::try_from(ebpf.take_map(MAP_SAMPLES).expect("map is in the object"))
             .map_err(|source| SamplerError::Map {
                 map: MAP_SAMPLES,
@@ -240,6 +263,8 @@ impl Sampler {
             Sampler {
                 ebpf,
                 counters,
+                process_events,
+                process_events_lost,
                 _stats: stats,
                 cpus: cpus.len(),
             },
@@ -247,13 +272,34 @@ impl Sampler {
         ))
     }
 
-    /// Detaches from every CPU and unloads the program; counters stay readable.
+    /// Detaches from every CPU and unloads the programs; counters stay readable.
     pub fn stop(&mut self) {
         if let Some(program) = self.ebpf.program_mut(PROGRAM_SAMPLE) {
             if let Ok(program) = <&mut PerfEvent>::try_from(program) {
                 let _ = program.unload();
             }
         }
+        for name in [PROGRAM_ON_FORK, PROGRAM_ON_EXEC] {
+            if let Some(program) = self.ebpf.program_mut(name) {
+                if let Ok(program) = <&mut RawTracePoint>::try_from(program) {
+                    let _ = program.unload();
+                }
+            }
+        }
+    }
+
+    /// Why forks and execs are not tracked, if they are not: one sentence for a
+    /// warning at start.
+    pub fn process_events_problem(&self) -> Option<&str> {
+        self.process_events.as_ref().err().map(String::as_str)
+    }
+
+    /// Fork and exec events lost to a full ring buffer.
+    pub fn process_events_lost(&self) -> u64 {
+        self.process_events_lost
+            .as_ref()
+            .and_then(|m| m.get(&0, 0).ok())
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Number of CPUs the program is attached to.
@@ -294,6 +340,25 @@ impl Sampler {
             None => ProgramStats::default(),
         }
     }
+}
+
+/// Loads and attaches the fork and exec tracker; the error says what failed.
+fn attach_process_events(ebpf: &mut Ebpf) -> Result<(), String> {
+    for (name, tracepoint) in [
+        (PROGRAM_ON_FORK, TRACEPOINT_FORK),
+        (PROGRAM_ON_EXEC, TRACEPOINT_EXEC),
+    ] {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("no program {name}"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        program.load().map_err(|e| format!("loading {name}: {e}"))?;
+        program
+            .attach(tracepoint)
+            .map_err(|e| format!("attaching to the {tracepoint} tracepoint: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Every capability the profiler needs without root: loading BPF and perf events,
@@ -422,7 +487,7 @@ mod tests {
 
     /// The embedded eBPF object has no panic functions (the verifier rejects a
     /// reachable one as "last insn is not an exit or jmp", at load time, on the
-    /// user's machine), and it has the sampling program.
+    /// user's machine), and it has the sampling and fork/exec programs.
     #[test]
     fn ebpf_object_has_no_panics() {
         use object::{Object as _, ObjectSymbol as _};
@@ -432,10 +497,9 @@ mod tests {
             .filter(|s| s.kind() == object::SymbolKind::Text)
             .filter_map(|s| s.name().ok().map(String::from))
             .collect();
-        assert!(
-            functions.iter().any(|f| f == PROGRAM_SAMPLE),
-            "{functions:?}"
-        );
+        for program in [PROGRAM_SAMPLE, PROGRAM_ON_FORK, PROGRAM_ON_EXEC] {
+            assert!(functions.iter().any(|f| f == program), "{functions:?}");
+        }
         let panics: Vec<&String> = functions.iter().filter(|f| f.contains("panic")).collect();
         assert!(
             panics.is_empty(),

@@ -10,12 +10,14 @@
 
 pub mod agent;
 pub mod aggregate;
+pub mod btf;
 pub mod cli;
 pub mod collector;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
 pub mod export;
+pub mod lineage;
 pub mod process;
 pub mod profile;
 pub mod record;

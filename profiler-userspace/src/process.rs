@@ -7,6 +7,9 @@
 //! and files in other mount namespaces). The open file descriptors keep the binaries
 //! readable after the process is gone.
 //!
+//! A process that exited before the worker got to it, but was forked without an
+//! exec, is named from its parent's mappings, which it shared ([`crate::lineage`]).
+//!
 //! Bounded: [`MAX_TRACKED_PROCESSES`] processes, [`MAX_OPEN_OBJECTS`] open binaries
 //! (deduplicated by device and inode), [`CAPTURE_QUEUE`] pending captures. What does
 //! not fit is counted and symbolized later from /proc if the process is still alive.
@@ -32,9 +35,15 @@ use std::{
 use procfs::process::{MMapPath, Process};
 use profiler_common::TASK_COMM_LEN;
 
+use crate::lineage::{Lineage, ProcessChange, MAX_ANCESTORS};
+
 /// Processes whose metadata is kept: each costs ~200 bytes plus ~80 bytes per
 /// executable mapping, so ~8 MiB at 8192 processes with 30 mappings each.
 pub const MAX_TRACKED_PROCESSES: usize = 8192;
+/// Gone processes named from an ancestor, kept until the end of the interval: 8 192
+/// x ~24 bytes (pid and a shared reference to the ancestor's metadata) is ~200 KiB.
+/// When full, such a process is named again from the lineage at symbolization.
+pub const MAX_ALIASES: usize = 8192;
 /// Open binaries (one file descriptor each, shared by every process mapping them).
 pub const MAX_OPEN_OBJECTS: usize = 1024;
 /// First sights waiting for the capture worker: 1024 x 4 bytes. When full, the drain
@@ -166,8 +175,12 @@ pub enum CaptureError {
 pub struct ProcessStats {
     /// Processes captured.
     pub captured: AtomicU64,
-    /// Processes that exited before the worker got to them.
+    /// Processes that exited before the worker got to them (and could not be
+    /// named from a parent either).
     pub gone_before_capture: AtomicU64,
+    /// Processes that exited before the worker got to them, named from the parent
+    /// they were forked from without an exec.
+    pub named_from_parent: AtomicU64,
     /// First sights dropped because the queue was full (retried on the next sample).
     pub queue_full: AtomicU64,
     /// Processes not tracked because the table was full.
@@ -179,19 +192,26 @@ pub struct ProcessStats {
 /// All captured processes and the binaries they map.
 pub struct ProcessTable {
     processes: HashMap<u32, Arc<ProcessInfo>>,
+    /// Gone processes and the ancestor whose metadata names them (see
+    /// [`crate::lineage`]); apart from `processes`, so that a storm of short-lived
+    /// children cannot take the places of living processes.
+    aliases: HashMap<u32, Arc<ProcessInfo>>,
     /// Weak, so a binary is closed once no process that maps it is tracked.
     objects: HashMap<(u64, u64), Weak<ObjectFile>>,
     vdso: Option<Arc<ObjectFile>>,
     stats: Arc<ProcessStats>,
+    lineage: Arc<Mutex<Lineage>>,
 }
 
 impl ProcessTable {
     pub fn new(stats: Arc<ProcessStats>) -> Self {
         ProcessTable {
             processes: HashMap::new(),
+            aliases: HashMap::new(),
             objects: HashMap::new(),
             vdso: own_vdso().ok(),
             stats,
+            lineage: Arc::default(),
         }
     }
 
@@ -199,8 +219,18 @@ impl ProcessTable {
         &self.stats
     }
 
+    /// The fork and exec history the drain fills in.
+    pub fn lineage(&self) -> &Arc<Mutex<Lineage>> {
+        &self.lineage
+    }
+
+    /// The process's metadata; for a gone process named from an ancestor, the
+    /// ancestor's (its `pid` is then the ancestor's).
     pub fn get(&self, pid: u32) -> Option<Arc<ProcessInfo>> {
-        self.processes.get(&pid).cloned()
+        self.processes
+            .get(&pid)
+            .or_else(|| self.aliases.get(&pid))
+            .cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -211,23 +241,75 @@ impl ProcessTable {
         self.processes.is_empty()
     }
 
-    /// Reads the process from /proc and stores it (replacing what we had).
+    /// Reads the process from /proc and stores it (replacing what we had). A
+    /// process that is gone, but was forked without an exec, gets the metadata of
+    /// the ancestor it shared its mappings with (see [`crate::lineage`]): the
+    /// returned `pid` then is the ancestor's.
     pub fn capture(&mut self, pid: u32) -> Result<Arc<ProcessInfo>, CaptureError> {
-        if !self.processes.contains_key(&pid) && self.processes.len() >= MAX_TRACKED_PROCESSES {
+        match self.read_process(pid) {
+            Ok(info) => {
+                self.stats.captured.fetch_add(1, Ordering::Relaxed);
+                let info = Arc::new(info);
+                self.aliases.remove(&pid);
+                self.store(pid, info.clone());
+                Ok(info)
+            }
+            Err(CaptureError::Gone { pid }) => {
+                let info = self
+                    .named_from_ancestor(pid)
+                    .ok_or(CaptureError::Gone { pid })?;
+                self.stats.named_from_parent.fetch_add(1, Ordering::Relaxed);
+                if self.aliases.len() < MAX_ALIASES {
+                    self.aliases.insert(pid, info.clone());
+                }
+                Ok(info)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn store(&mut self, pid: u32, info: Arc<ProcessInfo>) {
+        if self.processes.contains_key(&pid) || self.processes.len() < MAX_TRACKED_PROCESSES {
+            self.processes.insert(pid, info);
+        } else {
             self.stats.table_full.fetch_add(1, Ordering::Relaxed);
         }
-        let info = Arc::new(self.read_process(pid)?);
-        if self.processes.contains_key(&pid) || self.processes.len() < MAX_TRACKED_PROCESSES {
-            self.processes.insert(pid, info.clone());
+    }
+
+    /// The metadata of the nearest ancestor gone process `pid` shared its mappings
+    /// with: the table's entry if it still describes that ancestor, else read from
+    /// /proc now.
+    fn named_from_ancestor(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        let mut ancestor = pid;
+        for _ in 0..MAX_ANCESTORS {
+            ancestor = self
+                .lineage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .parent_of(ancestor)?;
+            let known = self
+                .get(ancestor)
+                // Still the program we captured (an exec changes the executable);
+                // gone or unreadable: what we captured is the best there is.
+                .filter(|p| exe_id(ancestor).is_none_or(|id| Some(id) == p.exe_id));
+            if known.is_some() {
+                return known;
+            }
+            if let Ok(info) = self.read_process(ancestor) {
+                let info = Arc::new(info);
+                self.store(ancestor, info.clone());
+                return Some(info);
+            }
         }
-        self.stats.captured.fetch_add(1, Ordering::Relaxed);
-        Ok(info)
+        None
     }
 
     /// Tracked processes that have exited (or whose pid now belongs to another
     /// process), or exec'd another executable since their capture: what we hold of
-    /// them no longer describes what runs under their pid.
+    /// them no longer describes what runs under their pid. Gone processes named
+    /// from an ancestor are all in it.
     pub fn exited(&self) -> Vec<u32> {
+        let aliases = self.aliases.keys().copied();
         self.processes
             .values()
             .filter(|p| {
@@ -237,6 +319,7 @@ impl ProcessTable {
                 exited || exe_id(p.pid) != p.exe_id
             })
             .map(|p| p.pid)
+            .chain(aliases)
             .collect()
     }
 
@@ -244,6 +327,7 @@ impl ProcessTable {
     /// binaries only they mapped.
     pub fn remove(&mut self, pid: u32) {
         self.processes.remove(&pid);
+        self.aliases.remove(&pid);
         self.objects.retain(|_, o| o.strong_count() > 0);
     }
 
@@ -443,6 +527,7 @@ pub struct FirstSight {
     /// processes that may still be captured, and a reused pid is captured again.
     /// Bounded by `seen`: each tgid in it is queued at most once.
     gone: Arc<Mutex<Vec<u32>>>,
+    lineage: Arc<Mutex<Lineage>>,
 }
 
 impl FirstSight {
@@ -465,6 +550,15 @@ impl FirstSight {
             }
             Err(TrySendError::Disconnected(_)) => {}
         }
+    }
+
+    /// A fork or exec the eBPF program reported. Arrives before any sample of the
+    /// new process, so the capture worker can use it if the process is gone.
+    pub fn process_changed(&mut self, change: ProcessChange) {
+        self.lineage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(change);
     }
 
     /// Drops from `seen` the tgids whose capture found them gone.
@@ -494,7 +588,10 @@ impl CaptureWorker {
     /// Starts the worker; returns it and the drain's [`FirstSight`] handle.
     pub fn start(table: Arc<Mutex<ProcessTable>>) -> std::io::Result<(CaptureWorker, FirstSight)> {
         let (tx, rx) = sync_channel(CAPTURE_QUEUE);
-        let stats = table.lock().expect("process table lock").stats().clone();
+        let (stats, lineage) = {
+            let table = table.lock().expect("process table lock");
+            (table.stats().clone(), table.lineage().clone())
+        };
         let gone = Arc::new(Mutex::new(Vec::new()));
         let worker_gone = gone.clone();
         let handle = std::thread::Builder::new()
@@ -509,6 +606,7 @@ impl CaptureWorker {
                 queue: tx,
                 stats,
                 gone,
+                lineage,
             },
         ))
     }
@@ -524,12 +622,19 @@ impl CaptureWorker {
 fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>, gone: Arc<Mutex<Vec<u32>>>) {
     while let Ok(pid) = queue.recv() {
         let mut table = table.lock().expect("process table lock");
-        if let Err(CaptureError::Gone { .. }) = table.capture(pid) {
-            table
-                .stats
-                .gone_before_capture
-                .fetch_add(1, Ordering::Relaxed);
-            gone.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+        match table.capture(pid) {
+            Err(CaptureError::Gone { .. }) => {
+                table
+                    .stats
+                    .gone_before_capture
+                    .fetch_add(1, Ordering::Relaxed);
+                gone.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+            }
+            // Gone too, named from an ancestor: it leaves first sight all the same.
+            Ok(info) if info.pid != pid => {
+                gone.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+            }
+            _ => {}
         }
     }
 }
@@ -584,6 +689,43 @@ mod tests {
         assert_eq!(stats.table_full.load(Ordering::Relaxed), 0);
         drop(sight);
         worker.join();
+    }
+
+    /// A gone process that the lineage says was forked (without an exec) by a
+    /// living one is named from that one's mappings, under its own pid; once the
+    /// parent has exec'd since, it is gone as any other.
+    #[test]
+    fn gone_forked_child_takes_its_parents_mappings() {
+        let mut table = ProcessTable::new(Arc::default());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        let lineage = table.lineage().clone();
+        lineage.lock().unwrap().apply(ProcessChange::Forked {
+            pid: gone,
+            parent: me,
+        });
+        let info = table.capture(gone).expect("named from the parent");
+        assert_eq!(info.pid, me, "the parent's metadata");
+        assert_eq!(table.get(gone).map(|i| i.pid), Some(me));
+        assert_eq!(table.len(), 1, "the alias takes no process's place");
+        let here = gone_forked_child_takes_its_parents_mappings as *const () as u64;
+        assert!(matches!(
+            info.mapping(here).map(|m| &m.object),
+            Some(MappedObject::File(_))
+        ));
+        assert_eq!(table.stats().named_from_parent.load(Ordering::Relaxed), 1);
+        assert!(table.exited().contains(&gone), "let go at the next check");
+
+        lineage
+            .lock()
+            .unwrap()
+            .apply(ProcessChange::Execed { pid: me });
+        assert!(matches!(
+            table.capture(gone),
+            Err(CaptureError::Gone { .. })
+        ));
     }
 
     /// A pid that does not exist is reported as gone, not as an error to surface.

@@ -62,6 +62,11 @@ pub struct RecordSummary {
     pub stacks: usize,
     pub processes: usize,
     pub gone_before_capture: u64,
+    /// Of the processes that exited before capture, those named from the parent
+    /// they were forked from without an exec.
+    pub named_from_parent: u64,
+    /// Fork and exec events lost in the kernel (ring buffer full).
+    pub process_events_lost: u64,
     pub unknown: UnknownCounts,
     pub bpf: ProgramStats,
     pub runtimes: RuntimeSummary,
@@ -177,6 +182,20 @@ impl RecordSummary {
                 self.gone_before_capture
             );
         }
+        if self.named_from_parent > 0 {
+            let _ = writeln!(
+                s,
+                "  forked processes that exited before their binaries were read, named from their parent's: {}",
+                self.named_from_parent
+            );
+        }
+        if self.process_events_lost > 0 {
+            let _ = writeln!(
+                s,
+                "  fork and exec events lost (ring buffer full): {}",
+                self.process_events_lost
+            );
+        }
         let reasons = self.unknown.reasons();
         if !reasons.is_empty() {
             let detail: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
@@ -278,7 +297,10 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         eprintln!("note: runtime profilers {missing}");
     }
     // Said even with --quiet: without them the profile is mostly `[unknown]`.
-    for limit in crate::ebpf::naming_limits() {
+    for limit in crate::ebpf::naming_limits()
+        .into_iter()
+        .chain(collector.process_events_warning())
+    {
         eprintln!("warning: {limit}");
     }
     // The whole host has no previous interval to tell the busy processes: look at
@@ -408,6 +430,11 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
             .process_stats
             .gone_before_capture
             .load(Ordering::Relaxed),
+        named_from_parent: stopped
+            .process_stats
+            .named_from_parent
+            .load(Ordering::Relaxed),
+        process_events_lost: stopped.process_events_lost,
         unknown: profile.unknown,
         bpf: stopped.bpf,
         runtimes,
