@@ -6,21 +6,26 @@
 //! relocate field accesses in a Rust eBPF program (no CO-RE), so userspace finds
 //! the offset here and hands it to the program as a global at load time.
 //!
-//! Only what that needs is parsed: the header, the type section (walked to index
-//! types by id), member lists and names. Malformed input is an error, never a
-//! panic or an out-of-bounds read (fuzzed: `fuzz/fuzz_targets/btf.rs`).
+//! The file (~5.5 MB) is streamed, never held: a few passes over it through one
+//! [`CHUNK`]-sized buffer find the names, the struct and its members (one more
+//! pass per level of anonymous struct or union the member sits in). Holding it
+//! would add its size to the agent's peak RSS. Malformed input is an error, never
+//! a panic, an out-of-bounds read or an endless walk (fuzzed:
+//! `fuzz/fuzz_targets/btf.rs`).
 
-use std::path::Path;
+use std::{fs::File, os::unix::fs::FileExt, path::Path};
 
 /// The kernel's own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// Largest BTF file read: vmlinux BTF is ~5-6 MiB; read once at start and dropped.
-pub const MAX_BTF_BYTES: u64 = 64 << 20;
+/// Bytes read at a time: the whole of what parsing holds, apart from the one
+/// struct's member list being looked at (at most 12 x 65 535 bytes).
+pub const CHUNK: usize = 64 << 10;
 
 const MAGIC: u16 = 0xeb9f;
 const HEADER_MIN: usize = 24;
 const TYPE_HEADER: usize = 12;
+const MEMBER: usize = 12;
 
 // BTF kinds (include/uapi/linux/btf.h).
 const KIND_INT: u32 = 1;
@@ -35,22 +40,19 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_ENUM64: u32 = 19;
 const KIND_MAX: u32 = 19;
 
-/// Anonymous structs and unions followed to find a member.
+/// Levels of anonymous structs and unions followed to find a member.
 const MAX_NESTING: usize = 8;
-/// Members looked at in one lookup, so a crafted blob (anonymous members that
-/// point back at their own struct) cannot make it take forever.
-const MAX_MEMBERS_VISITED: u32 = 1 << 20;
+/// Anonymous members followed in all, so a crafted blob cannot make the search
+/// take forever.
+const MAX_ANONYMOUS: usize = 4096;
+/// Offsets at which one name is looked for (a string table holds each once).
+const MAX_NAME_OFFSETS: usize = 16;
 
 /// Why a field offset could not be found.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path} is larger than {MAX_BTF_BYTES} bytes")]
-    TooLarge { path: String },
+    #[error("cannot read the kernel's BTF: {0}")]
+    Read(#[from] std::io::Error),
     #[error("malformed BTF: {0}")]
     Malformed(&'static str),
     #[error("no struct {0} in the kernel's BTF")]
@@ -61,12 +63,36 @@ pub enum BtfError {
     Bitfield { strukt: String, member: String },
 }
 
-/// Parsed BTF: the raw type and string sections and where each type starts.
-pub struct Btf<'a> {
-    types: &'a [u8],
-    strings: &'a [u8],
-    /// Byte offset in `types` of type id `i + 1` (id 0 is void).
-    starts: Vec<usize>,
+/// Positioned reads: a file, or bytes in memory (tests, fuzzing).
+pub trait Source {
+    /// Fills `buf` from `offset` as far as the source goes; returns bytes read.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
+}
+
+impl Source for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match FileExt::read_at(self, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+}
+
+impl Source for [u8] {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(self.len());
+        let n = buf.len().min(self.len() - start);
+        buf[..n].copy_from_slice(&self[start..start + n]);
+        Ok(n)
+    }
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
@@ -74,154 +100,251 @@ fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.try_into().ok()?))
 }
 
-impl<'a> Btf<'a> {
-    /// Parses a little-endian BTF blob (the only byte order of the hosts we run on).
-    pub fn parse(data: &'a [u8]) -> Result<Btf<'a>, BtfError> {
+/// One type as the walk meets it: id, header fields, and for a struct or union its
+/// member list.
+struct TypeRef<'a> {
+    id: u32,
+    name: u32,
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    members: &'a [u8],
+}
+
+/// A BTF blob's layout, from its header.
+pub struct Btf<'s, S: Source + ?Sized> {
+    src: &'s S,
+    /// Absolute offsets and lengths of the type and string sections.
+    types: (u64, u64),
+    strings: (u64, u64),
+}
+
+impl<'s, S: Source + ?Sized> Btf<'s, S> {
+    /// Reads and checks the header of a little-endian BTF blob (the only byte
+    /// order of the hosts we run on).
+    pub fn open(src: &'s S) -> Result<Btf<'s, S>, BtfError> {
         let bad = BtfError::Malformed;
-        if data.len() < HEADER_MIN {
+        let mut header = [0u8; HEADER_MIN];
+        if src.read_at(&mut header, 0)? < HEADER_MIN {
             return Err(bad("shorter than its header"));
         }
-        if u16::from_le_bytes([data[0], data[1]]) != MAGIC {
+        if u16::from_le_bytes([header[0], header[1]]) != MAGIC {
             return Err(bad("bad magic (or big-endian)"));
         }
-        let field = |i: usize| u32_at(data, 4 + 4 * i).map(|v| v as usize);
+        let field = |i: usize| u64::from(u32_at(&header, 4 + 4 * i).unwrap_or(0));
         let (hdr_len, type_off, type_len, str_off, str_len) =
-            match (field(0), field(1), field(2), field(3), field(4)) {
-                (Some(a), Some(b), Some(c), Some(d), Some(e)) => (a, b, c, d, e),
-                _ => return Err(bad("truncated header")),
-            };
-        let section = |off: usize, len: usize| {
-            let start = hdr_len.checked_add(off)?;
-            data.get(start..start.checked_add(len)?)
-        };
-        let types = section(type_off, type_len).ok_or(bad("type section out of bounds"))?;
-        let strings = section(str_off, str_len).ok_or(bad("string section out of bounds"))?;
-        let mut starts = Vec::new();
-        let mut at = 0;
-        while at < types.len() {
-            let info = u32_at(types, at + 4).ok_or(bad("truncated type"))?;
-            let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            let extra = match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
-                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
-                1..=KIND_MAX => 0,
-                _ => return Err(bad("unknown type kind")),
-            };
-            starts.push(at);
-            at = at
-                .checked_add(TYPE_HEADER + extra)
-                .ok_or(bad("type past the section"))?;
-        }
-        if at != types.len() {
-            return Err(bad("type past the section"));
-        }
+            (field(0), field(1), field(2), field(3), field(4));
         Ok(Btf {
-            types,
-            strings,
-            starts,
+            src,
+            types: (hdr_len + type_off, type_len),
+            strings: (hdr_len + str_off, str_len),
         })
     }
 
-    fn name(&self, offset: u32) -> Option<&'a [u8]> {
-        let rest = self.strings.get(offset as usize..)?;
-        let end = rest.iter().position(|&b| b == 0)?;
-        Some(&rest[..end])
+    /// Offsets in the string section at which the string `name` starts (up to
+    /// [`MAX_NAME_OFFSETS`]).
+    fn name_offsets(&self, name: &str) -> Result<Vec<u32>, BtfError> {
+        // A string starts after a NUL (the section begins with the empty string).
+        let needle: Vec<u8> = [&[0u8][..], name.as_bytes(), &[0]].concat();
+        let mut found = Vec::new();
+        let mut buf = vec![0u8; CHUNK];
+        let (start, len) = self.strings;
+        let mut at = 0u64;
+        while at < len && found.len() < MAX_NAME_OFFSETS {
+            let want = (len - at).min(CHUNK as u64) as usize;
+            let got = self.src.read_at(&mut buf[..want], start + at)?;
+            if got < want {
+                return Err(BtfError::Malformed("string section past the end"));
+            }
+            for i in memchr_all(&buf[..got], &needle) {
+                found.push((at + i as u64 + 1) as u32);
+            }
+            if got < needle.len() || at + (got as u64) >= len {
+                break;
+            }
+            // Overlap by the needle's length less one, so no match is split.
+            at += (got - (needle.len() - 1)) as u64;
+        }
+        found.sort_unstable();
+        found.dedup();
+        found.truncate(MAX_NAME_OFFSETS);
+        Ok(found)
     }
 
-    /// (name offset, kind, vlen, kind_flag, start) of type `id`.
-    fn header(&self, id: u32) -> Option<(u32, u32, usize, bool, usize)> {
-        let at = *self.starts.get((id as usize).checked_sub(1)?)?;
-        let name = u32_at(self.types, at)?;
-        let info = u32_at(self.types, at + 4)?;
-        Some((
-            name,
-            (info >> 24) & 0x1f,
-            (info & 0xffff) as usize,
-            info >> 31 == 1,
-            at,
-        ))
+    /// Calls `f` for every type in id order until it returns true.
+    fn walk(&self, mut f: impl FnMut(TypeRef<'_>) -> bool) -> Result<(), BtfError> {
+        let bad = BtfError::Malformed;
+        let (start, len) = self.types;
+        let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
+        // Bytes of the section before buf[0], and read so far.
+        let (mut base, mut read) = (0u64, 0u64);
+        let mut pos = 0usize; // in buf
+        let mut id = 0u32;
+        loop {
+            if base + pos as u64 == len {
+                return Ok(());
+            }
+            // The type's header, then its trailing data, must be in buf.
+            let mut need = TYPE_HEADER;
+            loop {
+                if buf.len() - pos >= need {
+                    if need == TYPE_HEADER {
+                        let info = u32_at(&buf, pos + 4).ok_or(bad("truncated type"))?;
+                        let extra = trailing_bytes(info).ok_or(bad("unknown type kind"))?;
+                        need = TYPE_HEADER + extra;
+                        if buf.len() - pos >= need {
+                            break;
+                        }
+                    } else {
+                        break;
+                    }
+                }
+                if read == len {
+                    return Err(bad("type past the section"));
+                }
+                // Keep what is left of this type, read the next chunk after it.
+                buf.drain(..pos);
+                base += pos as u64;
+                pos = 0;
+                let want = (len - read).min(CHUNK.max(need) as u64) as usize;
+                let old = buf.len();
+                buf.resize(old + want, 0);
+                let got = self.src.read_at(&mut buf[old..], start + read)?;
+                if got < want {
+                    return Err(bad("type section past the end"));
+                }
+                read += got as u64;
+            }
+            id = id.checked_add(1).ok_or(bad("too many types"))?;
+            let name = u32_at(&buf, pos).ok_or(bad("truncated type"))?;
+            let info = u32_at(&buf, pos + 4).ok_or(bad("truncated type"))?;
+            let kind = (info >> 24) & 0x1f;
+            let members = if matches!(kind, KIND_STRUCT | KIND_UNION) {
+                &buf[pos + TYPE_HEADER..pos + need]
+            } else {
+                &[]
+            };
+            if f(TypeRef {
+                id,
+                name,
+                kind,
+                vlen: (info & 0xffff) as usize,
+                kind_flag: info >> 31 == 1,
+                members,
+            }) {
+                return Ok(());
+            }
+            pos += need;
+        }
     }
 
     /// Byte offset of `member` in struct `strukt`, looking inside anonymous
     /// structs and unions (where kernels keep many fields).
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
-        let id = (1..=self.starts.len() as u32)
-            .find(|&id| {
-                self.header(id).is_some_and(|(name, kind, vlen, _, _)| {
-                    kind == KIND_STRUCT && vlen > 0 && self.name(name) == Some(strukt.as_bytes())
-                })
-            })
-            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
-        let mut budget = MAX_MEMBERS_VISITED;
-        match self.find_member(id, member.as_bytes(), 0, &mut budget) {
+        let struct_names = self.name_offsets(strukt)?;
+        let member_names = self.name_offsets(member)?;
+        let no_member = || BtfError::NoMember {
+            strukt: strukt.into(),
+            member: member.into(),
+        };
+        // Structs and unions to look in: (type id, bit offset of its start). The
+        // first level is found by name, the next ones by id.
+        let mut level: Vec<(u32, u32)> = Vec::new();
+        let mut found: Option<Result<u32, ()>> = None;
+        let mut anonymous = 0usize;
+        let mut look_in = |t: &TypeRef<'_>, base: u32, next: &mut Vec<(u32, u32)>| {
+            for m in t.members.chunks_exact(MEMBER).take(t.vlen) {
+                let (name, ty, offset) = (
+                    u32_at(m, 0).unwrap_or(0),
+                    u32_at(m, 4).unwrap_or(0),
+                    u32_at(m, 8).unwrap_or(0),
+                );
+                let (bits, bitfield) = if t.kind_flag {
+                    (offset & 0xff_ffff, offset >> 24 != 0)
+                } else {
+                    (offset, false)
+                };
+                let bits = base.saturating_add(bits);
+                if member_names.contains(&name) {
+                    return Some(if bitfield { Err(()) } else { Ok(bits) });
+                }
+                if name == 0 && anonymous < MAX_ANONYMOUS {
+                    anonymous += 1;
+                    next.push((ty, bits));
+                }
+            }
+            None
+        };
+        let mut seen_struct = false;
+        self.walk(|t| {
+            if t.kind == KIND_STRUCT && t.vlen > 0 && struct_names.contains(&t.name) {
+                seen_struct = true;
+                found = look_in(&t, 0, &mut level);
+                return true;
+            }
+            false
+        })?;
+        if !seen_struct {
+            return Err(BtfError::NoStruct(strukt.into()));
+        }
+        for _ in 0..MAX_NESTING {
+            if found.is_some() || level.is_empty() {
+                break;
+            }
+            level.sort_unstable();
+            let mut next = Vec::new();
+            self.walk(|t| {
+                // Every entry for this id (a union may be met at several offsets).
+                let first = level.partition_point(|&(id, _)| id < t.id);
+                for &(_, base) in level[first..].iter().take_while(|&&(id, _)| id == t.id) {
+                    if matches!(t.kind, KIND_STRUCT | KIND_UNION) {
+                        if let Some(hit) = look_in(&t, base, &mut next) {
+                            found = Some(hit);
+                            return true;
+                        }
+                    }
+                }
+                false
+            })?;
+            level = next;
+        }
+        match found {
             Some(Ok(bits)) if bits % 8 == 0 => Ok(bits / 8),
             Some(_) => Err(BtfError::Bitfield {
                 strukt: strukt.into(),
                 member: member.into(),
             }),
-            None => Err(BtfError::NoMember {
-                strukt: strukt.into(),
-                member: member.into(),
-            }),
+            None => Err(no_member()),
         }
     }
+}
 
-    /// Bit offset of `member` in struct/union `id`: `Some(Err)` for a bitfield.
-    fn find_member(
-        &self,
-        id: u32,
-        member: &[u8],
-        depth: usize,
-        budget: &mut u32,
-    ) -> Option<Result<u32, ()>> {
-        let (_, kind, vlen, kind_flag, at) = self.header(id)?;
-        if !matches!(kind, KIND_STRUCT | KIND_UNION) || depth > MAX_NESTING {
-            return None;
-        }
-        for i in 0..vlen {
-            *budget = budget.checked_sub(1)?;
-            let m = at + TYPE_HEADER + 12 * i;
-            let (name, ty, offset) = (
-                u32_at(self.types, m)?,
-                u32_at(self.types, m + 4)?,
-                u32_at(self.types, m + 8)?,
-            );
-            let (bits, bitfield) = if kind_flag {
-                (offset & 0xff_ffff, offset >> 24 != 0)
-            } else {
-                (offset, false)
-            };
-            let name = self.name(name)?;
-            if name == member {
-                return Some(if bitfield { Err(()) } else { Ok(bits) });
-            }
-            if name.is_empty() {
-                if let Some(found) = self.find_member(ty, member, depth + 1, budget) {
-                    return Some(found.map(|inner| bits.saturating_add(inner)));
-                }
-            }
-        }
-        None
-    }
+/// Bytes that follow a type's 12-byte header, by kind; `None` for an unknown kind.
+fn trailing_bytes(info: u32) -> Option<usize> {
+    let kind = (info >> 24) & 0x1f;
+    let vlen = (info & 0xffff) as usize;
+    Some(match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+        KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+        1..=KIND_MAX => 0,
+        _ => return None,
+    })
+}
+
+/// Start positions of `needle` in `hay`.
+fn memchr_all<'a>(hay: &'a [u8], needle: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+    hay.windows(needle.len())
+        .enumerate()
+        .filter(move |(_, w)| *w == needle)
+        .map(|(i, _)| i)
 }
 
 /// Byte offset of `member` in kernel struct `strukt`, from the BTF at `path`.
 pub fn kernel_member_offset(path: &Path, strukt: &str, member: &str) -> Result<u32, BtfError> {
-    let read = |source| BtfError::Read {
-        path: path.display().to_string(),
-        source,
-    };
-    let len = std::fs::metadata(path).map_err(read)?.len();
-    if len > MAX_BTF_BYTES {
-        return Err(BtfError::TooLarge {
-            path: path.display().to_string(),
-        });
-    }
-    let data = std::fs::read(path).map_err(read)?;
-    Btf::parse(&data)?.member_offset(strukt, member)
+    let file = File::open(path)?;
+    Btf::open(&file)?.member_offset(strukt, member)
 }
 
 #[cfg(test)]
@@ -279,7 +402,7 @@ mod tests {
             ],
             STRINGS,
         );
-        let btf = Btf::parse(&data).unwrap();
+        let btf = Btf::open(data.as_slice()).unwrap();
         assert_eq!(btf.member_offset("task", "pid").unwrap(), 8);
         assert_eq!(btf.member_offset("task", "tgid").unwrap(), 16);
         assert!(matches!(
@@ -296,19 +419,48 @@ mod tests {
         ));
     }
 
+    fn lookup(data: &[u8]) -> Result<u32, BtfError> {
+        Btf::open(data)?.member_offset("task", "pid")
+    }
+
     /// Truncations and bad headers of a valid blob are errors, never panics.
     #[test]
     fn malformed_blobs_are_errors() {
-        let data = blob(&[(KIND_INT, 0, 0, false, vec![32])], STRINGS);
+        let data = blob(
+            &[
+                (KIND_INT, 0, 0, false, vec![32]),
+                (KIND_STRUCT, 1, 1, false, vec![6, 1, 64]),
+            ],
+            STRINGS,
+        );
+        assert_eq!(lookup(&data).unwrap(), 8);
         for len in 0..data.len() {
-            let _ = Btf::parse(&data[..len]);
+            assert!(lookup(&data[..len]).is_err(), "{len}");
         }
         let mut bad_magic = data.clone();
         bad_magic[0] ^= 0xff;
-        assert!(Btf::parse(&bad_magic).is_err());
+        assert!(lookup(&bad_magic).is_err());
         let mut bad_kind = data.clone();
         bad_kind[24 + 7] = 0x1f; // kind 31 in the first type's info
-        assert!(Btf::parse(&bad_kind).is_err());
+        assert!(matches!(lookup(&bad_kind), Err(BtfError::Malformed(_))));
+    }
+
+    /// A struct's members split across reads, and a name split across reads of
+    /// the string section, are found all the same.
+    #[test]
+    fn finds_across_chunk_boundaries() {
+        // Enough ints before the struct that it starts near the end of a chunk.
+        let filler = (CHUNK - 20) / 16;
+        let mut types: Vec<(u32, u32, u32, bool, Vec<u32>)> =
+            vec![(KIND_INT, 0, 0, false, vec![32]); filler];
+        types.push((KIND_STRUCT, 0, 0, false, vec![])); // placeholder, named below
+        let mut strings = vec![0u8; CHUNK - 3];
+        let task = strings.len() as u32;
+        strings.extend_from_slice(b"task\0pid\0");
+        let pid = task + 5;
+        *types.last_mut().unwrap() = (KIND_STRUCT, task, 2, false, vec![0, 1, 0, pid, 1, 96]);
+        let data = blob(&types, &strings);
+        assert_eq!(lookup(&data).unwrap(), 12);
     }
 
     /// On this kernel, task_struct's pid and tgid are found, tgid right after pid
