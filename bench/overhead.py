@@ -764,20 +764,17 @@ def print_checks(summary, loss, paired, args):
 # --------------------------------------------------------------------------
 
 def parse_summary(text):
-    """(lost, samples) from our profiler's end-of-run summary; the last match wins.
-
-    A line matching `lost[^0-9]*([0-9]+)` gives the lost count; otherwise a
-    line with "samples: N" / "samples = N" / "N samples" gives the sample count
-    (plural only, so "7.42 us per sample, 0.03 s" is not read as a count).
+    """(lost, samples) from our profiler's end-of-run summary: its `  lost: N (...)`
+    and `  samples: N in ...` lines (the last of each wins). Anchored to the start
+    of those lines: other lines of the summary also count samples ("stacks deeper
+    than 127 frames: N samples") or losses ("fork and exec events lost").
     """
     lost = samples = None
     for line in text.splitlines():
-        m = re.search(r"lost[^0-9]*([0-9]+)", line, re.I)
+        m = re.match(r"\s*lost:\s*([0-9]+)", line)
         if m:
             lost = int(m.group(1))
-            continue
-        m = (re.search(r"\bsamples\s*[:=]\s*([0-9]+)", line, re.I)
-             or re.search(r"([0-9]+)\s+samples\b", line, re.I))
+        m = re.match(r"\s*samples:\s*([0-9]+)", line)
         if m:
             samples = int(m.group(1))
     return lost, samples
