@@ -373,13 +373,24 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
-/// This process's effective capabilities (`CapEff`), if readable.
-fn effective_capabilities() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+/// This process's effective capabilities (`CapEff`).
+#[derive(Clone, Copy)]
+struct Capabilities(u64);
+
+impl Capabilities {
+    /// `None` when /proc/self/status is unreadable.
+    fn effective() -> Option<Capabilities> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .map(Capabilities)
+    }
+
+    fn has(self, cap: u32) -> bool {
+        self.0 & (1 << cap) != 0
+    }
 }
 
 /// What will stay unnamed for lack of privileges, one sentence each (empty as
@@ -393,8 +404,7 @@ pub fn naming_limits() -> Vec<String> {
     )) {
         limits.push(format!("kernel frames will be unnamed: {e}"));
     }
-    if let Some(eff) = effective_capabilities() {
-        let has = |cap: u32| eff & (1 << cap) != 0;
+    if let Some(caps) = Capabilities::effective() {
         let missing: Vec<&str> = [
             (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
             (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
@@ -402,7 +412,9 @@ pub fn naming_limits() -> Vec<String> {
         ]
         .into_iter()
         // CAP_SYS_ADMIN still grants what CAP_CHECKPOINT_RESTORE was split from.
-        .filter(|&(cap, _)| !(has(cap) || cap == CAP_CHECKPOINT_RESTORE && has(CAP_SYS_ADMIN)))
+        .filter(|&(cap, _)| {
+            !(caps.has(cap) || cap == CAP_CHECKPOINT_RESTORE && caps.has(CAP_SYS_ADMIN))
+        })
         .map(|(_, name)| name)
         .collect();
         if !missing.is_empty() {
@@ -433,11 +445,10 @@ pub fn check_pid_namespace() -> Result<(), SamplerError> {
 /// or run where the pids the kernel reports mean other processes.
 pub fn check_privileges() -> Result<(), SamplerError> {
     check_pid_namespace()?;
-    let Some(eff) = effective_capabilities() else {
+    let Some(caps) = Capabilities::effective() else {
         return Ok(()); // let the kernel decide
     };
-    let has = |cap: u32| eff & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+    if caps.has(CAP_SYS_ADMIN) || (caps.has(CAP_BPF) && caps.has(CAP_PERFMON)) {
         Ok(())
     } else {
         Err(SamplerError::NotPermitted)

@@ -40,9 +40,8 @@ pub const KERNEL_OBJECT: &str = "[kernel.kallsyms]";
 /// The frame that stands for stacks the aggregator had no room for.
 pub const TABLE_FULL_FRAME: &str = "[stack table full]";
 /// The frame that stands for the outer frames of a stack deeper than
-/// [`MAX_STACK_DEPTH`], which the walk did not
-/// reach: placed where they would be, so cut stacks gather under it rather than
-/// pose as roots of their own.
+/// [`MAX_STACK_DEPTH`], which the walk did not reach: placed where they would be,
+/// so cut stacks gather under it rather than pose as roots of their own.
 pub const TRUNCATED_FRAME: &str = "[truncated]";
 
 /// Key of one symbol lookup.
