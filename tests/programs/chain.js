@@ -1,7 +1,8 @@
 // A known JavaScript call chain for the profiler's tests, run with
 // node --perf-basic-prof (writes /tmp/perf-PID.map):
 //   jsOuter -> jsMiddle -> jsInner (busy loop)
-// Usage: node --perf-basic-prof chain.js SECONDS
+// Usage: node --perf-basic-prof --no-turbo-inlining chain.js SECONDS
+// (without the second flag V8 may inline the chain into the main loop).
 function jsInner(x) {
   for (let i = 0; i < 100000; i++) {
     x = (x * 31 + i) % 1000003;

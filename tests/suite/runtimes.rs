@@ -210,13 +210,16 @@ fn jvm_with_attach_disabled_prints_no_thread_dump() {
 
 /// The directory node runs in (it writes an isolate-*.log into its working
 /// directory: kept out of ours) and tests/programs/chain.js under
-/// `node --perf-basic-prof`, 2 s in, its perf map written.
+/// `node --perf-basic-prof`, 2 s in, its perf map written. Without inlining: V8
+/// may otherwise fold the whole chain into the optimized main loop (all samples
+/// then in `JS:* chain.js:1:1`, none in jsInner), depending on when it tiers up.
 fn node_with_perf_map() -> (tempfile::TempDir, KillOnDrop) {
     let cwd = tempfile::tempdir().unwrap();
     let target = spawn(
         Command::new("node")
             .current_dir(cwd.path())
             .arg("--perf-basic-prof")
+            .arg("--no-turbo-inlining")
             .arg(programs_dir().join("chain.js"))
             .arg("60"),
     );
