@@ -243,14 +243,8 @@ impl<'a> RawSample<'a> {
     /// frames were probably cut (the walk cannot tell a stack of exactly that depth
     /// from a deeper one).
     pub fn at_depth_limit(&self) -> bool {
-        at_depth_limit(self.kernel_len(), self.user_len())
+        self.kernel_len() == MAX_STACK_DEPTH || self.user_len() == MAX_STACK_DEPTH
     }
-}
-
-/// True when either stack has [`MAX_STACK_DEPTH`] frames: see
-/// [`RawSample::at_depth_limit`].
-pub fn at_depth_limit(kernel_len: usize, user_len: usize) -> bool {
-    kernel_len == MAX_STACK_DEPTH || user_len == MAX_STACK_DEPTH
 }
 
 /// The thread of each CPU's last record that carried a name, to name the records
@@ -291,7 +285,7 @@ impl ThreadNames {
 /// Counters of the drain stage, readable while it runs (for progress lines).
 #[derive(Debug, Default)]
 pub struct DrainStats {
-    /// Records read from the ring buffer.
+    /// Sample records read from the ring buffer (fork and exec records not counted).
     pub records: AtomicU64,
     /// Records that failed to parse (counted, skipped).
     pub malformed: AtomicU64,
@@ -299,8 +293,6 @@ pub struct DrainStats {
     pub user_walks_derailed: AtomicU64,
     /// Samples with a stack at the [`MAX_STACK_DEPTH`] limit, its root cut.
     pub stacks_at_depth_limit: AtomicU64,
-    /// Fork and exec records read (not counted in `records`).
-    pub process_events: AtomicU64,
 }
 
 impl DrainStats {
@@ -315,9 +307,6 @@ impl DrainStats {
     }
     pub fn stacks_at_depth_limit(&self) -> u64 {
         self.stacks_at_depth_limit.load(Ordering::Relaxed)
-    }
-    pub fn process_events(&self) -> u64 {
-        self.process_events.load(Ordering::Relaxed)
     }
 }
 
@@ -443,9 +432,6 @@ impl DrainLoop {
             self.stats
                 .records
                 .fetch_add((handled - process_events) as u64, Ordering::Relaxed);
-            self.stats
-                .process_events
-                .fetch_add(process_events as u64, Ordering::Relaxed);
             if handled < RECORDS_PER_BATCH {
                 return;
             }
