@@ -33,7 +33,8 @@ use profiler_common::{
 };
 
 /// Samples to userspace, one [`SampleRecord`]-sized slot each (only the frames in
-/// use are written or read), and the fork and exec events of `process_events.rs`. Size: set by userspace at load time, 512 KiB per CPU
+/// use are written or read), and the fork and exec events of `process_events.rs`.
+/// Size: set by userspace at load time, 512 KiB per CPU
 /// (profiler_common::ring_buffer_bytes), 1 MiB on 2 CPUs.
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);

@@ -17,14 +17,15 @@ use aya_ebpf::{
 };
 use profiler_common::{record_kind, ProcessEvent};
 
-use crate::{global, FILTER_BY_PID, SAMPLES};
+use crate::{global, SAMPLES};
 
 /// Events lost to a full ring buffer: one `u64` per CPU.
 #[map]
 static PROCESS_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Byte offset of `pid` in `task_struct`, set by userspace from the kernel's BTF;
-/// 0 (unknown) turns fork events off.
+/// 0 (unknown) turns fork events off. Userspace attaches these programs only
+/// without a pid filter (children of the chosen processes are not sampled).
 #[no_mangle]
 static TASK_PID_OFFSET: u32 = 0;
 
@@ -37,8 +38,7 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 pub fn on_fork(ctx: RawTracePointContext) -> i32 {
     let clone_flags: u64 = ctx.arg(1);
     let offset = global(&TASK_PID_OFFSET);
-    // With a pid filter, children of the chosen processes are not sampled.
-    if clone_flags & CLONE_THREAD != 0 || offset == 0 || global(&FILTER_BY_PID) != 0 {
+    if clone_flags & CLONE_THREAD != 0 || offset == 0 {
         return 0;
     }
     let task: *const u8 = ctx.arg(0);
@@ -57,7 +57,7 @@ pub fn on_fork(ctx: RawTracePointContext) -> i32 {
 /// in the context of the process that exec'd.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
-    if global(&FILTER_BY_PID) != 0 || global(&TASK_PID_OFFSET) == 0 {
+    if global(&TASK_PID_OFFSET) == 0 {
         return 0;
     }
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;

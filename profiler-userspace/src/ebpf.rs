@@ -177,12 +177,19 @@ impl Sampler {
             .unwrap_or_else(|| profiler_common::ring_buffer_bytes(cpus.len() as u32));
         let wakeup_every = profiler_common::wakeup_every(ring_bytes, cpus.len() as u32);
         // The fork tracker reads the new task's pid at this offset; 0 turns it off.
-        let task_pid_offset = crate::btf::kernel_member_offset(
-            std::path::Path::new(crate::btf::VMLINUX_BTF),
-            "task_struct",
-            "pid",
-        );
-        let pid_offset = task_pid_offset.as_ref().copied().unwrap_or(0);
+        // With a pid filter it is not attached (children of the chosen processes
+        // are not sampled), so the kernel's BTF is not read either.
+        let task_pid_offset = config.pids.is_empty().then(|| {
+            crate::btf::kernel_member_offset(
+                std::path::Path::new(crate::btf::VMLINUX_BTF),
+                "task_struct",
+                "pid",
+            )
+        });
+        let pid_offset = match &task_pid_offset {
+            Some(Ok(offset)) => *offset,
+            _ => 0,
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_TASK_PID_OFFSET, &pid_offset, true)
             .override_global(GLOBAL_FILTER_BY_PID, &filter_by_pid, true)
@@ -238,11 +245,10 @@ impl Sampler {
                 })?;
         }
 
-        // Only with a pid filter are forks of no use (children are not sampled).
         let process_events = match task_pid_offset {
-            _ if !config.pids.is_empty() => Ok(()),
-            Ok(_) => attach_process_events(&mut ebpf),
-            Err(e) => Err(format!("task_struct layout unknown: {e}")),
+            None => Ok(()),
+            Some(Ok(_)) => attach_process_events(&mut ebpf),
+            Some(Err(e)) => Err(format!("task_struct layout unknown: {e}")),
         };
         let process_events_lost = ebpf
             .take_map(MAP_PROCESS_EVENTS_LOST)
