@@ -156,7 +156,7 @@ impl<'s, S: Source + ?Sized> Btf<'s, S> {
             if got < want {
                 return Err(BtfError::Malformed("string section past the end"));
             }
-            for i in memchr_all(&buf[..got], &needle) {
+            for i in find_all(&buf[..got], &needle) {
                 found.push((at + i as u64 + 1) as u32);
             }
             if got < needle.len() || at + (got as u64) >= len {
@@ -174,53 +174,25 @@ impl<'s, S: Source + ?Sized> Btf<'s, S> {
     /// Calls `f` for every type in id order until it returns true.
     fn walk(&self, mut f: impl FnMut(TypeRef<'_>) -> bool) -> Result<(), BtfError> {
         let bad = BtfError::Malformed;
-        let (start, len) = self.types;
-        let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
-        // Bytes of the section before buf[0], and read so far.
-        let (mut base, mut read) = (0u64, 0u64);
-        let mut pos = 0usize; // in buf
+        let mut window = Window {
+            src: self.src,
+            section: self.types,
+            buf: Vec::with_capacity(CHUNK),
+            pos: 0,
+            base: 0,
+            read: 0,
+        };
         let mut id = 0u32;
-        loop {
-            if base + pos as u64 == len {
-                return Ok(());
-            }
-            // The type's header, then its trailing data, must be in buf.
-            let mut need = TYPE_HEADER;
-            loop {
-                if buf.len() - pos >= need {
-                    if need == TYPE_HEADER {
-                        let info = u32_at(&buf, pos + 4).ok_or(bad("truncated type"))?;
-                        let extra = trailing_bytes(info).ok_or(bad("unknown type kind"))?;
-                        need = TYPE_HEADER + extra;
-                        if buf.len() - pos >= need {
-                            break;
-                        }
-                    } else {
-                        break;
-                    }
-                }
-                if read == len {
-                    return Err(bad("type past the section"));
-                }
-                // Keep what is left of this type, read the next chunk after it.
-                buf.drain(..pos);
-                base += pos as u64;
-                pos = 0;
-                let want = (len - read).min(CHUNK.max(need) as u64) as usize;
-                let old = buf.len();
-                buf.resize(old + want, 0);
-                let got = self.src.read_at(&mut buf[old..], start + read)?;
-                if got < want {
-                    return Err(bad("type section past the end"));
-                }
-                read += got as u64;
-            }
-            id = id.checked_add(1).ok_or(bad("too many types"))?;
-            let name = u32_at(&buf, pos).ok_or(bad("truncated type"))?;
-            let info = u32_at(&buf, pos + 4).ok_or(bad("truncated type"))?;
+        while window.base + window.pos as u64 != self.types.1 {
+            let header = window.take(TYPE_HEADER)?;
+            let name = u32_at(header, 0).ok_or(bad("truncated type"))?;
+            let info = u32_at(header, 4).ok_or(bad("truncated type"))?;
+            let extra = trailing_bytes(info).ok_or(bad("unknown type kind"))?;
             let kind = (info >> 24) & 0x1f;
+            let trailing = window.take(extra)?;
+            id = id.checked_add(1).ok_or(bad("too many types"))?;
             let members = if matches!(kind, KIND_STRUCT | KIND_UNION) {
-                &buf[pos + TYPE_HEADER..pos + need]
+                trailing
             } else {
                 &[]
             };
@@ -234,8 +206,8 @@ impl<'s, S: Source + ?Sized> Btf<'s, S> {
             }) {
                 return Ok(());
             }
-            pos += need;
         }
+        Ok(())
     }
 
     /// Byte offset of `member` in struct `strukt`, looking inside anonymous
@@ -243,10 +215,6 @@ impl<'s, S: Source + ?Sized> Btf<'s, S> {
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
         let struct_names = self.name_offsets(strukt)?;
         let member_names = self.name_offsets(member)?;
-        let no_member = || BtfError::NoMember {
-            strukt: strukt.into(),
-            member: member.into(),
-        };
         // Structs and unions to look in: (type id, bit offset of its start). The
         // first level is found by name, the next ones by id.
         let mut level: Vec<(u32, u32)> = Vec::new();
@@ -314,8 +282,56 @@ impl<'s, S: Source + ?Sized> Btf<'s, S> {
                 strukt: strukt.into(),
                 member: member.into(),
             }),
-            None => Err(no_member()),
+            None => Err(BtfError::NoMember {
+                strukt: strukt.into(),
+                member: member.into(),
+            }),
         }
+    }
+}
+
+/// A section read front to back through one buffer that holds at least the bytes
+/// asked for next.
+struct Window<'s, S: Source + ?Sized> {
+    src: &'s S,
+    /// Absolute offset and length of the section.
+    section: (u64, u64),
+    buf: Vec<u8>,
+    /// Next unread byte in `buf`.
+    pos: usize,
+    /// Bytes of the section before `buf[0]`, and read from it so far.
+    base: u64,
+    read: u64,
+}
+
+impl<S: Source + ?Sized> Window<'_, S> {
+    /// The next `n` bytes of the section; reads on (in [`CHUNK`]s, or `n` if larger)
+    /// when `buf` holds fewer.
+    fn take(&mut self, n: usize) -> Result<&[u8], BtfError> {
+        let (start, len) = self.section;
+        if self.buf.len() - self.pos < n {
+            if self.read == len {
+                return Err(BtfError::Malformed("type past the section"));
+            }
+            // Keep what is left unread, read the next chunk after it.
+            self.buf.drain(..self.pos);
+            self.base += self.pos as u64;
+            self.pos = 0;
+            let want = (len - self.read).min(CHUNK.max(n) as u64) as usize;
+            let old = self.buf.len();
+            self.buf.resize(old + want, 0);
+            let got = self.src.read_at(&mut self.buf[old..], start + self.read)?;
+            if got < want {
+                return Err(BtfError::Malformed("type section past the end"));
+            }
+            self.read += got as u64;
+            if self.buf.len() < n {
+                return Err(BtfError::Malformed("type past the section"));
+            }
+        }
+        let taken = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(taken)
     }
 }
 
@@ -334,7 +350,7 @@ fn trailing_bytes(info: u32) -> Option<usize> {
 }
 
 /// Start positions of `needle` in `hay`.
-fn memchr_all<'a>(hay: &'a [u8], needle: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+fn find_all<'a>(hay: &'a [u8], needle: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
     hay.windows(needle.len())
         .enumerate()
         .filter(move |(_, w)| *w == needle)
