@@ -10,11 +10,9 @@ use profiler::{
     lineage::Lineage,
 };
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(Record::Process(change)) = Record::parse(data) {
-        Lineage::default().apply(change);
-    }
-    if let Ok(Record::Sample(sample)) = Record::parse(data) {
+fuzz_target!(|data: &[u8]| match Record::parse(data) {
+    Ok(Record::Process(change)) => Lineage::default().apply(change),
+    Ok(Record::Sample(sample)) => {
         let frames = sample.kernel_ips().count() + sample.user_ips().count();
         assert_eq!(frames, sample.kernel_len() + sample.user_len());
         let mut agg = Aggregator::new(AggregateLimits {
@@ -26,4 +24,5 @@ fuzz_target!(|data: &[u8]| {
         agg.add(&sample);
         assert_eq!(agg.stats().samples, 2);
     }
+    Err(_) => {}
 });
