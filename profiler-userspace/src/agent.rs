@@ -644,6 +644,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .named_from_parent
             .load(Ordering::Relaxed),
         process_events_lost = stopped.process_events_lost,
+        lineage_forgotten = stopped.lineage_forgotten,
         processes_untracked_table_full = stopped.process_stats.table_full.load(Ordering::Relaxed),
         first_sights_deferred_queue_full = stopped.process_stats.queue_full.load(Ordering::Relaxed),
         binaries_unopened_table_full = stopped.process_stats.objects_full.load(Ordering::Relaxed),

@@ -42,6 +42,8 @@ pub struct Stopped {
     pub bpf: ProgramStats,
     /// Fork and exec events the kernel could not write (ring buffer full).
     pub process_events_lost: u64,
+    /// Processes the fork lineage forgot to stay within its bound.
+    pub lineage_forgotten: u64,
     pub table: Arc<Mutex<ProcessTable>>,
     pub process_stats: Arc<ProcessStats>,
     pub drain_stats: Arc<DrainStats>,
@@ -185,11 +187,17 @@ impl Collector {
         tokio::task::spawn_blocking(move || worker.join())
             .await
             .context("the capture thread failed")?;
+        let lineage_forgotten = {
+            let table = table.lock().unwrap_or_else(|p| p.into_inner());
+            let lineage = table.lineage().lock().unwrap_or_else(|p| p.into_inner());
+            lineage.forgotten
+        };
         Ok(Stopped {
             aggregate,
             kernel,
             bpf,
             process_events_lost,
+            lineage_forgotten,
             table,
             process_stats,
             drain_stats,

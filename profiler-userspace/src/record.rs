@@ -67,6 +67,8 @@ pub struct RecordSummary {
     pub named_from_parent: u64,
     /// Fork and exec events lost in the kernel (ring buffer full).
     pub process_events_lost: u64,
+    /// Processes the lineage forgot to stay within its bound.
+    pub lineage_forgotten: u64,
     pub unknown: UnknownCounts,
     pub bpf: ProgramStats,
     pub runtimes: RuntimeSummary,
@@ -189,11 +191,13 @@ impl RecordSummary {
                 self.named_from_parent
             );
         }
-        if self.process_events_lost > 0 {
+        if self.process_events_lost > 0 || self.lineage_forgotten > 0 {
             let _ = writeln!(
                 s,
-                "  fork and exec events lost (ring buffer full): {}",
-                self.process_events_lost
+                "  fork and exec events lost (ring buffer full): {}; forgotten (over {} processes): {}",
+                self.process_events_lost,
+                crate::lineage::MAX_LINEAGE_ENTRIES,
+                self.lineage_forgotten
             );
         }
         let reasons = self.unknown.reasons();
@@ -435,6 +439,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
             .named_from_parent
             .load(Ordering::Relaxed),
         process_events_lost: stopped.process_events_lost,
+        lineage_forgotten: stopped.lineage_forgotten,
         unknown: profile.unknown,
         bpf: stopped.bpf,
         runtimes,
