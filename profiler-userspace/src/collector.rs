@@ -134,15 +134,18 @@ impl Collector {
         aggregate.await.context("the drain task ended unexpectedly")
     }
 
-    /// Forgets processes that exited or exec'd: their metadata and open binaries are
-    /// released and they are captured again when next sampled. Off the runtime
-    /// thread: it reads /proc for every tracked process, and waits for the table
-    /// while the capture worker reads one; the drain runs on that thread.
+    /// Forgets processes that exec'd or exited (those gone one cycle after they were
+    /// found gone: see [`crate::process::ProcessTable::take_forgettable`]): their
+    /// metadata and open binaries are released and they are captured again when
+    /// next sampled. Call it once a cycle, after the profile of the interval before
+    /// the open one is symbolized. Off the runtime thread: it reads /proc for
+    /// every tracked process, and waits for the table while the capture worker
+    /// reads one; the drain runs on that thread.
     pub async fn forget_exited(&self) {
         let table = self.table.clone();
         let exited = tokio::task::spawn_blocking(move || {
             let mut table = table.lock().expect("process table lock");
-            let exited = table.exited();
+            let exited = table.take_forgettable();
             for &pid in &exited {
                 table.remove(pid);
             }
@@ -150,9 +153,8 @@ impl Collector {
         })
         .await
         .unwrap_or_default();
-        if !exited.is_empty() {
-            let _ = self.commands.send(DrainCommand::Forget(exited)).await;
-        }
+        // Even with none exited: first sight then retries those it could not capture.
+        let _ = self.commands.send(DrainCommand::Forget(exited)).await;
     }
 
     /// Detaches the program, drains what is left and stops everything.

@@ -40,7 +40,8 @@ use crate::lineage::{Lineage, ProcessChange, MAX_ANCESTORS};
 /// Processes whose metadata is kept: each costs ~200 bytes plus ~80 bytes per
 /// executable mapping, so ~8 MiB at 8192 processes with 30 mappings each.
 pub const MAX_TRACKED_PROCESSES: usize = 8192;
-/// Gone processes named from an ancestor, kept until the end of the interval: 8 192
+/// Gone processes named from an ancestor, kept until the end of the cycle after the
+/// one that found them gone (see [`ProcessTable::take_forgettable`]): 8 192
 /// x ~24 bytes (pid and a shared reference to the ancestor's metadata) is ~200 KiB.
 /// When full, such a process is named again from the lineage at symbolization.
 pub const MAX_ALIASES: usize = 8192;
@@ -183,7 +184,8 @@ pub struct ProcessStats {
     pub named_from_parent: AtomicU64,
     /// First sights dropped because the queue was full (retried on the next sample).
     pub queue_full: AtomicU64,
-    /// Processes not tracked because the table was full.
+    /// Times a process was not tracked because the table was full (a process
+    /// sampled on is counted again when next tried: once a cycle in the agent).
     pub table_full: AtomicU64,
     /// Mappings whose file was not held open because the object table was full.
     pub objects_full: AtomicU64,
@@ -201,6 +203,9 @@ pub struct ProcessTable {
     vdso: Option<Arc<ObjectFile>>,
     stats: Arc<ProcessStats>,
     lineage: Arc<Mutex<Lineage>>,
+    /// Tracked pids the last [`ProcessTable::take_forgettable`] found gone, and kept
+    /// for one more cycle. A subset of `processes` and `aliases`.
+    gone_at_last_check: HashSet<u32>,
 }
 
 impl ProcessTable {
@@ -212,6 +217,7 @@ impl ProcessTable {
             vdso: own_vdso().ok(),
             stats,
             lineage: Arc::default(),
+            gone_at_last_check: HashSet::new(),
         }
     }
 
@@ -304,23 +310,40 @@ impl ProcessTable {
         None
     }
 
-    /// Tracked processes that have exited (or whose pid now belongs to another
-    /// process), or exec'd another executable since their capture: what we hold of
-    /// them no longer describes what runs under their pid. Gone processes named
-    /// from an ancestor are all in it.
-    pub fn exited(&self) -> Vec<u32> {
-        let aliases = self.aliases.keys().copied();
-        self.processes
-            .values()
-            .filter(|p| {
-                let exited = Process::new(p.pid as i32)
-                    .and_then(|proc| proc.stat())
-                    .map_or(true, |stat| stat.starttime != p.start_time);
-                exited || exe_id(p.pid) != p.exe_id
-            })
-            .map(|p| p.pid)
-            .chain(aliases)
-            .collect()
+    /// Tracked processes to forget at the end of a cycle: what we hold of them no
+    /// longer describes what runs under their pid, and no sample still waiting to
+    /// be symbolized needs it.
+    ///
+    /// - Replaced now (a new process under the pid, or an exec of another
+    ///   executable): forgotten at once, so that the new program is captured when
+    ///   next sampled.
+    /// - Gone (no /proc entry; gone processes named from an ancestor too): kept
+    ///   until the check after the one that first found them gone. The interval
+    ///   that was open at that first check may hold their last samples; it is
+    ///   symbolized before the next check (cycles never overlap).
+    pub fn take_forgettable(&mut self) -> Vec<u32> {
+        let mut forget = Vec::new();
+        let mut gone = HashSet::new();
+        for p in self.processes.values() {
+            match Process::new(p.pid as i32).and_then(|proc| proc.stat()) {
+                Err(_) => {
+                    gone.insert(p.pid);
+                }
+                Ok(stat) if stat.starttime != p.start_time => forget.push(p.pid),
+                Ok(_) if exe_id(p.pid) != p.exe_id => forget.push(p.pid),
+                Ok(_) => {}
+            }
+        }
+        gone.extend(self.aliases.keys().copied());
+        let found_gone_before = std::mem::take(&mut self.gone_at_last_check);
+        for pid in gone {
+            if found_gone_before.contains(&pid) {
+                forget.push(pid);
+            } else {
+                self.gone_at_last_check.insert(pid);
+            }
+        }
+        forget
     }
 
     /// Forgets processes (e.g. exited ones at the end of an interval) and closes the
@@ -328,6 +351,7 @@ impl ProcessTable {
     pub fn remove(&mut self, pid: u32) {
         self.processes.remove(&pid);
         self.aliases.remove(&pid);
+        self.gone_at_last_check.remove(&pid);
         self.objects.retain(|_, o| o.strong_count() > 0);
     }
 
@@ -527,6 +551,11 @@ pub struct FirstSight {
     /// processes that may still be captured, and a reused pid is captured again.
     /// Bounded by `seen`: each tgid in it is queued at most once.
     gone: Arc<Mutex<Vec<u32>>>,
+    /// Tgids the worker could not capture although they run (/proc unreadable, or
+    /// the table full): they leave `seen` at the next [`FirstSight::forget`], once
+    /// a cycle, to be tried again then rather than on every sample. Bounded as
+    /// `gone`.
+    uncaptured: Arc<Mutex<Vec<u32>>>,
     lineage: Arc<Mutex<Lineage>>,
 }
 
@@ -570,9 +599,11 @@ impl FirstSight {
     }
 
     /// Lets these tgids be captured again when next seen (after they were removed
-    /// from the table).
+    /// from the table), and those the worker could not capture be tried again.
     pub fn forget(&mut self, tgids: impl IntoIterator<Item = u32>) {
-        for tgid in tgids {
+        let uncaptured =
+            std::mem::take(&mut *self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()));
+        for tgid in tgids.into_iter().chain(uncaptured) {
             self.seen.remove(&tgid);
         }
     }
@@ -593,10 +624,14 @@ impl CaptureWorker {
             (table.stats().clone(), table.lineage().clone())
         };
         let gone = Arc::new(Mutex::new(Vec::new()));
-        let worker_gone = gone.clone();
+        let uncaptured = Arc::new(Mutex::new(Vec::new()));
+        let released = Released {
+            gone: gone.clone(),
+            uncaptured: uncaptured.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("capture".into())
-            .spawn(move || capture_loop(rx, table, worker_gone))?;
+            .spawn(move || capture_loop(rx, table, released))?;
         Ok((
             CaptureWorker {
                 handle: Some(handle),
@@ -606,6 +641,7 @@ impl CaptureWorker {
                 queue: tx,
                 stats,
                 gone,
+                uncaptured,
                 lineage,
             },
         ))
@@ -619,7 +655,15 @@ impl CaptureWorker {
     }
 }
 
-fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>, gone: Arc<Mutex<Vec<u32>>>) {
+/// The worker's way to hand tgids back to first sight (see [`FirstSight`]).
+struct Released {
+    gone: Arc<Mutex<Vec<u32>>>,
+    uncaptured: Arc<Mutex<Vec<u32>>>,
+}
+
+fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>, released: Released) {
+    let push =
+        |list: &Mutex<Vec<u32>>, pid| list.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
     while let Ok(pid) = queue.recv() {
         let mut table = table.lock().expect("process table lock");
         match table.capture(pid) {
@@ -628,13 +672,14 @@ fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>, gone: Arc
                     .stats
                     .gone_before_capture
                     .fetch_add(1, Ordering::Relaxed);
-                gone.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+                push(&released.gone, pid);
             }
             // Gone too, named from an ancestor: it leaves first sight all the same.
-            Ok(info) if info.pid != pid => {
-                gone.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
-            }
-            _ => {}
+            Ok(info) if info.pid != pid => push(&released.gone, pid),
+            // Stored under its pid: it stays in first sight until forgotten.
+            Ok(_) if table.processes.contains_key(&pid) => {}
+            // Not stored (the table is full), or unreadable.
+            Ok(_) | Err(CaptureError::Unreadable { .. }) => push(&released.uncaptured, pid),
         }
     }
 }
@@ -716,7 +761,14 @@ mod tests {
             Some(MappedObject::File(_))
         ));
         assert_eq!(table.stats().named_from_parent.load(Ordering::Relaxed), 1);
-        assert!(table.exited().contains(&gone), "let go at the next check");
+        assert!(
+            !table.take_forgettable().contains(&gone),
+            "kept while the open interval may still name it"
+        );
+        assert!(
+            table.take_forgettable().contains(&gone),
+            "let go at the check after"
+        );
 
         lineage
             .lock()
@@ -726,6 +778,55 @@ mod tests {
             table.capture(gone),
             Err(CaptureError::Gone { .. })
         ));
+    }
+
+    /// An exited process stays named for one more cycle (the open interval may
+    /// hold its last samples), then is let go.
+    #[test]
+    fn exited_process_is_forgotten_one_cycle_late() {
+        let mut table = ProcessTable::new(Arc::default());
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        table.capture(pid).unwrap();
+        assert!(table.take_forgettable().is_empty(), "running: kept");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            !table.take_forgettable().contains(&pid),
+            "first found gone: kept"
+        );
+        assert!(table.get(pid).is_some());
+        assert_eq!(
+            table.take_forgettable(),
+            vec![pid],
+            "gone at the check after"
+        );
+    }
+
+    /// A process that exec'd another executable is let go at the first check: the
+    /// new program is captured when next sampled.
+    #[test]
+    fn execd_process_is_forgotten_at_once() {
+        let mut table = ProcessTable::new(Arc::default());
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read line; exec sleep 5"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        table.capture(pid).unwrap();
+        assert!(table.take_forgettable().is_empty());
+        drop(child.stdin.take());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let forgotten = table.take_forgettable();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(forgotten, vec![pid]);
     }
 
     /// A pid that does not exist is reported as gone, not as an error to surface.

@@ -210,6 +210,74 @@ fn container_id_and_build_id_reach_the_receiver() {
     }
 }
 
+/// Processes that exit in the agent's open interval, before the cycle of the
+/// interval before it ends (when exited processes are forgotten), are still named
+/// when their interval is symbolized. Four loops of 1.5 s runs of the chain
+/// program over 1 s intervals: each run is captured long before it exits, and many
+/// exit while a cycle runs.
+#[test]
+fn processes_exiting_in_the_open_interval_are_named() {
+    let _heavy = cpu_heavy_lock();
+    let files = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&[
+        "--interval",
+        "1",
+        "--output-dir",
+        files.path().to_str().unwrap(),
+        "--runtimes",
+        "none",
+    ]);
+    agent.wait_for_log("profiling started", Duration::from_secs(30));
+    let blink = program_named("chain", "chain_blink");
+    let end = std::time::Instant::now() + Duration::from_secs(16);
+    let loops: Vec<_> = (0..4)
+        .map(|i| {
+            let blink = blink.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(i * 400));
+                let mut runs = 0;
+                while std::time::Instant::now() < end {
+                    let mut run = KillOnDrop::spawn(std::process::Command::new(&blink).arg("1.5"));
+                    assert!(run.wait().success());
+                    runs += 1;
+                }
+                runs
+            })
+        })
+        .collect();
+    let runs: u32 = loops.into_iter().map(|l| l.join().unwrap()).sum();
+    // Two more intervals, so the last runs' interval is symbolized.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
+    let mut stacks = Vec::new();
+    for entry in std::fs::read_dir(files.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "folded") {
+            stacks.extend(read_folded_file(&path));
+        }
+    }
+    let ours: Vec<&FoldedStack> = stacks
+        .iter()
+        .filter(|s| s.frames[0] == "chain_blink")
+        .collect();
+    let total: u64 = ours.iter().map(|s| s.count).sum();
+    assert!(total > 0, "{runs} runs, no sample");
+    let unnamed: u64 = ours
+        .iter()
+        .filter(|s| s.frames.iter().any(|f| f.contains("[unknown process]")))
+        .map(|s| s.count)
+        .sum();
+    assert_eq!(
+        unnamed, 0,
+        "{unnamed} of {total} samples unnamed over {runs} runs"
+    );
+    let named = profiler_tests::samples_with_chain(&stacks, "chain_blink", &CHAIN_ROOT_FIRST);
+    assert!(
+        named * 2 > total,
+        "{named} of {total} with the chain: {ours:#?}"
+    );
+}
+
 /// With the backend down, the agent keeps its memory bounded, drops the oldest
 /// profiles (and says so), and resumes exporting when the backend comes back,
 /// without a restart.
