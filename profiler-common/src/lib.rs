@@ -220,15 +220,19 @@ pub enum Counter {
     /// User stack walk failed with an error other than "no user stack"
     /// (the sample is still emitted, without user frames).
     UserStackError = 5,
+    /// The frame-pointer walk of user code stopped at a frame pointer it could not
+    /// follow (misaligned, unreadable, not above the last): code built without
+    /// frame pointers. The frames found before it are emitted.
+    UserWalkCut = 6,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_COUNT: usize = 6;
+pub const COUNTER_COUNT: usize = 7;
 
 /// The counters of one CPU, indexed by [`Counter`].
 pub type Counters = [u64; COUNTER_COUNT];
 
-/// The per-CPU value of [`MAP_COUNTERS`]: 56 bytes, within one cache line.
+/// The per-CPU value of [`MAP_COUNTERS`]: 64 bytes, one cache line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuState {
@@ -248,6 +252,7 @@ impl Counter {
         Counter::RingBufferFull,
         Counter::KernelStackError,
         Counter::UserStackError,
+        Counter::UserWalkCut,
     ];
 
     /// True for counters that mean a sample was lost.
@@ -271,7 +276,7 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<SampleHeader>() == 40);
-const _: () = assert!(core::mem::size_of::<CpuState>() == 56);
+const _: () = assert!(core::mem::size_of::<CpuState>() == 64);
 const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 16);
 const _: () = assert!(COMM_READ_EVERY.is_power_of_two());
 const _: () = assert!(2 * MAX_STACK_DEPTH <= MAX_RECORD_FRAMES);

@@ -138,6 +138,7 @@ fn emit<T: 'static>(
         stacks::Stack {
             frames: 0,
             status: stacks::NO_STACK,
+            cut: false,
         }
     };
     // A sample of kernel code always has a kernel stack: any error, "no stack"
@@ -153,6 +154,9 @@ fn emit<T: 'static>(
     let user = stacks::user_stack(ctx, user_dst);
     if user.status != 0 && user.status != stacks::NO_STACK {
         bump(counters, Counter::UserStackError);
+    }
+    if user.cut {
+        bump(counters, Counter::UserWalkCut);
     }
 
     // The thread name is read only when this CPU's last record was of another

@@ -23,6 +23,10 @@ pub struct Stack {
     pub frames: u64,
     /// 0, or the negative errno of the walk.
     pub status: i64,
+    /// The frame-pointer walk stopped at a frame pointer it could not follow
+    /// (misaligned, unreadable, or not above the last one) rather than at the
+    /// chain's end or the depth limit: what code built without frame pointers does.
+    pub cut: bool,
 }
 
 const STACK_BYTES: u32 = (MAX_STACK_DEPTH * 8) as u32;
@@ -35,12 +39,14 @@ fn walk(ctx: &PerfEventContext, dst: *mut u64, flags: u64) -> Stack {
         Stack {
             frames: 0,
             status: ret,
+            cut: false,
         }
     } else {
         Stack {
             // The mask keeps the bound visible to the verifier.
             frames: ((ret as u64) / 8) & (MAX_STACK_DEPTH as u64),
             status: 0,
+            cut: false,
         }
     }
 }
@@ -69,6 +75,7 @@ pub fn kernel_stack(ctx: &PerfEventContext, dst: *mut u64) -> Stack {
         return Stack {
             frames: 0,
             status: NO_STACK,
+            cut: false,
         };
     }
     walk(ctx, dst, 0)
@@ -94,8 +101,9 @@ pub fn user_stack(ctx: &PerfEventContext, dst: *mut u64) -> Stack {
 }
 
 /// Follows the frame-pointer chain from `fp`, as the kernel's perf_callchain_user
-/// does: `[fp]` is the caller's frame pointer, `[fp + 8]` the return address. Stops
-/// at a null, misaligned or non-ascending frame pointer or an unreadable frame.
+/// does: `[fp]` is the caller's frame pointer, `[fp + 8]` the return address. Ends
+/// at a null frame pointer or return address; stops, `cut`, at a misaligned or
+/// non-ascending frame pointer or an unreadable frame.
 /// Each frame is read onto the program's stack (16 bytes), which stays in cache.
 #[cfg_attr(
     not(bpf_target_arch = "x86_64"),
@@ -106,12 +114,18 @@ fn frame_pointer_walk(ip: u64, mut fp: u64, dst: *mut u64) -> Stack {
     // SAFETY (all writes to dst): index < MAX_STACK_DEPTH, and dst has that many slots.
     unsafe { *dst = ip };
     let mut frames: u64 = 1;
+    let mut cut = false;
     for i in 1..MAX_STACK_DEPTH {
-        if fp == 0 || fp & 7 != 0 {
+        if fp == 0 {
+            break;
+        }
+        if fp & 7 != 0 {
+            cut = true;
             break;
         }
         // SAFETY: user memory read through the helper, which handles faults.
         let Ok([next_fp, ret]) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else {
+            cut = true;
             break;
         };
         if ret == 0 {
@@ -120,9 +134,14 @@ fn frame_pointer_walk(ip: u64, mut fp: u64, dst: *mut u64) -> Stack {
         unsafe { *dst.add(i & MAX_STACK_DEPTH) = ret };
         frames = i as u64 + 1;
         if next_fp <= fp {
+            cut = next_fp != 0;
             break;
         }
         fp = next_fp;
     }
-    Stack { frames, status: 0 }
+    Stack {
+        frames,
+        status: 0,
+        cut,
+    }
 }

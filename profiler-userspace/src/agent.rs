@@ -393,6 +393,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             pids: config.pids.clone(),
             include_idle: config.include_idle,
             ring_buffer_bytes: None,
+            bpf_stats: false,
         },
         AggregateLimits::default(),
     )?;

@@ -39,6 +39,11 @@ pub struct SamplerConfig {
     /// Ring buffer size in bytes (a power of two, at least one page); `None` sizes
     /// it by the number of CPUs (`profiler_common::ring_buffer_bytes`).
     pub ring_buffer_bytes: Option<u32>,
+    /// Turn on the kernel's BPF run-time statistics while the sampler runs, for
+    /// [`Sampler::program_stats`]. They time every run of every BPF program on the
+    /// host (two clock reads each), so `record` asks for them and the agent, which
+    /// runs for good and never reports them, does not.
+    pub bpf_stats: bool,
 }
 
 /// Why the sampler could not start. Each message is one sentence a user can act on.
@@ -65,11 +70,22 @@ pub enum SamplerError {
         /// The feature, as the kernel reported it.
         what: String,
     },
-    /// The kernel has no perf events or no cpu-clock software event.
-    #[error("cannot open the cpu-clock perf event on CPU {cpu} ({source}); the kernel needs CONFIG_PERF_EVENTS")]
+    /// The cpu-clock software event could not be opened (no perf events in the
+    /// kernel, a security policy, no file descriptors left, ...).
+    #[error("cannot open the cpu-clock perf event on CPU {cpu} ({source}); {hint}")]
     PerfEvent {
         /// The CPU we tried.
         cpu: u32,
+        /// The system error.
+        source: io::Error,
+        /// What to do about it, from the errno.
+        hint: &'static str,
+    },
+    /// The kernel would not give the maps the memory they need.
+    #[error("the kernel refused memory for eBPF map {name} ({source}); it is charged to the locked-memory limit (`ulimit -l`) on kernels before 5.11, and to the memory cgroup after: raise that limit")]
+    MapMemory {
+        /// The map.
+        name: String,
         /// The system error.
         source: io::Error,
     },
@@ -218,7 +234,10 @@ impl Sampler {
 
         // Statistics for our own summary (BPF time per sample). Best effort: a kernel
         // without BPF_ENABLE_STATS still samples.
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let stats = config
+            .bpf_stats
+            .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).ok())
+            .flatten();
 
         let program: &mut PerfEvent = ebpf
             .program_mut(PROGRAM_SAMPLE)
@@ -238,6 +257,7 @@ impl Sampler {
                     ProgramError::SyscallError(e) if e.call == "perf_event_open" => {
                         SamplerError::PerfEvent {
                             cpu,
+                            hint: perf_event_hint(&e.io_error),
                             source: e.io_error,
                         }
                     }
@@ -465,15 +485,38 @@ fn is_permission(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
 }
 
+/// What to do when perf_event_open fails with `e`.
+fn perf_event_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOENT | libc::ENODEV | libc::EOPNOTSUPP) => {
+            "the kernel needs CONFIG_PERF_EVENTS"
+        }
+        Some(libc::EPERM | libc::EACCES) => {
+            "refused: without root this needs CAP_PERFMON; as root, a security policy (an LSM, seccomp, or kernel.perf_event_paranoid with a lockdown) forbids it"
+        }
+        Some(libc::EMFILE | libc::ENFILE) => {
+            "no file descriptor left: raise the open files limit (`ulimit -n`)"
+        }
+        Some(libc::EINVAL) => "the kernel does not accept this event (a frequency above kernel.perf_event_max_sample_rate?)",
+        _ => "see the system error",
+    }
+}
+
 fn ebpf_error(e: EbpfError) -> SamplerError {
     match e {
         EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error, .. }) => {
-            if is_permission(&io_error) {
-                SamplerError::NotPermitted
-            } else {
-                SamplerError::KernelFeature {
-                    what: format!("creating map {name}: {io_error}"),
+            match io_error.raw_os_error() {
+                Some(libc::EPERM | libc::EACCES) => SamplerError::NotPermitted,
+                Some(libc::ENOMEM) => SamplerError::MapMemory {
+                    name,
+                    source: io_error,
+                },
+                Some(libc::EINVAL | libc::E2BIG | libc::EOPNOTSUPP) => {
+                    SamplerError::KernelFeature {
+                        what: format!("creating map {name}: {io_error}"),
+                    }
                 }
+                _ => SamplerError::Load(format!("creating map {name}: {io_error}")),
             }
         }
         EbpfError::ProgramError(e) => program_error(e),
@@ -501,6 +544,17 @@ fn program_error(e: ProgramError) -> SamplerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed perf_event_open names its likely cause by errno, not always a
+    /// missing kernel option.
+    #[test]
+    fn perf_event_errors_name_their_cause() {
+        let hint = |errno| perf_event_hint(&io::Error::from_raw_os_error(errno));
+        assert!(hint(libc::ENOENT).contains("CONFIG_PERF_EVENTS"));
+        assert!(hint(libc::EACCES).contains("security policy"));
+        assert!(hint(libc::EMFILE).contains("ulimit -n"));
+        assert!(!hint(libc::EBUSY).contains("CONFIG_PERF_EVENTS"));
+    }
 
     /// The embedded eBPF object has no panic functions (the verifier rejects a
     /// reachable one as "last insn is not an exit or jmp", at load time, on the

@@ -161,6 +161,13 @@ impl RecordSummary {
                 walk_errors[0], walk_errors[1]
             );
         }
+        let cut_in_kernel = self.kernel.get(profiler_common::Counter::UserWalkCut);
+        if cut_in_kernel > 0 {
+            let _ = writeln!(
+                s,
+                "  user stacks cut at a frame pointer the walk could not follow: {cut_in_kernel} (code built without frame pointers; the frames above it are kept)"
+            );
+        }
         if self.user_walks_derailed > 0 {
             let _ = writeln!(
                 s,
@@ -290,6 +297,8 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
             pids: config.pids.clone(),
             include_idle: config.include_idle,
             ring_buffer_bytes: config.ring_buffer_bytes,
+            // The summary reports BPF time per sample.
+            bpf_stats: true,
         },
         AggregateLimits::default(),
     )?;
