@@ -599,12 +599,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                 stats.samples.fetch_add(done.samples, Ordering::Relaxed);
                 sinks.deliver(&mut done, &stats);
             }
-            _ => warn!("the last profile was not ready before the shutdown deadline"),
+            Ok(Err(_)) => {
+                worker_free = false;
+                warn!("the last cycle failed: its profile is lost");
+            }
+            Err(_) => {
+                // Not joined below: the exit goes on within the deadline.
+                worker_free = false;
+                warn!("the last profile was not ready before the shutdown deadline");
+            }
         }
     }
     let export_stats = sinks.export_stats.clone();
     let queue = sinks.queue.clone();
-    let queue_dropped = |stat: fn(&QueueStats) -> &AtomicU64| {
+    let queue_stat = |stat: fn(&QueueStats) -> &AtomicU64| {
         queue
             .as_ref()
             .map_or(0, |q| stat(&q.stats).load(Ordering::Relaxed))
@@ -624,14 +632,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .get(profiler_common::Counter::KernelStackError),
         user_stack_walk_errors = stopped.kernel.get(profiler_common::Counter::UserStackError),
         user_stacks_cut = stopped.drain_stats.user_walks_derailed(),
+        user_walks_cut_in_kernel = stopped.kernel.get(profiler_common::Counter::UserWalkCut),
         stacks_at_depth_limit = stopped.drain_stats.stacks_at_depth_limit(),
         exported_requests = export_stats.sent_requests.load(Ordering::Relaxed),
         exported_bytes = export_stats.sent_bytes.load(Ordering::Relaxed),
         export_retries = export_stats.retries.load(Ordering::Relaxed),
         rejected_requests = export_stats.rejected_requests.load(Ordering::Relaxed),
         given_up_requests = export_stats.given_up_requests.load(Ordering::Relaxed),
-        queue_dropped_requests = queue_dropped(|q| &q.dropped),
-        queue_dropped_bytes = queue_dropped(|q| &q.dropped_bytes),
+        queue_dropped_requests = queue_stat(|q| &q.dropped),
+        queue_dropped_bytes = queue_stat(|q| &q.dropped_bytes),
+        queue_peak_bytes = queue_stat(|q| &q.peak_bytes),
         oversized_stacks = stats.oversized_stacks.load(Ordering::Relaxed),
         partially_rejected_profiles = export_stats
             .partially_rejected_profiles

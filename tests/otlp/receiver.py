@@ -23,7 +23,10 @@ gzipped at level 6, the level tonic's gzip uses on the wire (bench/agent_outage.
 Modes: ok (default), reject (--code NAME: every call fails with that status, or only
 the first N calls with --refuse-first N, then they succeed; the message carries the
 call's number and size, as real servers' messages carry sizes and ids),
-stall (--stall SECONDS before answering). --partial-reject N answers every accepted
+stall (--stall SECONDS before answering). --retry-delay SECONDS adds to each
+rejection a google.rpc.RetryInfo with that delay (the OTLP way to throttle), in the
+grpc-status-details-bin trailer as grpcio-status writes it. "t" is the time of the
+call (seconds, monotonic). --partial-reject N answers every accepted
 call with partial_success: N profiles rejected, the message carrying the call's
 number. --token T requires the header
 `authorization: Bearer T` (else UNAUTHENTICATED). --tls-cert/--tls-key serve TLS;
@@ -45,6 +48,35 @@ from opentelemetry.proto.collector.profiles.v1development import (
     profiles_service_pb2,
     profiles_service_pb2_grpc,
 )
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def field(number, value):
+    """One protobuf field: an int as a varint, bytes length-delimited."""
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def status_with_retry_info(code, message, delay):
+    """An encoded google.rpc.Status whose details hold a RetryInfo of `delay` s
+    (google/rpc/status.proto, error_details.proto; protobuf Any and Duration)."""
+    secs, nanos = int(delay), int(round((delay - int(delay)) * 1e9))
+    duration = field(1, secs) + field(2, nanos)
+    retry_info = field(1, duration)
+    any_ = field(1, b"type.googleapis.com/google.rpc.RetryInfo") + field(2, retry_info)
+    return field(1, code.value[0]) + field(2, message.encode()) + field(3, any_)
 
 
 def any_value(v):
@@ -114,7 +146,12 @@ def decode(request):
             if loc is None:
                 continue
             if loc.mapping_index:
-                at(d.mapping_table, "mapping", loc.mapping_index)
+                m = at(d.mapping_table, "mapping", loc.mapping_index)
+                # profiles.proto: a location's address "should be within
+                # [Mapping.memory_start...Mapping.memory_limit]".
+                if m is not None and not m.memory_start <= loc.address < m.memory_limit:
+                    errors.append(f"location address {loc.address:#x} outside its mapping "
+                                  f"[{m.memory_start:#x}, {m.memory_limit:#x})")
             ftype = attrs(loc.attribute_indices).get("profile.frame.type")
             for line in loc.lines:
                 fn = at(d.function_table, "function", line.function_index)
@@ -176,10 +213,12 @@ class Servicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
             time.sleep(self.args.stall)
         if self.args.mode == "reject" and (self.args.refuse_first == 0 or call <= self.args.refuse_first):
             self.record(request, md, call, status=self.args.code)
-            context.abort(
-                getattr(grpc.StatusCode, self.args.code),
-                f"rejected by test: {self.args.code} (call {call}, {request.ByteSize()} bytes)",
-            )
+            code = getattr(grpc.StatusCode, self.args.code)
+            message = f"rejected by test: {self.args.code} (call {call}, {request.ByteSize()} bytes)"
+            if self.args.retry_delay is not None:
+                details = status_with_retry_info(code, message, self.args.retry_delay)
+                context.set_trailing_metadata((("grpc-status-details-bin", details),))
+            context.abort(code, message)
         self.record(request, md, call, status="OK")
         resp = profiles_service_pb2.ExportProfilesServiceResponse()
         if self.args.partial_reject:
@@ -195,6 +234,7 @@ class Servicer(profiles_service_pb2_grpc.ProfilesServiceServicer):
         line = json.dumps({
             "status": status,
             "call": call,
+            "t": time.monotonic(),
             "sha256": hashlib.sha256(encoded).hexdigest(),
             "bytes": request.ByteSize(),
             "gzip_bytes": len(gzip.compress(encoded, compresslevel=6)),
@@ -216,6 +256,7 @@ def main():
     ap.add_argument("--code", default="UNAVAILABLE")
     ap.add_argument("--refuse-first", type=int, default=0)
     ap.add_argument("--stall", type=float, default=30.0)
+    ap.add_argument("--retry-delay", type=float)
     ap.add_argument("--token")
     ap.add_argument("--partial-reject", type=int, default=0)
     ap.add_argument("--tls-cert")

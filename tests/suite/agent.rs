@@ -319,6 +319,15 @@ fn backend_outage_is_bounded_and_recovers() {
     assert!(rss_down < 64 * 1024, "RSS {rss_down} KiB during the outage");
     assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
     drop(busy);
+    // The queue filled, dropped the oldest, and never held more than its bound.
+    let log = agent.log();
+    let stopped = log.lines().find(|l| l.contains("stopped")).unwrap();
+    assert!(
+        log_field(stopped, "queue_dropped_requests") > 0,
+        "{stopped}"
+    );
+    let peak = log_field(stopped, "queue_peak_bytes");
+    assert!(peak > 32 * 1024 && peak <= 64 * 1024, "{stopped}");
 }
 
 /// A receiver that never answers: requests time out and are retried, nothing piles
@@ -337,6 +346,10 @@ fn stalled_backend_times_out() {
         "--shutdown-timeout",
         "2",
         "--include-idle",
+        "--queue-kib",
+        "64",
+        "--max-request-kib",
+        "64",
     ]);
     // The first request goes out after the first interval and times out 1 s later;
     // a loaded machine (the suite runs tests in parallel) may start the agent late.
@@ -345,6 +358,9 @@ fn stalled_backend_times_out() {
         log.contains("DeadlineExceeded") || log.contains("Cancelled"),
         "{log}"
     );
+    // Profiles pile up behind the stalled request until the queue's bound drops
+    // the oldest.
+    agent.wait_for_log("export queue full", Duration::from_secs(60));
     let started = std::time::Instant::now();
     let status = agent.terminate(Duration::from_secs(30)).expect("exits");
     assert!(status.success(), "{}", agent.log());
@@ -353,6 +369,19 @@ fn stalled_backend_times_out() {
         "shutdown took {:?}",
         started.elapsed()
     );
+    let log = agent.log();
+    let stopped = log.lines().find(|l| l.contains("stopped")).unwrap();
+    assert!(
+        log_field(stopped, "queue_dropped_requests") > 0,
+        "{stopped}"
+    );
+    assert!(
+        log_field(stopped, "queue_peak_bytes") <= 64 * 1024,
+        "{stopped}"
+    );
+    // Each attempt timed out and was retried; none was given up or dropped.
+    assert!(log_field(stopped, "export_retries") > 0, "{stopped}");
+    assert_eq!(log_field(stopped, "given_up_requests"), 0, "{stopped}");
 }
 
 /// Permanent rejections are logged once per cause and the agent carries on;
@@ -834,6 +863,21 @@ fn log_field(line: &str, name: &str) -> u64 {
     line[at..].split(' ').next().unwrap().parse().unwrap()
 }
 
+/// A receiver that refuses its first `refusals` calls with `code`, then takes them.
+fn refusing_receiver(code: &str, refusals: usize, extra: &[&str]) -> Receiver {
+    let refusals = refusals.to_string();
+    let mut args = vec![
+        "--mode",
+        "reject",
+        "--code",
+        code,
+        "--refuse-first",
+        &refusals,
+    ];
+    args.extend_from_slice(extra);
+    Receiver::start(0, &args)
+}
+
 /// A backend that is up but refuses requests with RESOURCE_EXHAUSTED (what grpc-go
 /// answers a message over its size limit) does not hold export up: each request gets
 /// MAX_REFUSED_ATTEMPTS attempts, is given up and counted, the cause is warned about
@@ -845,17 +889,7 @@ fn refused_requests_are_given_up_and_export_goes_on() {
     let attempts = MAX_REFUSED_ATTEMPTS as usize;
     // Exactly two requests' worth of refusals: the exporter sends one at a time.
     let refusals = 2 * attempts;
-    let receiver = Receiver::start(
-        0,
-        &[
-            "--mode",
-            "reject",
-            "--code",
-            "RESOURCE_EXHAUSTED",
-            "--refuse-first",
-            &refusals.to_string(),
-        ],
-    );
+    let receiver = refusing_receiver("RESOURCE_EXHAUSTED", refusals, &[]);
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
     let mut agent = Agent::start_with_env(
         &["--endpoint", &endpoint, "--interval", "1", "--include-idle"],
@@ -915,6 +949,57 @@ fn refused_requests_are_given_up_and_export_goes_on() {
         .rfind(|l| l.contains("given_up_requests="))
         .unwrap_or_else(|| panic!("no count: {log}"));
     assert_eq!(log_field(last, "given_up_requests"), 2, "{log}");
+}
+
+/// A backend that throttles (RESOURCE_EXHAUSTED with a google.rpc.RetryInfo, as
+/// the OTLP specification asks of a server that wants the client to slow down)
+/// gets the wait it asked for before each retry, and the request is not given up
+/// after MAX_REFUSED_ATTEMPTS: it is retried until the backend takes it.
+#[test]
+fn throttled_request_waits_as_asked_and_is_not_given_up() {
+    use profiler::sink::grpc::MAX_REFUSED_ATTEMPTS;
+    let refusals = 2 * MAX_REFUSED_ATTEMPTS as usize;
+    let delay = 1.0;
+    let receiver = refusing_receiver(
+        "RESOURCE_EXHAUSTED",
+        refusals,
+        &["--retry-delay", &delay.to_string()],
+    );
+    let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    let mut agent = Agent::start(&["--endpoint", &endpoint, "--interval", "1", "--include-idle"]);
+    let requests = receiver.wait_for(refusals + 1, Duration::from_secs(40));
+    assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
+    let log = agent.log();
+    assert!(
+        requests.len() > refusals,
+        "{} calls; log:\n{log}",
+        requests.len()
+    );
+    let mut by_call: Vec<&Value> = requests.iter().collect();
+    by_call.sort_by_key(|r| r["call"].as_u64().unwrap());
+    let first = &by_call[..=refusals];
+    // The same request every time, refused `refusals` times, then taken.
+    assert!(
+        first.iter().all(|r| r["sha256"] == first[0]["sha256"]),
+        "another request was sent before the throttled one went through; log:\n{log}"
+    );
+    assert!(first[..refusals]
+        .iter()
+        .all(|r| r["status"] == "RESOURCE_EXHAUSTED"));
+    assert_eq!(first[refusals]["status"], "OK");
+    // Each retry came no sooner than the backend asked.
+    for pair in first.windows(2) {
+        let gap = pair[1]["t"].as_f64().unwrap() - pair[0]["t"].as_f64().unwrap();
+        assert!(gap >= delay, "retried after {gap:.3} s, asked {delay} s");
+    }
+    assert_eq!(
+        log.matches("OTLP backend throttles exports").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("gave it up"), "{log}");
+    let stopped = log.lines().find(|l| l.contains("stopped")).unwrap();
+    assert_eq!(log_field(stopped, "given_up_requests"), 0, "{stopped}");
 }
 
 /// A backend that takes requests but reports some profiles rejected

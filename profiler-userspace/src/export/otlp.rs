@@ -224,9 +224,11 @@ impl Dictionary {
             None => vec![],
         };
         let i = self.dict.mapping_table.len() as i32;
+        // Locations carry file offsets (as in pprof.rs): the mapping spans every
+        // address, from file offset 0, so that each location's address is within it.
         self.dict.mapping_table.push(otlp::Mapping {
             memory_start: 0,
-            memory_limit: 0,
+            memory_limit: u64::MAX,
             file_offset: 0,
             filename_strindex,
             attribute_indices,

@@ -2,10 +2,15 @@
 //!
 //! A failed export is one of three kinds ([`classify`]):
 //! - [`Failure::Down`]: no answer from the backend (it cannot be reached, the
-//!   connection broke, our deadline passed) or `UNAVAILABLE`. The request stays at the
-//!   front of the queue and is retried with exponential backoff and jitter, however
-//!   long the outage lasts: new profiles queue behind it and the queue's byte bound
-//!   drops the oldest.
+//!   connection broke, our deadline passed), `UNAVAILABLE`, or `DEADLINE_EXCEEDED`
+//!   from the server (it ran out of time). The request stays at the front of the
+//!   queue and is retried with exponential backoff and jitter, however long the
+//!   outage lasts: new profiles queue behind it and the queue's byte bound drops the
+//!   oldest.
+//! - [`Failure::Throttled`]: the status carries a `google.rpc.RetryInfo` (the way
+//!   an OTLP backend throttles, with `RESOURCE_EXHAUSTED` or `UNAVAILABLE`): the
+//!   request is retried as for `Down`, but not before the delay the backend asked
+//!   for.
 //! - [`Failure::Refused`]: the backend is up and answered this request with a status
 //!   that may change on a retry (`RESOURCE_EXHAUSTED`, `UNKNOWN`, ...), but may as
 //!   well be about this request (grpc-go answers an oversized message with
@@ -147,17 +152,26 @@ pub struct ExportStats {
     pub partially_rejected_profiles: AtomicU64,
 }
 
+/// Longest wait a backend's `RetryInfo` gets: a longer one (or a garbled one) is
+/// cut to this, so a profile is not held for hours on one answer.
+pub const MAX_THROTTLE_DELAY: Duration = Duration::from_secs(5 * 60);
+
 /// What a failed export means for the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
     /// The backend is down or unreachable: no answer (connect, TLS or connection
     /// failures, our deadline passing, a stream the server refused before any work),
     /// or `UNAVAILABLE`, which servers and proxies (HTTP 429, 502, 503, 504) answer
-    /// when the backend cannot take anything now. Retried without an attempt bound.
+    /// when the backend cannot take anything now, or `DEADLINE_EXCEEDED` from the
+    /// server. Retried without an attempt bound.
     Down,
+    /// The backend answered with a `google.rpc.RetryInfo` in the status details: it
+    /// is up, and asks for this wait (at most [`MAX_THROTTLE_DELAY`]) before the
+    /// next attempt. Retried without an attempt bound (the queue's bound applies).
+    Throttled(Duration),
     /// The backend is up and refused this request with a status a retry may change
-    /// (`RESOURCE_EXHAUSTED`, `UNKNOWN` (an HTTP answer without a gRPC status, e.g. a
-    /// proxy's 413), `ABORTED`, `CANCELLED`, `DEADLINE_EXCEEDED`, `OUT_OF_RANGE`,
+    /// (`RESOURCE_EXHAUSTED` without a `RetryInfo`, `UNKNOWN` (an HTTP answer without
+    /// a gRPC status, e.g. a proxy's 413), `ABORTED`, `CANCELLED`, `OUT_OF_RANGE`,
     /// `DATA_LOSS`), or reset its stream. Retried at most [`MAX_REFUSED_ATTEMPTS`].
     Refused,
     /// Any other status (`INVALID_ARGUMENT`, `UNAUTHENTICATED`, `PERMISSION_DENIED`,
@@ -168,6 +182,9 @@ pub enum Failure {
 /// What a failed export means. A status the server sent has no source error; one
 /// tonic made from a local error (connect, I/O, timeout, HTTP/2) has one.
 pub fn classify(status: &Status) -> Failure {
+    if let Some(delay) = retry_delay(status.details()) {
+        return Failure::Throttled(delay.min(MAX_THROTTLE_DELAY));
+    }
     let answered = match std::error::Error::source(status) {
         None => true,
         // The server reset this request's stream (HTTP/2 RST_STREAM): it is up and
@@ -184,16 +201,75 @@ pub fn classify(status: &Status) -> Failure {
 /// What a failed export with `code` means; `answered`: the server sent it.
 pub fn classify_code(code: Code, answered: bool) -> Failure {
     match code {
-        Code::Unavailable => Failure::Down,
+        Code::Unavailable | Code::DeadlineExceeded => Failure::Down,
         _ if !answered => Failure::Down,
         Code::ResourceExhausted
         | Code::Unknown
         | Code::Aborted
         | Code::Cancelled
-        | Code::DeadlineExceeded
         | Code::OutOfRange
         | Code::DataLoss => Failure::Refused,
         _ => Failure::Permanent,
+    }
+}
+
+/// The `retry_delay` of a `google.rpc.RetryInfo` in a status's details (the
+/// encoded `google.rpc.Status` of the `grpc-status-details-bin` trailer), if any.
+/// Garbled details are no delay: the status's code decides.
+pub fn retry_delay(details: &[u8]) -> Option<Duration> {
+    const RETRY_INFO: &str = "type.googleapis.com/google.rpc.RetryInfo";
+    if details.is_empty() {
+        return None;
+    }
+    let status = rpc::Status::decode(details).ok()?;
+    let info = status
+        .details
+        .iter()
+        .find(|any| any.type_url == RETRY_INFO)?;
+    let delay = rpc::RetryInfo::decode(info.value.as_slice())
+        .ok()?
+        .retry_delay?;
+    Some(
+        match (u64::try_from(delay.seconds), u32::try_from(delay.nanos)) {
+            (Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => Duration::new(secs, nanos),
+            _ => MAX_THROTTLE_DELAY,
+        },
+    )
+}
+
+/// The few `google.rpc` messages a status's details are read with (from
+/// google/rpc/status.proto, error_details.proto and protobuf's any/duration).
+mod rpc {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(message, repeated, tag = "3")]
+        pub details: Vec<Any>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Any {
+        #[prost(string, tag = "1")]
+        pub type_url: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RetryInfo {
+        #[prost(message, optional, tag = "1")]
+        pub retry_delay: Option<ProtoDuration>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ProtoDuration {
+        #[prost(int64, tag = "1")]
+        pub seconds: i64,
+        #[prost(int32, tag = "2")]
+        pub nanos: i32,
     }
 }
 
@@ -405,7 +481,10 @@ impl Exporter {
                 continue;
             };
             let bytes = request.len() as u64;
-            let status = match self.send(&request).await {
+            let sent = self.send(&request).await;
+            // Not held through a backoff: dropped from the queue meanwhile, it is freed.
+            drop(request);
+            let status = match sent {
                 Ok(partial) => {
                     queue.remove(id);
                     stats.sent_requests.fetch_add(1, Ordering::Relaxed);
@@ -425,11 +504,16 @@ impl Exporter {
                 Err(status) => status,
             };
             let failure = classify(&status);
-            match retries.failed(id, failure) {
-                Next::Retry(delay) => {
+            let next = retries.failed(id, failure);
+            match next {
+                Next::Retry(delay) | Next::Wait(delay) => {
                     log.retrying(&self.endpoint, &status, self.tls, failure);
                     stats.retries.fetch_add(1, Ordering::Relaxed);
-                    let delay = jitter.apply(delay);
+                    let jittered = jitter.apply(delay);
+                    let delay = match next {
+                        Next::Wait(_) => jittered.max(delay),
+                        _ => jittered,
+                    };
                     debug!(?delay, code = ?status.code(), ?failure, "export failed, will retry");
                     tokio::time::sleep(delay).await;
                 }
@@ -453,6 +537,8 @@ impl Exporter {
 enum Next {
     /// Send it again after this delay (before jitter).
     Retry(Duration),
+    /// Send it again after at least this delay (the backend's; jitter only adds).
+    Wait(Duration),
     /// Refused [`MAX_REFUSED_ATTEMPTS`] times: remove it and count it.
     GiveUp { attempts: u32 },
     /// A permanent error: remove it and count it.
@@ -477,6 +563,11 @@ impl Retries {
             Failure::Down => {
                 self.down_failures = self.down_failures.saturating_add(1);
                 Next::Retry(backoff(self.down_failures))
+            }
+            // Up, and it said how long to wait: no backoff of our own on top.
+            Failure::Throttled(delay) => {
+                self.down_failures = 0;
+                Next::Wait(delay)
             }
             // The backend answered, so it is up: the outage backoff starts over, and
             // this request's own refusals set its delay, so a backend that refuses
@@ -517,6 +608,7 @@ struct ExportLog {
     /// Warned already in this episode that the backend is down / refuses requests.
     warned_down: bool,
     warned_refused: bool,
+    warned_throttled: bool,
     rejected: LoggedCauses,
     given_up: LoggedCauses,
     partial: LoggedCauses,
@@ -528,6 +620,7 @@ impl Default for ExportLog {
             failed_attempts: 0,
             warned_down: false,
             warned_refused: false,
+            warned_throttled: false,
             rejected: LoggedCauses::new(MAX_CAUSES_PER_CODE),
             given_up: LoggedCauses::new(MAX_CAUSES_PER_CODE),
             partial: LoggedCauses::new(MAX_PARTIAL_MESSAGES),
@@ -556,6 +649,7 @@ impl ExportLog {
         self.failed_attempts = 0;
         self.warned_down = false;
         self.warned_refused = false;
+        self.warned_throttled = false;
     }
 
     /// An attempt failed and the request will be retried.
@@ -569,6 +663,16 @@ impl ExportLog {
                     code = ?status.code(),
                     message = %describe(status, tls),
                     "OTLP backend unavailable; retrying with backoff, profiles wait in the bounded queue"
+                );
+            }
+            Failure::Throttled(delay) if !self.warned_throttled => {
+                self.warned_throttled = true;
+                warn!(
+                    endpoint,
+                    code = ?status.code(),
+                    message = %describe(status, tls),
+                    ?delay,
+                    "OTLP backend throttles exports: retrying after the delay it asks for, profiles wait in the bounded queue"
                 );
             }
             Failure::Refused if !self.warned_refused => {
@@ -836,12 +940,12 @@ mod tests {
     fn answered_statuses_are_classified_by_code() {
         let class = |code| classify(&Status::new(code, "from the server"));
         assert_eq!(class(Code::Unavailable), Failure::Down);
+        assert_eq!(class(Code::DeadlineExceeded), Failure::Down);
         for code in [
             Code::ResourceExhausted,
             Code::Unknown,
             Code::Aborted,
             Code::Cancelled,
-            Code::DeadlineExceeded,
             Code::OutOfRange,
             Code::DataLoss,
         ] {
@@ -862,6 +966,75 @@ mod tests {
         let http_413 =
             Status::unknown("grpc-status header missing, mapped from HTTP status code 413");
         assert_eq!(classify(&http_413), Failure::Refused);
+    }
+
+    /// The encoded `google.rpc.Status` a server sends in `grpc-status-details-bin`,
+    /// with a `RetryInfo` of this delay.
+    fn status_details(code: Code, seconds: i64, nanos: i32) -> Vec<u8> {
+        let info = rpc::RetryInfo {
+            retry_delay: Some(rpc::ProtoDuration { seconds, nanos }),
+        };
+        rpc::Status {
+            code: code as i32,
+            message: "slow down".into(),
+            details: vec![
+                rpc::Any {
+                    type_url: "type.googleapis.com/google.rpc.DebugInfo".into(),
+                    value: vec![1, 2, 3],
+                },
+                rpc::Any {
+                    type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+                    value: info.encode_to_vec(),
+                },
+            ],
+        }
+        .encode_to_vec()
+    }
+
+    /// A status with a RetryInfo is throttling, whatever its code: the backend's
+    /// delay is kept (capped); a garbled one falls back to the code.
+    #[test]
+    fn retry_info_means_throttled() {
+        let with = |code, details: Vec<u8>| {
+            classify(&Status::with_details(code, "slow down", details.into()))
+        };
+        assert_eq!(
+            with(
+                Code::ResourceExhausted,
+                status_details(Code::ResourceExhausted, 2, 500_000_000)
+            ),
+            Failure::Throttled(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            with(Code::Unavailable, status_details(Code::Unavailable, 0, 0)),
+            Failure::Throttled(Duration::ZERO)
+        );
+        assert_eq!(
+            with(
+                Code::ResourceExhausted,
+                status_details(Code::ResourceExhausted, 86_400, 0)
+            ),
+            Failure::Throttled(MAX_THROTTLE_DELAY)
+        );
+        assert_eq!(
+            with(
+                Code::ResourceExhausted,
+                status_details(Code::ResourceExhausted, -1, 0)
+            ),
+            Failure::Throttled(MAX_THROTTLE_DELAY)
+        );
+        assert_eq!(
+            with(Code::ResourceExhausted, vec![0xff, 0xff, 0xff]),
+            Failure::Refused
+        );
+        // Throttling sets the wait, with no attempt bound.
+        let mut r = Retries::default();
+        for _ in 0..2 * MAX_REFUSED_ATTEMPTS {
+            assert_eq!(
+                r.failed(1, Failure::Throttled(Duration::from_secs(3))),
+                Next::Wait(Duration::from_secs(3))
+            );
+        }
     }
 
     /// An error of this text, as the transport's errors are.

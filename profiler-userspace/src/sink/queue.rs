@@ -3,7 +3,10 @@
 //! Policy when full: [`WhenFull::DropOldest`]. The newest profile is the most useful,
 //! so the oldest waiting ones are dropped (and counted) to make room. An item stays
 //! in the queue, and in its byte count, until the exporter is done with it, so the
-//! bound covers what is being sent too. Never blocks the producer.
+//! bound covers what is being sent too; but the oldest may be dropped in the middle
+//! of an attempt to send it, and the exporter's copy then lives until that attempt
+//! ends (at most `--timeout`): at most one request (`--max-request-kib`) beyond the
+//! bound. Never blocks the producer.
 
 use std::{
     collections::VecDeque,
@@ -34,6 +37,8 @@ pub struct QueueStats {
     /// Items dropped to make room (or because one alone exceeds the bound).
     pub dropped: AtomicU64,
     pub dropped_bytes: AtomicU64,
+    /// Most bytes ever queued at once (never above the bound).
+    pub peak_bytes: AtomicU64,
 }
 
 struct Inner<T> {
@@ -103,6 +108,9 @@ impl<T: Clone> ExportQueue<T> {
             inner.items.push_back((id, item, bytes));
             inner.bytes += bytes;
             self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .peak_bytes
+                .fetch_max(inner.bytes as u64, Ordering::Relaxed);
         }
         if pushed.dropped > 0 {
             pushed.drops_began = !inner.dropping;
@@ -174,7 +182,8 @@ impl<T: Clone> ExportQueue<T> {
         self.len() == 0
     }
 
-    /// Bytes of the items queued (including one being sent).
+    /// Bytes of the items queued (including one being sent, unless it was dropped
+    /// meanwhile).
     pub fn bytes(&self) -> usize {
         self.inner.lock().expect("queue lock").bytes
     }
@@ -208,6 +217,7 @@ mod tests {
         assert_eq!(p.drops_ended, Some(2));
         assert_eq!(q.stats.dropped.load(Ordering::Relaxed), 2);
         assert!(q.bytes() <= 100);
+        assert_eq!(q.stats.peak_bytes.load(Ordering::Relaxed), 80);
     }
 
     /// An item bigger than the whole bound is dropped alone, keeping the others.
