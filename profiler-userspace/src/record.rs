@@ -409,8 +409,9 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         let written = export::write_all(&profile, &output_dir, &title);
         (profile, written, aggregate.stats(), aggregate.len())
     });
-    // Ctrl-C now (a second one, or the first after the recording ended) gives up:
-    // the files are renamed into place only when complete, so none is half-written.
+    // Ctrl-C or SIGTERM now (a second one, or the first after the recording ended)
+    // gives up: the files are renamed into place only when complete, so none is
+    // half-written.
     let Some(work) = or_interrupt(work).await else {
         export::remove_temporaries(&config.output_dir);
         anyhow::bail!("interrupted while symbolizing: the profile was not written");
@@ -478,11 +479,26 @@ async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
-/// `work`'s output, or `None` if Ctrl-C comes first.
+/// `work`'s output, or `None` if Ctrl-C, SIGTERM or SIGHUP comes first. (Once the
+/// recording has listened for them, they no longer end the process by default:
+/// every later wait listens here.)
 async fn or_interrupt<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    async fn received(signal: Option<&mut Signal>) {
+        match signal {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    let mut sigterm = signal(SignalKind::terminate()).ok();
+    let mut sighup = signal(SignalKind::hangup()).ok();
     tokio::select! {
         out = work => Some(out),
         _ = tokio::signal::ctrl_c() => None,
+        _ = received(sigterm.as_mut()) => None,
+        _ = received(sighup.as_mut()) => None,
     }
 }
 
