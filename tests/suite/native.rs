@@ -326,6 +326,91 @@ fn stripped_binary_is_named_from_its_debug_file() {
         .any(|l| l.function_id == leaf.id && l.line > 0));
 }
 
+/// A frame with inlined functions gets each function's own source line: the
+/// innermost where the sampled instruction is, each caller where it calls the next
+/// (tests/programs/inlined.c marks those lines).
+#[test]
+fn inlined_functions_get_their_own_lines() {
+    let source = std::fs::read_to_string(crate_dir().join("programs/inlined.c")).unwrap();
+    let line_of = |marker: &str| {
+        source
+            .lines()
+            .position(|l| l.contains(&format!("/* {marker} */")))
+            .expect(marker) as i64
+            + 1
+    };
+    let want = [
+        ("inl_inner", line_of("LINE_INNER")),
+        ("inl_middle", line_of("LINE_MIDDLE")),
+        ("inl_outer", line_of("LINE_OUTER")),
+    ];
+    let target = start("inlined", &["4"]);
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    record(&[target.pid()], 2, 97, out.path());
+    let p = read_pprof(out.path());
+    let s = |i: i64| p.string_table[i as usize].as_str();
+    let name = |id: u64| s(p.function.iter().find(|f| f.id == id).unwrap().name);
+    // Samples at each (function, line) of locations holding the inlined chain.
+    let mut seen: std::collections::HashMap<(String, i64), i64> = Default::default();
+    let mut chained = 0;
+    for sample in &p.sample {
+        let loc = &p.location[sample.location_id[0] as usize - 1];
+        let names: Vec<&str> = loc.line.iter().map(|l| name(l.function_id)).collect();
+        if names != ["inl_inner", "inl_middle", "inl_outer"] {
+            continue;
+        }
+        chained += sample.value[0];
+        for l in &loc.line {
+            *seen
+                .entry((name(l.function_id).to_string(), l.line))
+                .or_default() += sample.value[0];
+        }
+    }
+    assert!(
+        chained > 50,
+        "{chained} samples in the inlined chain: {seen:?}"
+    );
+    for (function, line) in want {
+        let at_line = seen
+            .get(&(function.to_string(), line))
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            at_line * 10 >= chained * 9,
+            "{function}: {at_line} of {chained} samples at line {line}: {seen:?}"
+        );
+    }
+}
+
+/// A user stack walk that meets a frame pointer it cannot follow (misaligned, as
+/// code without frame pointers may leave) stops there and is counted; the sample
+/// keeps the frame it had.
+#[test]
+fn user_walk_cut_at_a_bad_frame_pointer_is_counted() {
+    let target = start("badfp", &["4"]);
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let summary = record(&[target.pid()], 2, 97, out.path());
+    let cut = summary.kernel.get(profiler_common::Counter::UserWalkCut);
+    let stacks = read_folded(out.path());
+    let leaf: u64 = stacks
+        .iter()
+        .filter(|s| s.frames.last().is_some_and(|f| f == "spin_bad_fp"))
+        .map(|s| s.count)
+        .sum();
+    assert!(leaf > 50, "{leaf} samples in spin_bad_fp: {stacks:#?}");
+    assert!(
+        cut >= leaf,
+        "{cut} walks counted as cut, {leaf} samples in the loop"
+    );
+    assert!(
+        summary.render().contains("could not follow"),
+        "{}",
+        summary.render()
+    );
+}
+
 /// 128 random bits from the kernel.
 fn rand_u128() -> u128 {
     let mut bytes = [0u8; 16];

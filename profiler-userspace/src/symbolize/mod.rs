@@ -63,6 +63,13 @@ pub enum SymKey {
 /// source had no symbol for it.
 pub type Resolved = Option<Arc<[Line]>>;
 
+/// What [`Symbolizer::resolve`] found: names by key (`None`: no symbol), and the
+/// keys whose whole lookup failed (their binary, or kallsyms, unreadable this time).
+struct Resolution {
+    names: HashMap<SymKey, Resolved>,
+    failed: std::collections::HashSet<SymKey>,
+}
+
 /// Time and rate of the interval being symbolized.
 #[derive(Clone, Copy, Debug)]
 pub struct IntervalMeta {
@@ -365,7 +372,7 @@ impl Symbolizer {
     }
 
     /// Resolves every key the frames need, from the cache or in batches.
-    fn resolve(&mut self, refs: &[Vec<FrameRef>]) -> HashMap<SymKey, Resolved> {
+    fn resolve(&mut self, refs: &[Vec<FrameRef>]) -> Resolution {
         let mut resolved: HashMap<SymKey, Resolved> = HashMap::new();
         let mut kernel_pending: Vec<u64> = Vec::new();
         let mut file_pending: HashMap<(u64, u64), (Arc<ObjectFile>, Vec<u64>)> = HashMap::new();
@@ -460,7 +467,10 @@ impl Symbolizer {
                 self.cache.insert(*key, value.clone());
             }
         }
-        resolved
+        Resolution {
+            names: resolved,
+            failed,
+        }
     }
 
     /// One blazesym batch; `None` when the whole batch failed.
@@ -605,21 +615,22 @@ fn lines_of(sym: &Sym<'_>) -> Arc<[Line]> {
         None => (None, 0),
     };
     let mut lines = Vec::with_capacity(sym.inlined.len() + 1);
-    // The address is in the innermost function; each inlined function's code info
-    // is the position of its call in the function that contains it.
-    let mut position = code(sym.code_info.as_deref());
+    // blazesym gives each function its own position (its resolver moves the call
+    // sites DWARF records up one level): the innermost inlined function's is the
+    // sampled instruction's line, each caller's that of its call to the next.
     for inlined in sym.inlined.iter().rev() {
+        let (file, line) = code(inlined.code_info.as_ref());
         lines.push(Line {
             function: inlined.name.as_ref().into(),
-            file: position.0.clone(),
-            line: position.1,
+            file,
+            line,
         });
-        position = code(inlined.code_info.as_ref());
     }
+    let (file, line) = code(sym.code_info.as_deref());
     lines.push(Line {
         function: sym.name.as_ref().into(),
-        file: position.0,
-        line: position.1,
+        file,
+        line,
     });
     lines.into()
 }
@@ -674,7 +685,7 @@ impl Builder {
         })
     }
 
-    fn location(&mut self, frame: &FrameRef, resolved: &HashMap<SymKey, Resolved>) -> usize {
+    fn location(&mut self, frame: &FrameRef, resolved: &Resolution) -> usize {
         match frame {
             FrameRef::Kernel(addr) => {
                 let key = SymKey::Kernel(*addr);
@@ -683,7 +694,7 @@ impl Builder {
                         path: KERNEL_OBJECT.into(),
                         build_id: None,
                     });
-                    let lines = match resolved.get(&key).cloned().flatten() {
+                    let lines = match resolved.names.get(&key).cloned().flatten() {
                         Some(lines) => lines,
                         None => {
                             b.unknown.kernel += 1;
@@ -710,8 +721,13 @@ impl Builder {
                         path: object.path.as_str().into(),
                         build_id: object.build_id.as_deref().map(Into::into),
                     });
-                    let lines = match resolved.get(&key).cloned().flatten() {
+                    let lines = match resolved.names.get(&key).cloned().flatten() {
                         Some(lines) => lines,
+                        // The binary could not be read this time.
+                        None if resolved.failed.contains(&key) => {
+                            b.unknown.object_unavailable += 1;
+                            unknown_lines(object.file_name(), *offset)
+                        }
                         None => {
                             b.unknown.no_symbol += 1;
                             unknown_lines(object.file_name(), *offset)
@@ -799,7 +815,8 @@ mod tests {
         let key = SymKey::Kernel(0xffff_ffff_8100_0010);
 
         let first = symbolizer.resolve(&frames);
-        assert_eq!(first.get(&key), Some(&None));
+        assert_eq!(first.names.get(&key), Some(&None));
+        assert!(first.failed.contains(&key));
 
         std::fs::write(
             &symbolizer.kallsyms,
