@@ -95,6 +95,8 @@ pub struct RuntimeSummary {
     pub jit_refreshes: u64,
     /// JVMs not asked for a perf map because jattach could harm them.
     pub jit_attach_skipped: u64,
+    /// Processes not looked at for a runtime: more than one round classifies.
+    pub candidates_skipped: u64,
     pub jit: JitCounts,
 }
 
@@ -252,6 +254,14 @@ impl RecordSummary {
                 rt.jit_attach_skipped
             );
         }
+        if rt.candidates_skipped > 0 {
+            let _ = writeln!(
+                s,
+                "  {} processes not looked at for an interpreter: at most {} are (the newest first); name targets with --pid",
+                rt.candidates_skipped,
+                crate::runtime_profilers::MAX_CANDIDATES_PER_ROUND
+            );
+        }
         if let Some(why) = &rt.last_failure {
             let _ = writeln!(s, "  last runtime profiler failure: {why}");
         }
@@ -387,6 +397,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
             .sum(),
         jit_refreshes: rt_stats.jit_refreshes.load(Ordering::Relaxed),
         jit_attach_skipped: rt_stats.jit_attach_skipped.load(Ordering::Relaxed),
+        candidates_skipped: rt_stats.candidates_skipped.load(Ordering::Relaxed),
         jit: JitCounts::default(),
     };
     if config.progress {

@@ -66,6 +66,14 @@ pub const FORGET_AFTER_CLASSIFICATIONS: u64 = 16;
 /// each, for new processes).
 pub const MAX_CANDIDATES_PER_ROUND: usize = 1024;
 
+/// Memory the interpreted stacks of one round may take, all its runs together (as
+/// [`crate::runtimes::ParseLimits::max_stored_bytes`] counts it): the round holds
+/// them until the cycle symbolizes the interval. Each parse may use its share
+/// (this divided by `--max-runtime-children`, at most
+/// [`crate::runtimes::MAX_STORED_BYTES_PER_PARSE`]) of what is left; stacks past
+/// it go to the `[stack table full]` stack, their samples still counted.
+pub const MAX_STORED_BYTES_PER_ROUND: usize = 16 << 20;
+
 /// Shortest run of a runtime profiler: the tools take whole seconds.
 pub const MIN_RUN_SECS: u64 = 1;
 
@@ -505,18 +513,25 @@ fn sweep_scratch(tmp: &std::path::Path) -> usize {
     removed
 }
 
-/// Every live pid of the host (for `record` of the whole host, which has no previous
-/// interval to learn the busy processes from), at most [`MAX_CANDIDATES_PER_ROUND`].
-/// Kernel threads (no executable) are left out: on a large host the lowest pids,
-/// which /proc lists first, are mostly theirs.
+/// Pids `all_pids` lists at most: 256 KiB.
+pub const MAX_HOST_PIDS: usize = 64 * 1024;
+
+/// The live pids of the host (for `record` of the whole host, which has no previous
+/// interval to learn the busy processes from), newest first (highest pids first;
+/// user workloads tend to be younger than the system's daemons), at most
+/// [`MAX_HOST_PIDS`]. A round looks at [`MAX_CANDIDATES_PER_ROUND`] of them and
+/// counts the rest as skipped. Kernel threads (no executable) are left out.
 pub fn all_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return vec![];
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid: &u32| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok())
-        .take(MAX_CANDIDATES_PER_ROUND)
-        .collect()
+    let mut pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .take(MAX_HOST_PIDS)
+        .collect();
+    pids.sort_unstable_by(|a, b| b.cmp(a));
+    pids.retain(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok());
+    pids
 }
 
 /// Which of `len` candidates a classification looks at: all of them up to
@@ -526,7 +541,8 @@ fn candidate_window(len: usize, generation: u64) -> (usize, usize) {
     if len <= MAX_CANDIDATES_PER_ROUND {
         return (0, len);
     }
-    let start = (generation as usize).wrapping_mul(MAX_CANDIDATES_PER_ROUND) % len;
+    let start =
+        (generation.saturating_sub(1) as usize).wrapping_mul(MAX_CANDIDATES_PER_ROUND) % len;
     (start, MAX_CANDIDATES_PER_ROUND)
 }
 
@@ -685,6 +701,8 @@ struct PlannedRun {
     output: PathBuf,
     /// Other files the tool writes that we remove (rbspy's raw samples).
     extra: Option<PathBuf>,
+    /// The rate the tool samples at.
+    rate_hz: u32,
 }
 
 /// The supervisor key of `program`'s runs on `target`: one run at a time, one
@@ -697,7 +715,12 @@ fn run_key(program: &Path, target: &TargetProcess) -> String {
 fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<PlannedRun> {
     let runtime = target.runtime?;
     let config = &shared.config;
-    let rate_hz = config.rate_hz;
+    let rate_hz = config.rate_hz.min(match runtime {
+        Runtime::Python => pyspy::MAX_RATE_HZ,
+        Runtime::Ruby => rbspy::MAX_RATE_HZ,
+        Runtime::Php => phpspy::MAX_RATE_HZ,
+        Runtime::Java | Runtime::Node => return None,
+    });
     let output = shared.output_path(runtime, target.pid, ".txt");
     let mut extra = None;
     let (program, args): (&Path, Vec<OsString>) = match runtime {
@@ -705,7 +728,7 @@ fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<Planned
             &config.tools.py_spy,
             PySpyRecord {
                 pid: target.pid,
-                rate_hz: rate_hz.min(pyspy::MAX_RATE_HZ),
+                rate_hz,
                 duration_secs: run_secs,
                 output: &output,
                 threads: false,
@@ -717,7 +740,7 @@ fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<Planned
             let raw = shared.output_path(runtime, target.pid, ".raw.gz");
             let args = RbSpyRecord {
                 pid: target.pid,
-                rate_hz: rate_hz.min(rbspy::MAX_RATE_HZ),
+                rate_hz,
                 duration_secs: run_secs,
                 output: &output,
                 raw_output: &raw,
@@ -731,7 +754,7 @@ fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<Planned
             &config.tools.phpspy,
             PhpSpyRecord {
                 pid: target.pid,
-                rate_hz: rate_hz.min(phpspy::MAX_RATE_HZ),
+                rate_hz,
                 duration_ms: run_secs * 1000,
                 output: &output,
             }
@@ -752,17 +775,51 @@ fn plan(shared: &Shared, target: TargetProcess, run_secs: u64) -> Option<Planned
         runtime,
         output,
         extra,
+        rate_hz,
     })
 }
 
+/// What is left of a round's [`MAX_STORED_BYTES_PER_ROUND`].
+struct RoundBudget {
+    left: Mutex<usize>,
+    share: usize,
+}
+
+impl RoundBudget {
+    fn new(total: usize, slots: usize) -> Self {
+        RoundBudget {
+            left: Mutex::new(total),
+            share: (total / slots.max(1)).min(crate::runtimes::MAX_STORED_BYTES_PER_PARSE),
+        }
+    }
+
+    /// Takes one parse's share (or what is left); [`RoundBudget::give_back`] returns
+    /// what it did not use.
+    fn take(&self) -> usize {
+        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = (*left).min(self.share);
+        *left -= taken;
+        taken
+    }
+
+    fn give_back(&self, unused: usize) {
+        *self.left.lock().unwrap_or_else(|p| p.into_inner()) += unused;
+    }
+}
+
 /// Reads a finished run's output and removes its files. `failure` says why the run
-/// itself failed, if it did.
+/// itself failed, if it did. The stacks kept take at most what `budget` gives.
 fn collect(
     shared: &Shared,
     run: &PlannedRun,
     failure: Option<String>,
+    budget: &RoundBudget,
 ) -> Option<InterpretedSamples> {
-    let limits = ParseLimits::default();
+    let reserved = budget.take();
+    let limits = ParseLimits {
+        max_stored_bytes: reserved,
+        ..ParseLimits::default()
+    };
     let parsed: Result<Parsed, String> = match failure {
         Some(why) => Err(why),
         None => match run.runtime {
@@ -777,6 +834,7 @@ fn collect(
     if let Some(extra) = &run.extra {
         let _ = std::fs::remove_file(extra);
     }
+    budget.give_back(reserved - parsed.as_ref().map_or(0, |p| p.stored_bytes.min(reserved)));
     let stats = &shared.stats;
     let parsed = match parsed {
         Ok(parsed) => parsed,
@@ -802,6 +860,7 @@ fn collect(
     (!parsed.stacks.is_empty()).then_some(InterpretedSamples {
         pid: run.target.pid,
         runtime: run.runtime,
+        rate_hz: run.rate_hz,
         stacks: parsed.stacks,
     })
 }
@@ -851,6 +910,7 @@ async fn round(
     let latest_start = end.checked_sub(run_time).unwrap_or_else(Instant::now);
 
     let mut runs = tokio::task::JoinSet::new();
+    let budget = Arc::new(RoundBudget::new(MAX_STORED_BYTES_PER_ROUND, slots));
     // Targets given their turn: run, refused, or nothing to run.
     let mut started = 0usize;
     let total = targets.len();
@@ -872,9 +932,10 @@ async fn round(
         started += 1;
         shared.stats.runs.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
+        let budget = budget.clone();
         runs.spawn(async move {
             let failure = handle.wait().await.failure();
-            tokio::task::spawn_blocking(move || collect(&shared, &run, failure))
+            tokio::task::spawn_blocking(move || collect(&shared, &run, failure, &budget))
                 .await
                 .ok()
                 .flatten()
@@ -1018,6 +1079,36 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A round's runs share its memory budget: each parse gets at most its share,
+    /// what a parse did not use goes back, and once it is spent a parse keeps only
+    /// the overflow stack, with every sample still counted.
+    #[test]
+    fn round_budget_is_shared_and_returned() {
+        let budget = RoundBudget::new(1000, 2);
+        assert_eq!(budget.take(), 500);
+        assert_eq!(budget.take(), 500);
+        assert_eq!(budget.take(), 0, "spent");
+        budget.give_back(300);
+        assert_eq!(budget.take(), 300);
+        let limits = ParseLimits {
+            max_stored_bytes: budget.take(),
+            ..ParseLimits::default()
+        };
+        let parsed = crate::runtimes::rbspy::parse(
+            b"main - /a.rb:1;work - /a.rb:2 3\nmain - /a.rb:1;idle - /a.rb:3 2\n",
+            &limits,
+        );
+        assert!(parsed.respects(&limits));
+        assert_eq!(parsed.total_samples(), 5);
+        assert_eq!(parsed.overflow_samples, 5);
+        assert_eq!(parsed.stored_bytes, 0);
+        // A parse never gets more than one child's share, nor the per-parse cap.
+        assert_eq!(
+            RoundBudget::new(usize::MAX, 1).take(),
+            crate::runtimes::MAX_STORED_BYTES_PER_PARSE
+        );
+    }
 
     /// Past the bound, the window moves on so every candidate is looked at in turn,
     /// each once per lap.

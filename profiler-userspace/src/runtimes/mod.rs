@@ -137,6 +137,9 @@ pub struct InterpStack {
 pub struct InterpretedSamples {
     pub pid: u32,
     pub runtime: Runtime,
+    /// The rate the tool sampled at (`--runtime-rate`, capped by the tool's
+    /// maximum): the symbolizer scales the counts to the native frequency.
+    pub rate_hz: u32,
     /// Root first, as parsed.
     pub stacks: Vec<InterpStack>,
 }
@@ -156,6 +159,8 @@ pub struct Parsed {
     /// Samples of stacks that did not fit the table; they are the count of the
     /// [`OVERFLOW_FRAME`] stack, so totals stay exact.
     pub overflow_samples: u64,
+    /// Memory the stored stacks take, as [`ParseLimits::max_stored_bytes`] counts it.
+    pub stored_bytes: usize,
 }
 
 impl Parsed {
@@ -182,6 +187,7 @@ impl Parsed {
         let stored = self.stacks.len().saturating_sub(usize::from(has_overflow));
         overflow_ok
             && stored <= limits.max_stacks
+            && self.stored_bytes <= limits.max_stored_bytes
             && self
                 .stacks
                 .iter()
@@ -449,6 +455,7 @@ impl StackTable {
             malformed_samples,
             truncated_stacks: self.truncated_stacks,
             overflow_samples: self.overflow_samples,
+            stored_bytes: self.stored_bytes,
         }
     }
 }

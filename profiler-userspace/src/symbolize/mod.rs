@@ -329,7 +329,7 @@ impl Symbolizer {
                         .as_deref()
                         .map_or_else(|| process.clone(), Arc::from),
                     locations,
-                    count: stack.count,
+                    count: native_equivalent(stack.count, samples.rate_hz, meta.frequency_hz),
                 });
             }
         }
@@ -515,6 +515,20 @@ fn interpreted_kind(runtime: Runtime) -> FrameKind {
         Runtime::Java => FrameKind::Java,
         Runtime::Node => FrameKind::JavaScript,
     }
+}
+
+/// `count` samples taken at `rate_hz`, as a count of samples at the native
+/// `frequency_hz`: the same CPU time, so that interpreted and native stacks weigh
+/// alike (a stack seen at all counts at least 1).
+fn native_equivalent(count: u64, rate_hz: u32, frequency_hz: u64) -> u64 {
+    let rate = u64::from(rate_hz.max(1));
+    if rate == frequency_hz || count == 0 {
+        return count;
+    }
+    (count.saturating_mul(frequency_hz) + rate / 2)
+        .checked_div(rate)
+        .unwrap_or(count)
+        .max(1)
 }
 
 fn resolve_processes(
@@ -824,7 +838,27 @@ mod tests {
         )
         .unwrap();
         let second = symbolizer.resolve(&frames);
-        let named = second.get(&key).cloned().flatten().expect("named now");
+        assert!(second.failed.is_empty());
+        let named = second
+            .names
+            .get(&key)
+            .cloned()
+            .flatten()
+            .expect("named now");
         assert_eq!(&*named[0].function, "do_work");
+    }
+
+    /// Interpreted counts weigh as native samples of the same CPU time.
+    #[test]
+    fn interpreted_counts_scale_to_the_native_frequency() {
+        assert_eq!(native_equivalent(50, 97, 97), 50);
+        // --runtime-rate 10 with --frequency 100: each sample is 10 native ones.
+        assert_eq!(native_equivalent(5, 10, 100), 50);
+        // --frequency 2000, tools capped at 1000 Hz.
+        assert_eq!(native_equivalent(7, 1000, 2000), 14);
+        // Faster tools weigh less; a stack seen still counts.
+        assert_eq!(native_equivalent(3, 1000, 97), 1);
+        assert_eq!(native_equivalent(0, 1000, 97), 0);
+        assert_eq!(native_equivalent(u64::MAX, 1, 1000), u64::MAX);
     }
 }
