@@ -162,6 +162,8 @@ impl CycleWorker {
                     if cycles.is_multiple_of(SYMBOLIZER_REFRESH_CYCLES) {
                         symbolizer.refresh_kernel_table();
                     }
+                    // What the cycle freed leaves the process (see crate::memory).
+                    crate::memory::release_free_memory();
                     let _ = reply.send(done);
                 }
             })

@@ -6,7 +6,8 @@
 //!
 //! [`cli`] and [`config`] turn arguments into a checked configuration; [`record`]
 //! runs the `record` command and [`agent`] the `agent` command, both on the
-//! [`collector`] pipeline. See ARCHITECTURE.md for one sample's journey.
+//! [`collector`] pipeline; [`memory`] makes the allocator give freed memory back.
+//! See ARCHITECTURE.md for one sample's journey.
 
 pub mod agent;
 pub mod aggregate;
@@ -18,6 +19,7 @@ pub mod drain;
 pub mod ebpf;
 pub mod export;
 pub mod lineage;
+pub mod memory;
 pub mod process;
 pub mod profile;
 pub mod record;
