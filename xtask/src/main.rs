@@ -251,15 +251,16 @@ fn ensure_rbspy() -> Result<PathBuf> {
 }
 
 fn test(args: Vec<String>) -> Result<()> {
+    // Before minutes of installs that would be for nothing.
+    if !setup::is_root() {
+        bail!("the tests load eBPF programs and need root: run `sudo -E cargo xtask test`");
+    }
     setup::ensure_build_prerequisites()?;
     setup::ensure_packages(&[setup::TEST])?;
     let pprof = build_pprof()?;
     let otlp_python = ensure_otlp_venv()?;
     let py_spy = ensure_py_spy()?;
     let rbspy = ensure_rbspy()?;
-    if !setup::is_root() {
-        bail!("the tests load eBPF programs and need root: run `sudo -E cargo xtask test`");
-    }
     eprintln!("xtask: checking formatting");
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     eprintln!("xtask: linting");

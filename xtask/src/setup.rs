@@ -196,8 +196,18 @@ pub fn ensure_bpf_linker() -> Result<()> {
     if bpf_linker_ok(&path) {
         return Ok(());
     }
+    // Debian's llvm-22-dev path, or the user's LLVM 22 elsewhere.
+    let llvm_prefix = std::env::var("LLVM_PREFIX").unwrap_or_else(|_| LLVM_PREFIX.to_string());
+    if !Path::new(&llvm_prefix).join("bin/llvm-config").exists() {
+        bail!(
+            "bpf-linker {BPF_LINKER_VERSION} is missing, and building it needs LLVM 22, which is not at {llvm_prefix}: \
+             install LLVM 22 with its development files, then `LLVM_PREFIX=<its prefix> cargo install \
+             bpf-linker@{BPF_LINKER_VERSION} --locked --no-default-features --features llvm-22` (or set \
+             LLVM_PREFIX and run this again)"
+        );
+    }
     eprintln!(
-        "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF program; built against LLVM 22, about a minute)"
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF program; built against LLVM 22 at {llvm_prefix}, about a minute)"
     );
     let mut cmd = Command::new("cargo");
     cmd.args([
@@ -208,7 +218,7 @@ pub fn ensure_bpf_linker() -> Result<()> {
         "--features",
         "llvm-22",
     ])
-    .env("LLVM_PREFIX", LLVM_PREFIX);
+    .env("LLVM_PREFIX", &llvm_prefix);
     run(&mut cmd).context("cargo install bpf-linker failed")?;
     if !bpf_linker_ok(&path) {
         bail!(
@@ -223,7 +233,13 @@ pub fn ensure_bpf_linker() -> Result<()> {
 pub fn ensure_build_prerequisites() -> Result<()> {
     ensure_packages(&[BUILD])?;
     if !Path::new(RUST_WEB_SRC).exists() {
-        bail!("{RUST_WEB_SRC} is missing although rust-web-src is installed; reinstall it");
+        if is_debian_bookworm() {
+            bail!("{RUST_WEB_SRC} is missing although rust-web-src is installed; reinstall it");
+        }
+        bail!(
+            "{RUST_WEB_SRC} is missing: the eBPF crate builds its own core from the library \
+             sources of the Rust 1.96 at /usr/bin/cargo (see the prerequisites above)"
+        );
     }
     ensure_bpf_linker()
 }
