@@ -572,20 +572,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         .await;
     let mut worker_free = failure.is_none();
     if let Some(done) = in_flight.take() {
-        match tokio::time::timeout_at(deadline, done).await {
-            Ok(Ok(mut done)) => {
-                stats.samples.fetch_add(done.samples, Ordering::Relaxed);
-                sinks.deliver(&mut done, &stats);
-            }
-            Ok(Err(_)) => {
-                worker_free = false;
-                warn!("the cycle in flight failed: its profile is lost");
-            }
-            Err(_) => {
-                worker_free = false;
-                warn!("the cycle in flight did not finish before the shutdown deadline");
-            }
-        }
+        worker_free &= deliver_by(done, deadline, &mut sinks, &stats, "the cycle in flight").await;
     }
     let stopped = collector.stop().await?;
     if worker_free {
@@ -596,21 +583,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             round: round.take(),
             jit: None,
         })?;
-        match tokio::time::timeout_at(deadline, done).await {
-            Ok(Ok(mut done)) => {
-                stats.samples.fetch_add(done.samples, Ordering::Relaxed);
-                sinks.deliver(&mut done, &stats);
-            }
-            Ok(Err(_)) => {
-                worker_free = false;
-                warn!("the last cycle failed: its profile is lost");
-            }
-            Err(_) => {
-                // Not joined below: the exit goes on within the deadline.
-                worker_free = false;
-                warn!("the last profile was not ready before the shutdown deadline");
-            }
-        }
+        worker_free = deliver_by(done, deadline, &mut sinks, &stats, "the last cycle").await;
     }
     let export_stats = sinks.export_stats.clone();
     let queue = sinks.queue.clone();
@@ -677,6 +650,33 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     match failure {
         Some(e) => Err(e),
         None => Ok(stats),
+    }
+}
+
+/// Waits until `deadline` for the profile of a cycle (`which`, for the log) and
+/// delivers it. False when the cycle failed or is late: the cycle thread may still
+/// be busy, and is then not joined, so the exit stays within the deadline.
+async fn deliver_by(
+    done: oneshot::Receiver<CycleDone>,
+    deadline: Instant,
+    sinks: &mut Sinks,
+    stats: &AgentStats,
+    which: &str,
+) -> bool {
+    match tokio::time::timeout_at(deadline, done).await {
+        Ok(Ok(mut done)) => {
+            stats.samples.fetch_add(done.samples, Ordering::Relaxed);
+            sinks.deliver(&mut done, stats);
+            true
+        }
+        Ok(Err(_)) => {
+            warn!("{which} failed: its profile is lost");
+            false
+        }
+        Err(_) => {
+            warn!("{which} did not finish before the shutdown deadline: its profile is lost");
+            false
+        }
     }
 }
 

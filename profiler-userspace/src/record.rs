@@ -494,22 +494,14 @@ async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
 /// recording has listened for them, they no longer end the process by default:
 /// every later wait listens here.)
 async fn or_interrupt<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
-    use tokio::signal::unix::{signal, Signal, SignalKind};
-    async fn received(signal: Option<&mut Signal>) {
-        match signal {
-            Some(signal) => {
-                signal.recv().await;
-            }
-            None => std::future::pending().await,
-        }
-    }
+    use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).ok();
     let mut sighup = signal(SignalKind::hangup()).ok();
     tokio::select! {
         out = work => Some(out),
         _ = tokio::signal::ctrl_c() => None,
-        _ = received(sigterm.as_mut()) => None,
-        _ = received(sighup.as_mut()) => None,
+        _ = recv(&mut sigterm) => None,
+        _ = recv(&mut sighup) => None,
     }
 }
 
