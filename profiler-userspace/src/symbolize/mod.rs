@@ -525,10 +525,7 @@ fn native_equivalent(count: u64, rate_hz: u32, frequency_hz: u64) -> u64 {
     if rate == frequency_hz || count == 0 {
         return count;
     }
-    (count.saturating_mul(frequency_hz) + rate / 2)
-        .checked_div(rate)
-        .unwrap_or(count)
-        .max(1)
+    (count.saturating_mul(frequency_hz).saturating_add(rate / 2) / rate).max(1)
 }
 
 fn resolve_processes(
@@ -860,5 +857,6 @@ mod tests {
         assert_eq!(native_equivalent(3, 1000, 97), 1);
         assert_eq!(native_equivalent(0, 1000, 97), 0);
         assert_eq!(native_equivalent(u64::MAX, 1, 1000), u64::MAX);
+        assert_eq!(native_equivalent(u64::MAX, 1000, 2000), u64::MAX / 1000);
     }
 }
