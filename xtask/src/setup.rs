@@ -17,6 +17,9 @@ use crate::{cargo_home, run};
 
 /// The bpf-linker release that builds against LLVM 22 (see ../shared/TOOLCHAIN.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `cargo install` flags of bpf-linker beside its name: built against LLVM 22.
+const BPF_LINKER_INSTALL_FLAGS: [&str; 4] =
+    ["--locked", "--no-default-features", "--features", "llvm-22"];
 /// Where Debian's llvm-22-dev puts llvm-config; bpf-linker's build script needs it.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Rust standard library sources that match Debian's rustc-web 1.96 (for -Z build-std).
@@ -114,9 +117,9 @@ pub fn ensure_packages(groups: &[PackageGroup]) -> Result<()> {
             .collect();
         eprintln!(
             "xtask: not Debian 12: nothing is installed for you; the build and tests need:\n{}\n  \
-             and bpf-linker {BPF_LINKER_VERSION}: `LLVM_PREFIX=<llvm 22 prefix> cargo install \
-             bpf-linker@{BPF_LINKER_VERSION} --locked --no-default-features --features llvm-22`",
-            needs.join("\n")
+             and bpf-linker {BPF_LINKER_VERSION}: {}",
+            needs.join("\n"),
+            bpf_linker_install_line()
         );
         return Ok(());
     }
@@ -140,9 +143,9 @@ pub fn ensure_packages(groups: &[PackageGroup]) -> Result<()> {
     if !is_debian_bookworm() {
         bail!(
             "missing Debian packages; this is not Debian 12, so install them (or their equivalents) yourself:\n{}\n\
-             and bpf-linker {BPF_LINKER_VERSION}: `LLVM_PREFIX=<llvm 22 prefix> cargo install \
-             bpf-linker@{BPF_LINKER_VERSION} --locked --no-default-features --features llvm-22`",
-            purposes.join("\n")
+             and bpf-linker {BPF_LINKER_VERSION}: {}",
+            purposes.join("\n"),
+            bpf_linker_install_line()
         );
     }
     eprintln!(
@@ -176,6 +179,14 @@ pub fn is_root() -> bool {
     unsafe { geteuid() == 0 }
 }
 
+/// The command that installs bpf-linker by hand, quoted for a message.
+fn bpf_linker_install_line() -> String {
+    format!(
+        "`LLVM_PREFIX=<llvm 22 prefix> cargo install bpf-linker@{BPF_LINKER_VERSION} {}`",
+        BPF_LINKER_INSTALL_FLAGS.join(" ")
+    )
+}
+
 fn bpf_linker_path() -> PathBuf {
     cargo_home().join("bin").join("bpf-linker")
 }
@@ -201,24 +212,18 @@ pub fn ensure_bpf_linker() -> Result<()> {
     if !Path::new(&llvm_prefix).join("bin/llvm-config").exists() {
         bail!(
             "bpf-linker {BPF_LINKER_VERSION} is missing, and building it needs LLVM 22, which is not at {llvm_prefix}: \
-             install LLVM 22 with its development files, then `LLVM_PREFIX=<its prefix> cargo install \
-             bpf-linker@{BPF_LINKER_VERSION} --locked --no-default-features --features llvm-22` (or set \
-             LLVM_PREFIX and run this again)"
+             install LLVM 22 with its development files, then {} (or set LLVM_PREFIX and run this again)",
+            bpf_linker_install_line()
         );
     }
     eprintln!(
         "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF program; built against LLVM 22 at {llvm_prefix}, about a minute)"
     );
     let mut cmd = Command::new("cargo");
-    cmd.args([
-        "install",
-        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-        "--locked",
-        "--no-default-features",
-        "--features",
-        "llvm-22",
-    ])
-    .env("LLVM_PREFIX", &llvm_prefix);
+    cmd.arg("install")
+        .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+        .args(BPF_LINKER_INSTALL_FLAGS)
+        .env("LLVM_PREFIX", &llvm_prefix);
     run(&mut cmd).context("cargo install bpf-linker failed")?;
     if !bpf_linker_ok(&path) {
         bail!(
