@@ -249,13 +249,10 @@ fn processes_exiting_in_the_open_interval_are_named() {
     // Two more intervals, so the last runs' interval is symbolized.
     std::thread::sleep(Duration::from_secs(3));
     assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
-    let mut stacks = Vec::new();
-    for entry in std::fs::read_dir(files.path()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "folded") {
-            stacks.extend(read_folded_file(&path));
-        }
-    }
+    let stacks: Vec<FoldedStack> = folded_files(files.path())
+        .iter()
+        .flat_map(|p| read_folded_file(p))
+        .collect();
     let ours: Vec<&FoldedStack> = stacks
         .iter()
         .filter(|s| s.frames[0] == "chain_blink")

@@ -99,12 +99,7 @@ fn agent_notices_exec() {
         "{}",
         agent.log()
     );
-    let mut folded: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("profiles"))
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().ends_with(".folded"))
-        .collect();
-    folded.sort();
+    let folded = folded_files(&dir.path().join("profiles"));
     let stacks: Vec<FoldedStack> = folded.iter().flat_map(|p| read_folded_file(p)).collect();
     let as_bash: u64 = stacks
         .iter()

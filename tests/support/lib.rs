@@ -152,6 +152,18 @@ pub fn read_folded_file(path: &Path) -> Vec<FoldedStack> {
         .collect()
 }
 
+/// The folded files the agent wrote into `dir`, oldest first (their names start
+/// with the interval's time).
+pub fn folded_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".folded"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// True if `frames` contains `chain` as consecutive frames.
 pub fn contains_chain(frames: &[String], chain: &[&str]) -> bool {
     frames
