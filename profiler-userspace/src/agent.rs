@@ -23,7 +23,9 @@ use tokio::{sync::oneshot, time::Instant};
 use tracing::{debug, info, warn};
 
 use crate::{
-    aggregate::{AggregateLimits, Aggregator},
+    aggregate::{
+        AggregateLimits, AggregateStats, Aggregator, MAX_FRAMES_PER_INTERVAL, MAX_STACKS_PER_INTERVAL,
+    },
     collector::Collector,
     config::agent::AgentConfig,
     ebpf::SamplerConfig,
@@ -56,6 +58,22 @@ pub struct AgentStats {
     pub file_errors: AtomicU64,
     /// Old local profiles deleted early because the disk was full.
     pub profiles_deleted_for_space: AtomicU64,
+    /// Samples whose stack did not fit an interval's table (counted under their
+    /// process's `[stack table full]` stack instead).
+    pub folded_samples: AtomicU64,
+    /// Of those, samples whose process did not get a bucket either (host-wide).
+    pub unattributed_samples: AtomicU64,
+}
+
+impl AgentStats {
+    /// Adds an interval's aggregate counts; returns the folded total so far.
+    fn add_aggregate(&self, aggregate: AggregateStats) -> u64 {
+        self.unattributed_samples
+            .fetch_add(aggregate.unattributed_samples, Ordering::Relaxed);
+        self.folded_samples
+            .fetch_add(aggregate.folded_samples, Ordering::Relaxed)
+            + aggregate.folded_samples
+    }
 }
 
 /// What a finished cycle hands back to the loop.
@@ -446,6 +464,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
 
     let mut kernel_losses = Episodes::default();
     let mut skipped_slots = Episodes::default();
+    let mut folding = Episodes::default();
     let mut targets_gone = false;
     let worker = CycleWorker::start(ctx)?;
     let mut in_flight: Option<oneshot::Receiver<CycleDone>> = None;
@@ -485,6 +504,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     continue;
                 }
                 let aggregate = collector.take_interval().await?;
+                match folding.update(stats.add_aggregate(aggregate.stats())) {
+                    Some(Episode::Began(folded)) => warn!(
+                        folded,
+                        max_stacks = MAX_STACKS_PER_INTERVAL,
+                        max_frames = MAX_FRAMES_PER_INTERVAL,
+                        "an interval held more distinct stacks than its bounds: the rest are counted under their process's [stack table full] stack"
+                    ),
+                    Some(Episode::Ended(folded)) => info!(folded, "intervals fit their stack bounds again"),
+                    None => {}
+                }
                 let (meta, now) = meta_until_now(interval_start);
                 interval_start = now;
                 stats.cycles.fetch_add(1, Ordering::Relaxed);
@@ -575,6 +604,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         worker_free &= deliver_by(done, deadline, &mut sinks, &stats, "the cycle in flight").await;
     }
     let stopped = collector.stop().await?;
+    stats.add_aggregate(stopped.aggregate.stats());
     if worker_free {
         let (meta, _) = meta_until_now(interval_start);
         let done = worker.submit(Job {
@@ -618,6 +648,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         queue_dropped_bytes = queue_stat(|q| &q.dropped_bytes),
         queue_peak_bytes = queue_stat(|q| &q.peak_bytes),
         oversized_stacks = stats.oversized_stacks.load(Ordering::Relaxed),
+        folded_samples = stats.folded_samples.load(Ordering::Relaxed),
+        unattributed_samples = stats.unattributed_samples.load(Ordering::Relaxed),
         partially_rejected_profiles = export_stats
             .partially_rejected_profiles
             .load(Ordering::Relaxed),
@@ -707,5 +739,22 @@ mod tests {
                 Some(Episode::Ended(1)),
             ]
         );
+    }
+
+    /// Each interval's folded samples add up, and the running total is what the
+    /// folding episodes are told (so a second full interval is not a new episode).
+    #[test]
+    fn folded_samples_add_up_across_intervals() {
+        let stats = AgentStats::default();
+        let interval = |folded, unattributed| AggregateStats {
+            samples: 100,
+            folded_samples: folded,
+            unattributed_samples: unattributed,
+        };
+        assert_eq!(stats.add_aggregate(interval(0, 0)), 0);
+        assert_eq!(stats.add_aggregate(interval(30, 2)), 30);
+        assert_eq!(stats.add_aggregate(interval(12, 0)), 42);
+        assert_eq!(stats.folded_samples.load(Ordering::Relaxed), 42);
+        assert_eq!(stats.unattributed_samples.load(Ordering::Relaxed), 2);
     }
 }
