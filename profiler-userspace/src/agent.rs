@@ -24,7 +24,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     aggregate::{
-        AggregateLimits, AggregateStats, Aggregator, MAX_FRAMES_PER_INTERVAL, MAX_STACKS_PER_INTERVAL,
+        AggregateLimits, AggregateStats, Aggregator, MAX_FRAMES_PER_INTERVAL,
+        MAX_STACKS_PER_INTERVAL,
     },
     collector::Collector,
     config::agent::AgentConfig,
@@ -102,22 +103,19 @@ fn run_cycle(ctx: &CycleContext, symbolizer: &mut Symbolizer, job: Job) -> Cycle
     }
     let interpreted = job.round.map(Round::wait_blocking).unwrap_or_default();
     let profile = symbolizer.symbolize(&job.aggregate, &ctx.table, job.meta, &interpreted);
+    // At its bound the aggregate holds 8 MiB of addresses: gone before the writers run.
+    drop(job.aggregate);
+    drop(interpreted);
     let samples = profile.samples();
-    let (requests, oversized) = match &ctx.config.grpc {
-        Some(_) => {
-            let encoded = otlp::encode(&profile, &ctx.host, ctx.config.max_request_bytes);
-            let requests = encoded
-                .requests
-                .iter()
-                .map(|r| {
-                    let bytes = bytes::Bytes::from(prost::Message::encode_to_vec(r));
-                    let len = bytes.len();
-                    (bytes, len)
-                })
-                .collect();
-            (requests, encoded.oversized_stacks)
-        }
-        None => (vec![], 0),
+    let mut requests = Vec::new();
+    let oversized = match &ctx.config.grpc {
+        // Each request kept as bytes only, as soon as it is built.
+        Some(_) => otlp::encode_each(&profile, &ctx.host, ctx.config.max_request_bytes, |r, _| {
+            let bytes = bytes::Bytes::from(prost::Message::encode_to_vec(&r));
+            let len = bytes.len();
+            requests.push((bytes, len));
+        }),
+        None => 0,
     };
     let files = ctx
         .config

@@ -96,8 +96,9 @@ pub struct Stack {
     pub process: Arc<str>,
     /// Thread name.
     pub thread: Arc<str>,
-    /// Indices into [`Profile::locations`], leaf first.
-    pub locations: Vec<usize>,
+    /// Indices into [`Profile::locations`], leaf first (4 bytes a frame: an
+    /// interval at its bound holds 1 Mi of them).
+    pub locations: Vec<u32>,
     pub count: u64,
 }
 
@@ -180,18 +181,6 @@ impl Profile {
     /// Total samples.
     pub fn samples(&self) -> u64 {
         self.stacks.iter().map(|s| s.count).sum()
-    }
-
-    /// Function names of a stack, root first, inlined frames expanded, each with
-    /// its kind's suffix (`_[k]` for kernel frames, see [`FrameKind::suffix`]).
-    pub fn folded_frames<'a>(&'a self, stack: &'a Stack) -> impl Iterator<Item = String> + 'a {
-        stack.locations.iter().rev().flat_map(move |&id| {
-            let loc = &self.locations[id];
-            loc.lines
-                .iter()
-                .rev()
-                .map(move |line| format!("{}{}", line.function, loc.kind.suffix()))
-        })
     }
 }
 

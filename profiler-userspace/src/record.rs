@@ -231,7 +231,7 @@ impl RecordSummary {
         if rt.runs > 0 || rt.jit_refreshes > 0 || rt.jit.named > 0 {
             let _ = writeln!(
                 s,
-                "  runtimes: {} runtime profiler runs ({} failed{}), {} interpreted samples; {} JVM perf maps requested, {} JIT frames named",
+                "  runtimes: {} runtime profiler runs ({} failed{}), {} interpreted samples; {} JVM perf maps requested, {} distinct JIT frames named",
                 rt.runs,
                 rt.runs_failed,
                 [

@@ -46,6 +46,27 @@ pub struct Encoded {
 
 /// Builds requests of at most `max_bytes` each (encoded) from `profile`.
 pub fn encode(profile: &Profile, host: &HostInfo, max_bytes: usize) -> Encoded {
+    let (mut requests, mut sizes) = (Vec::new(), Vec::new());
+    let oversized_stacks = encode_each(profile, host, max_bytes, |request, size| {
+        requests.push(request);
+        sizes.push(size);
+    });
+    Encoded {
+        requests,
+        sizes,
+        oversized_stacks,
+    }
+}
+
+/// [`encode`], handing each request to `each` (with its encoded size) as soon as it
+/// is measured, so a caller that keeps only the bytes never holds more than one
+/// request as a message. Returns the stacks left out as oversized.
+pub fn encode_each(
+    profile: &Profile,
+    host: &HostInfo,
+    max_bytes: usize,
+    mut each: impl FnMut(ExportProfilesServiceRequest, usize),
+) -> u64 {
     // Stacks grouped by process, in pid order.
     let mut by_pid: Vec<(u32, Vec<&Stack>)> = Vec::new();
     {
@@ -59,7 +80,7 @@ pub fn encode(profile: &Profile, host: &HostInfo, max_bytes: usize) -> Encoded {
         }
         by_pid.sort_by_key(|(pid, _)| *pid);
     }
-    let mut out = Encoded::default();
+    let mut oversized_stacks = 0;
     // Every part, and its size when encoded alone (at most `max_bytes`).
     let mut parts: Vec<(u32, Vec<&Stack>)> = Vec::new();
     let mut sizes: Vec<usize> = Vec::new();
@@ -69,7 +90,7 @@ pub fn encode(profile: &Profile, host: &HostInfo, max_bytes: usize) -> Encoded {
             host,
             (pid, stacks),
             max_bytes,
-            &mut out.oversized_stacks,
+            &mut oversized_stacks,
         ) {
             parts.push(part);
             sizes.push(size);
@@ -91,14 +112,13 @@ pub fn encode(profile: &Profile, host: &HostInfo, max_bytes: usize) -> Encoded {
             let len = request.encoded_len();
             ratio = len as f64 / sizes[start..end].iter().sum::<usize>() as f64;
             if len <= max_bytes {
-                out.sizes.push(len);
-                out.requests.push(request);
+                each(request, len);
                 break;
             }
             if end - start == 1 {
                 // Not reached: fit measured this part alone within the limit. Were it
                 // over, it would be counted, never sent oversized.
-                out.oversized_stacks += parts[start].1.len() as u64;
+                oversized_stacks += parts[start].1.len() as u64;
                 break;
             }
             // At least one part fewer, and half as many from the second retry on, so
@@ -113,7 +133,7 @@ pub fn encode(profile: &Profile, host: &HostInfo, max_bytes: usize) -> Encoded {
         }
         start = end;
     }
-    out
+    oversized_stacks
 }
 
 /// How many of the leading parts of `sizes` (at least one) fit in `max_bytes`, their
@@ -286,7 +306,7 @@ impl Dictionary {
         let location_indices: Vec<i32> = stack
             .locations
             .iter()
-            .map(|&l| self.location(profile, l))
+            .map(|&l| self.location(profile, l as usize))
             .collect();
         if let Some(&i) = self.stacks.get(&location_indices) {
             return i;
@@ -552,7 +572,7 @@ mod tests {
                     pid,
                     process: format!("app{pid}").into(),
                     thread: format!("worker-{}", i % 4).into(),
-                    locations: chunk.to_vec(),
+                    locations: chunk.iter().map(|&l| l as u32).collect(),
                     count: 1 + (pid as u64 + i as u64) % 7,
                 });
             }

@@ -50,6 +50,19 @@ impl Strings {
 
 /// Builds the protobuf message.
 pub fn build(profile: &Profile) -> proto::Profile {
+    let (mut header, samples) = build_parts(profile);
+    header.sample = samples.collect();
+    header
+}
+
+/// Field number of `Profile.sample` in profile.proto.
+const SAMPLE_FIELD: u32 = 2;
+
+/// The message without its samples (the string table already holds every string
+/// they use), and the samples one by one: written one after the other they are the
+/// whole message (a repeated field may come in any number of pieces), so a profile
+/// at its bound (1 Mi frames) is never held as a message or as bytes.
+fn build_parts(profile: &Profile) -> (proto::Profile, impl Iterator<Item = proto::Sample> + '_) {
     let mut strings = Strings::new();
     let value_type = |strings: &mut Strings, t: &str, u: &str| proto::ValueType {
         r#type: strings.get(t),
@@ -123,43 +136,44 @@ pub fn build(profile: &Profile) -> proto::Profile {
         strings.get("thread"),
         strings.get("comm"),
     );
-    let sample = profile
-        .stacks
-        .iter()
-        .map(|s| proto::Sample {
-            location_id: s.locations.iter().map(|&l| l as u64 + 1).collect(),
-            value: vec![s.count as i64, s.count as i64 * period],
-            label: vec![
-                proto::Label {
-                    key: pid_key,
-                    num: i64::from(s.pid),
-                    ..Default::default()
-                },
-                proto::Label {
-                    key: thread_key,
-                    str: strings.get(&s.thread),
-                    ..Default::default()
-                },
-                proto::Label {
-                    key: comm_key,
-                    str: strings.get(&s.process),
-                    ..Default::default()
-                },
-            ],
-        })
-        .collect();
+    for stack in &profile.stacks {
+        strings.get(&stack.thread);
+        strings.get(&stack.process);
+    }
+    let string_table = strings.table.clone();
+    let sample = profile.stacks.iter().map(move |s| proto::Sample {
+        location_id: s.locations.iter().map(|&l| l as u64 + 1).collect(),
+        value: vec![s.count as i64, s.count as i64 * period],
+        label: vec![
+            proto::Label {
+                key: pid_key,
+                num: i64::from(s.pid),
+                ..Default::default()
+            },
+            proto::Label {
+                key: thread_key,
+                str: strings.index[&*s.thread],
+                ..Default::default()
+            },
+            proto::Label {
+                key: comm_key,
+                str: strings.index[&*s.process],
+                ..Default::default()
+            },
+        ],
+    });
 
     let time_nanos = profile
         .start
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64);
-    proto::Profile {
+    let header = proto::Profile {
         sample_type,
-        sample,
+        sample: vec![],
         mapping,
         location,
         function: functions,
-        string_table: strings.table,
+        string_table,
         drop_frames: 0,
         keep_frames: 0,
         time_nanos,
@@ -168,7 +182,8 @@ pub fn build(profile: &Profile) -> proto::Profile {
         period,
         comment: vec![],
         default_sample_type: 0,
-    }
+    };
+    (header, sample)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -177,9 +192,16 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Writes the gzipped protobuf.
 pub fn write_gzipped(profile: &Profile, w: &mut impl io::Write) -> io::Result<()> {
-    let bytes = build(profile).encode_to_vec();
     let mut gz = GzEncoder::new(w, Compression::default());
-    gz.write_all(&bytes)?;
+    let (header, samples) = build_parts(profile);
+    gz.write_all(&header.encode_to_vec())?;
+    drop(header);
+    let mut buf = Vec::new();
+    for sample in samples {
+        buf.clear();
+        prost::encoding::message::encode(SAMPLE_FIELD, &sample, &mut buf);
+        gz.write_all(&buf)?;
+    }
     gz.finish()?;
     Ok(())
 }

@@ -30,7 +30,7 @@ use crate::{
 /// What naming JIT frames did in one interval.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct JitCounts {
-    /// Frames named from a perf map.
+    /// Distinct frames (process, address) named from a perf map.
     pub named: u64,
     /// Processes whose perf map was read.
     pub maps_read: u64,
@@ -101,20 +101,20 @@ fn written_before_start(stamp: &FileStamp, target: &TargetProcess) -> bool {
 }
 
 impl JitNamer {
-    /// Names the frames of `refs` (one list per stack, `tgids[i]` the process of
-    /// stack `i`) that are in anonymous or unmapped memory, from each process's perf
-    /// map.
-    pub(super) fn name_frames(&mut self, refs: &mut [Vec<FrameRef>], tgids: &[u32]) -> JitCounts {
+    /// Names the frames of `refs` (an interval's distinct frames, `pids[i]` the
+    /// process of frame `i`) that are in anonymous or unmapped memory, from each
+    /// process's perf map.
+    pub(super) fn name_frames(&mut self, refs: &mut [FrameRef], pids: &[u32]) -> JitCounts {
         self.interval += 1;
         let mut counts = JitCounts::default();
-        // Stack indices per process with at least one candidate frame.
+        // Indices of the candidate frames, per process.
         let mut by_pid: HashMap<u32, Vec<usize>> = HashMap::new();
-        for (i, frames) in refs.iter().enumerate() {
-            if frames.iter().any(|f| candidate(f).is_some()) && tgids[i] != 0 {
-                by_pid.entry(tgids[i]).or_default().push(i);
+        for (i, frame) in refs.iter().enumerate() {
+            if candidate(frame).is_some() && pids[i] != 0 {
+                by_pid.entry(pids[i]).or_default().push(i);
             }
         }
-        for (pid, stacks) in by_pid {
+        for (pid, frames) in by_pid {
             // A process without a perf map keeps its frames unknown. Most candidates
             // are native code whose frame-pointer walk ran into garbage: one stat
             // tells, without reading their mappings.
@@ -143,9 +143,9 @@ impl JitNamer {
                 }
             };
             kept.used = self.interval;
-            let missing: HashSet<u64> = stacks
+            let missing: HashSet<u64> = frames
                 .iter()
-                .flat_map(|&i| refs[i].iter().filter_map(candidate))
+                .filter_map(|&i| candidate(&refs[i]))
                 .filter(|ip| !kept.names.contains_key(ip))
                 .collect();
             if missing.is_empty() {
@@ -169,20 +169,19 @@ impl JitNamer {
                 }
             }
             let kind = kind_of(kept.target.runtime);
-            for &i in &stacks {
-                for frame in &mut refs[i] {
-                    let Some(ip) = candidate(frame) else { continue };
-                    let Some(Some(name)) = kept.names.get(&ip) else {
-                        continue;
-                    };
-                    counts.named += 1;
-                    *frame = FrameRef::Jit {
-                        pid,
-                        ip,
-                        name: name.clone(),
-                        kind,
-                    };
-                }
+            for &i in &frames {
+                let frame = &mut refs[i];
+                let Some(ip) = candidate(frame) else { continue };
+                let Some(Some(name)) = kept.names.get(&ip) else {
+                    continue;
+                };
+                counts.named += 1;
+                *frame = FrameRef::Jit {
+                    pid,
+                    ip,
+                    name: name.clone(),
+                    kind,
+                };
             }
             // This interval's addresses were all named; past the bound, the next
             // interval reads them again.
@@ -232,9 +231,8 @@ mod tests {
         }
     }
 
-    fn names(refs: &[Vec<FrameRef>]) -> Vec<Option<String>> {
-        refs[0]
-            .iter()
+    fn names(refs: &[FrameRef]) -> Vec<Option<String>> {
+        refs.iter()
             .map(|f| match f {
                 FrameRef::Jit { name, .. } => Some(name.to_string()),
                 _ => None,
@@ -279,8 +277,8 @@ mod tests {
         let target = WithMap::new("7f0000001000 100 first\n");
         let mut namer = JitNamer::default();
         let mut interval = || {
-            let mut refs = vec![vec![unknown(A), unknown(NOT_IN_MAP)]];
-            let counts = namer.name_frames(&mut refs, &[target.pid()]);
+            let mut refs = vec![unknown(A), unknown(NOT_IN_MAP)];
+            let counts = namer.name_frames(&mut refs, &[target.pid(); 2]);
             (names(&refs), counts)
         };
         let (named, first) = interval();
@@ -310,7 +308,7 @@ mod tests {
             .map(|_| WithMap::new("7f0000001000 100 f\n"))
             .collect();
         let mut namer = JitNamer::default();
-        let mut refs: Vec<Vec<FrameRef>> = targets.iter().map(|_| vec![unknown(A)]).collect();
+        let mut refs: Vec<FrameRef> = targets.iter().map(|_| unknown(A)).collect();
         let pids: Vec<u32> = targets.iter().map(WithMap::pid).collect();
         let counts = namer.name_frames(&mut refs, &pids);
         assert_eq!(counts.named, MAX_JIT_PROCESSES as u64 + 1);
@@ -327,8 +325,9 @@ mod tests {
         let frames: Vec<FrameRef> = (0..=MAX_JIT_NAMES_PER_PROCESS as u64)
             .map(|i| unknown(0x7f00_0000_0000 + i * 16))
             .collect();
-        let mut refs = vec![frames];
-        let counts = namer.name_frames(&mut refs, &[target.pid()]);
+        let pids = vec![target.pid(); frames.len()];
+        let mut refs = frames;
+        let counts = namer.name_frames(&mut refs, &pids);
         assert_eq!(counts.named, MAX_JIT_NAMES_PER_PROCESS as u64 + 1);
         assert_eq!(counts.forgotten, 1);
         assert!(namer.kept[&target.pid()].names.is_empty());

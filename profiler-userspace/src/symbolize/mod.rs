@@ -29,7 +29,7 @@ pub use cache::{SymbolCache, MAX_SYMBOL_CACHE_ENTRIES};
 pub use jit::JitCounts;
 
 use crate::{
-    aggregate::Aggregator,
+    aggregate::{AggregatedStack, Aggregator},
     process::{MappedObject, ObjectFile, ProcessInfo, ProcessTable},
     profile::{FrameKind, Line, Location, Object, ProcessMeta, Profile, Stack, UnknownCounts},
     runtimes::{InterpretedSamples, Runtime},
@@ -101,6 +101,49 @@ enum FrameRef {
     },
 }
 
+/// One frame of an interval as stored, after [`caller_adjusted`]: kernel addresses
+/// are the same in every process, user addresses only within theirs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum FrameKey {
+    Kernel(u64),
+    User(u32, u64),
+}
+
+/// The keys of a stack's frames, leaf first: its kernel frames, then its user ones.
+fn frame_keys(stack: &AggregatedStack) -> impl Iterator<Item = FrameKey> + '_ {
+    let tgid = stack.tgid;
+    let kernel = stack.kernel().iter().enumerate();
+    let user = stack.user().iter().enumerate();
+    kernel
+        .map(|(i, &ip)| FrameKey::Kernel(caller_adjusted(ip, i)))
+        .chain(user.map(move |(i, &ip)| FrameKey::User(tgid, caller_adjusted(ip, i))))
+}
+
+/// The distinct frames of an interval, each with its [`FrameRef`] and the process
+/// it belongs to (0 for kernel frames).
+#[derive(Default)]
+struct DistinctFrames {
+    index: HashMap<FrameKey, usize>,
+    refs: Vec<FrameRef>,
+    pids: Vec<u32>,
+}
+
+impl DistinctFrames {
+    /// Adds `key` if new, with the frame `make` returns for its address.
+    fn intern(&mut self, key: FrameKey, make: impl FnOnce(u64) -> FrameRef) {
+        if self.index.contains_key(&key) {
+            return;
+        }
+        let (pid, ip) = match key {
+            FrameKey::Kernel(ip) => (0, ip),
+            FrameKey::User(tgid, ip) => (tgid, ip),
+        };
+        self.index.insert(key, self.refs.len());
+        self.refs.push(make(ip));
+        self.pids.push(pid);
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reason {
     ObjectUnavailable,
@@ -170,7 +213,7 @@ struct Builder {
     objects: Vec<Object>,
     object_ids: HashMap<ObjKey, usize>,
     locations: Vec<Location>,
-    location_ids: HashMap<LocKey, usize>,
+    location_ids: HashMap<LocKey, u32>,
     unknown: UnknownCounts,
 }
 
@@ -249,38 +292,38 @@ impl Symbolizer {
     ) -> Profile {
         let procs = resolve_processes(aggregate, interpreted, processes);
 
-        // 1. Addresses to objects and offsets.
-        let mut refs: Vec<Vec<FrameRef>> = Vec::with_capacity(aggregate.len());
+        // 1. Each distinct frame of the interval to an object and offset, once. An
+        //    interval holds up to 1 Mi stored frames but typically a few thousand
+        //    distinct ones: nothing is kept per stored frame here.
+        let mut distinct = DistinctFrames::default();
         let mut refreshed: HashMap<u32, Option<Arc<ProcessInfo>>> = HashMap::new();
         for stack in aggregate.stacks() {
-            let mut frames = Vec::with_capacity(stack.frames.len());
-            for (i, &ip) in stack.kernel().iter().enumerate() {
-                frames.push(FrameRef::Kernel(caller_adjusted(ip, i)));
+            for key in frame_keys(stack) {
+                distinct.intern(key, |ip| match key {
+                    FrameKey::Kernel(_) => FrameRef::Kernel(ip),
+                    FrameKey::User(tgid, _) => {
+                        user_frame(tgid, ip, &procs, &mut refreshed, processes)
+                    }
+                });
             }
-            for (i, &ip) in stack.user().iter().enumerate() {
-                let ip = caller_adjusted(ip, i);
-                frames.push(user_frame(
-                    stack.tgid,
-                    ip,
-                    &procs,
-                    &mut refreshed,
-                    processes,
-                ));
-            }
-            refs.push(frames);
         }
-        let tgids: Vec<u32> = aggregate.stacks().map(|s| s.tgid).collect();
-        let jit = self.jit.name_frames(&mut refs, &tgids);
+        let jit = self.jit.name_frames(&mut distinct.refs, &distinct.pids);
 
         // 2. Look up what the cache does not know, one batch per binary.
-        let resolved = self.resolve(&refs);
+        let resolved = self.resolve(&distinct.refs);
 
         // 3. Tables and stacks.
         let mut b = Builder::default();
+        let location_of: Vec<u32> = distinct
+            .refs
+            .iter()
+            .map(|f| b.location(f, &resolved))
+            .collect();
+        drop(resolved);
         let mut stacks = Vec::with_capacity(aggregate.len() + 1);
-        for (stack, frames) in aggregate.stacks().zip(&refs) {
-            let mut locations: Vec<usize> =
-                frames.iter().map(|f| b.location(f, &resolved)).collect();
+        for stack in aggregate.stacks() {
+            let mut locations = Vec::with_capacity(stack.frames.len() + 2);
+            locations.extend(frame_keys(stack).map(|key| location_of[distinct.index[&key]]));
             // Leaf first: a cut user stack ends at the marker; a cut kernel stack
             // has it between its kernel and user frames.
             if stack.user().len() == MAX_STACK_DEPTH {
@@ -297,6 +340,7 @@ impl Symbolizer {
                 count: stack.count,
             });
         }
+        drop(distinct);
         for (tgid, thread, count) in aggregate.overflow() {
             let loc = b.marker(TABLE_FULL_FRAME);
             stacks.push(Stack {
@@ -372,14 +416,14 @@ impl Symbolizer {
     }
 
     /// Resolves every key the frames need, from the cache or in batches.
-    fn resolve(&mut self, refs: &[Vec<FrameRef>]) -> Resolution {
+    fn resolve(&mut self, refs: &[FrameRef]) -> Resolution {
         let mut resolved: HashMap<SymKey, Resolved> = HashMap::new();
         let mut kernel_pending: Vec<u64> = Vec::new();
         let mut file_pending: HashMap<(u64, u64), (Arc<ObjectFile>, Vec<u64>)> = HashMap::new();
         // Keys whose lookup failed as a whole (a binary or kallsyms unreadable this
         // time): unnamed now, looked up again next time rather than cached.
         let mut failed: std::collections::HashSet<SymKey> = Default::default();
-        for frame in refs.iter().flatten() {
+        for frame in refs {
             let key = match frame {
                 FrameRef::Kernel(addr) => SymKey::Kernel(*addr),
                 FrameRef::File { object, offset } => SymKey::File {
@@ -654,18 +698,18 @@ impl Builder {
         })
     }
 
-    fn push_location(&mut self, key: LocKey, make: impl FnOnce(&mut Self) -> Location) -> usize {
+    fn push_location(&mut self, key: LocKey, make: impl FnOnce(&mut Self) -> Location) -> u32 {
         if let Some(&id) = self.location_ids.get(&key) {
             return id;
         }
         let loc = make(self);
         self.locations.push(loc);
-        let id = self.locations.len() - 1;
+        let id = (self.locations.len() - 1) as u32;
         self.location_ids.insert(key, id);
         id
     }
 
-    fn interpreted(&mut self, kind: FrameKind, frame: &crate::runtimes::InterpFrame) -> usize {
+    fn interpreted(&mut self, kind: FrameKind, frame: &crate::runtimes::InterpFrame) -> u32 {
         let function: Arc<str> = frame.function.as_str().into();
         let file: Option<Arc<str>> = frame.file.as_deref().map(Into::into);
         let line = frame.line.unwrap_or(0);
@@ -683,7 +727,7 @@ impl Builder {
     }
 
     /// The location of a synthetic frame (see [`TABLE_FULL_FRAME`], [`TRUNCATED_FRAME`]).
-    fn marker(&mut self, name: &'static str) -> usize {
+    fn marker(&mut self, name: &'static str) -> u32 {
         self.push_location(LocKey::Marker(name), |_| Location {
             address: 0,
             object: None,
@@ -696,7 +740,7 @@ impl Builder {
         })
     }
 
-    fn location(&mut self, frame: &FrameRef, resolved: &Resolution) -> usize {
+    fn location(&mut self, frame: &FrameRef, resolved: &Resolution) -> u32 {
         match frame {
             FrameRef::Kernel(addr) => {
                 let key = SymKey::Kernel(*addr);
@@ -822,7 +866,7 @@ mod tests {
         let mut symbolizer = Symbolizer::new(64);
         let dir = tempfile::tempdir().unwrap();
         symbolizer.kallsyms = dir.path().join("kallsyms");
-        let frames = vec![vec![FrameRef::Kernel(0xffff_ffff_8100_0010)]];
+        let frames = vec![FrameRef::Kernel(0xffff_ffff_8100_0010)];
         let key = SymKey::Kernel(0xffff_ffff_8100_0010);
 
         let first = symbolizer.resolve(&frames);
