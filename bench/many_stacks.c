@@ -30,8 +30,13 @@
 /* noipa: keep every call a real call (no inlining, cloning or IPA shortcuts). */
 #define NOINLINE __attribute__((noinline, noipa))
 #define NFUNCS 64
+/* Path depths: -DMIN_DEPTH=.. -DMAX_DEPTH=.. make deeper stacks (bench/stack_bound.py). */
+#ifndef MIN_DEPTH
 #define MIN_DEPTH 6
+#endif
+#ifndef MAX_DEPTH
 #define MAX_DEPTH 12
+#endif
 /* Work per frame: a few hundred ns, so a path takes a few us and consecutive
  * samples (10 ms apart) land on unrelated paths. */
 #define ROUNDS 64
