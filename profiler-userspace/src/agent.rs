@@ -110,7 +110,7 @@ fn run_cycle(ctx: &CycleContext, symbolizer: &mut Symbolizer, job: Job) -> Cycle
     let mut requests = Vec::new();
     let oversized = match &ctx.config.grpc {
         // Each request kept as bytes only, as soon as it is built.
-        Some(_) => otlp::encode_each(&profile, &ctx.host, ctx.config.max_request_bytes, |r, _| {
+        Some(_) => otlp::encode(&profile, &ctx.host, ctx.config.max_request_bytes, |r, _| {
             let bytes = bytes::Bytes::from(prost::Message::encode_to_vec(&r));
             let len = bytes.len();
             requests.push((bytes, len));

@@ -34,34 +34,11 @@ pub struct HostInfo {
     pub attributes: Vec<(String, String)>,
 }
 
-/// Requests for one profile, and what did not fit.
-#[derive(Debug, Default)]
-pub struct Encoded {
-    pub requests: Vec<ExportProfilesServiceRequest>,
-    /// Encoded size of each request.
-    pub sizes: Vec<usize>,
-    /// Stacks left out because even alone they exceed the size limit.
-    pub oversized_stacks: u64,
-}
-
-/// Builds requests of at most `max_bytes` each (encoded) from `profile`.
-pub fn encode(profile: &Profile, host: &HostInfo, max_bytes: usize) -> Encoded {
-    let (mut requests, mut sizes) = (Vec::new(), Vec::new());
-    let oversized_stacks = encode_each(profile, host, max_bytes, |request, size| {
-        requests.push(request);
-        sizes.push(size);
-    });
-    Encoded {
-        requests,
-        sizes,
-        oversized_stacks,
-    }
-}
-
-/// [`encode`], handing each request to `each` (with its encoded size) as soon as it
-/// is measured, so a caller that keeps only the bytes never holds more than one
-/// request as a message. Returns the stacks left out as oversized.
-pub fn encode_each(
+/// Builds requests of at most `max_bytes` each (encoded) from `profile`, handing
+/// each to `each` (with its encoded size) as soon as it is measured, so a caller
+/// that keeps only the bytes never holds more than one request as a message.
+/// Returns the stacks left out because even alone they exceed the size limit.
+pub fn encode(
     profile: &Profile,
     host: &HostInfo,
     max_bytes: usize,
@@ -452,6 +429,25 @@ mod tests {
     use super::*;
     use crate::profile::test_profile;
 
+    /// Requests for one profile, and what did not fit.
+    #[derive(Debug, Default)]
+    struct Encoded {
+        requests: Vec<ExportProfilesServiceRequest>,
+        /// Encoded size of each request.
+        sizes: Vec<usize>,
+        oversized_stacks: u64,
+    }
+
+    /// Every request [`encode`] builds, kept.
+    fn encode_all(profile: &Profile, host: &HostInfo, max_bytes: usize) -> Encoded {
+        let mut out = Encoded::default();
+        out.oversized_stacks = encode(profile, host, max_bytes, |request, size| {
+            out.requests.push(request);
+            out.sizes.push(size);
+        });
+        out
+    }
+
     fn host() -> HostInfo {
         HostInfo {
             attributes: vec![("host.name".into(), "test-host".into())],
@@ -462,7 +458,7 @@ mod tests {
     #[test]
     fn dictionary_is_consistent() {
         let profile = test_profile();
-        let enc = encode(&profile, &host(), 4 << 20);
+        let enc = encode_all(&profile, &host(), 4 << 20);
         assert_eq!(enc.requests.len(), 1);
         let req = &enc.requests[0];
         let d = req.dictionary.as_ref().unwrap();
@@ -511,10 +507,10 @@ mod tests {
                 profile.stacks.push(s);
             }
         }
-        let whole = encode(&profile, &host(), usize::MAX);
+        let whole = encode_all(&profile, &host(), usize::MAX);
         assert_eq!(whole.requests.len(), 1);
         let limit = whole.sizes[0] / 5;
-        let split = encode(&profile, &host(), limit);
+        let split = encode_all(&profile, &host(), limit);
         assert!(
             split.requests.len() >= 5,
             "{} requests",
@@ -587,9 +583,9 @@ mod tests {
     fn unshared_code_stays_within_limit() {
         // 60,000 locations, functions and strings in all, some 20,000 a request.
         let profile = unshared_profile(600, 100);
-        let whole = encode(&profile, &host(), usize::MAX);
+        let whole = encode_all(&profile, &host(), usize::MAX);
         let limit = whole.sizes[0] / 3;
-        let split = encode(&profile, &host(), limit);
+        let split = encode_all(&profile, &host(), limit);
         assert!(split.requests.len() >= 3, "{:?}", split.sizes);
         for (request, &size) in split.requests.iter().zip(&split.sizes) {
             assert_eq!(request.encoded_len(), size);
@@ -627,7 +623,7 @@ mod tests {
     #[test]
     fn oversized_stack_is_counted() {
         let profile = test_profile();
-        let enc = encode(&profile, &host(), 10);
+        let enc = encode_all(&profile, &host(), 10);
         assert!(enc.requests.is_empty());
         assert_eq!(enc.oversized_stacks, profile.stacks.len() as u64);
     }
@@ -646,7 +642,7 @@ mod tests {
                 ("service.name".into(), "checkout".into()),
             ],
         };
-        let req = &encode(&profile, &host, 4 << 20).requests[0];
+        let req = &encode_all(&profile, &host, 4 << 20).requests[0];
         assert!(req.resource_profiles.len() >= 2);
         for rp in &req.resource_profiles {
             let keys: Vec<&str> = rp
@@ -680,7 +676,7 @@ mod tests {
         gone.pid = 7;
         gone.process = "short-lived".into();
         profile.stacks.push(gone);
-        let req = &encode(&profile, &host(), 4 << 20).requests[0];
+        let req = &encode_all(&profile, &host(), 4 << 20).requests[0];
         let attr = |pid: i64, key: &str| -> Option<String> {
             let rp = req.resource_profiles.iter().find(|rp| {
                 rp.resource.as_ref().unwrap().attributes.iter().any(|kv| {

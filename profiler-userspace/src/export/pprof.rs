@@ -140,7 +140,10 @@ fn build_parts(profile: &Profile) -> (proto::Profile, impl Iterator<Item = proto
         strings.get(&stack.thread);
         strings.get(&stack.process);
     }
-    let string_table = strings.table.clone();
+    let Strings {
+        table: string_table,
+        index: strings,
+    } = strings;
     let sample = profile.stacks.iter().map(move |s| proto::Sample {
         location_id: s.locations.iter().map(|&l| l as u64 + 1).collect(),
         value: vec![s.count as i64, s.count as i64 * period],
@@ -152,12 +155,12 @@ fn build_parts(profile: &Profile) -> (proto::Profile, impl Iterator<Item = proto
             },
             proto::Label {
                 key: thread_key,
-                str: strings.index[&*s.thread],
+                str: strings[&*s.thread],
                 ..Default::default()
             },
             proto::Label {
                 key: comm_key,
-                str: strings.index[&*s.process],
+                str: strings[&*s.process],
                 ..Default::default()
             },
         ],

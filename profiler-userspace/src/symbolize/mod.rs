@@ -129,18 +129,17 @@ struct DistinctFrames {
 }
 
 impl DistinctFrames {
-    /// Adds `key` if new, with the frame `make` returns for its address.
-    fn intern(&mut self, key: FrameKey, make: impl FnOnce(u64) -> FrameRef) {
+    /// Adds `key` if new, with the frame `make` returns for it.
+    fn intern(&mut self, key: FrameKey, make: impl FnOnce() -> FrameRef) {
         if self.index.contains_key(&key) {
             return;
         }
-        let (pid, ip) = match key {
-            FrameKey::Kernel(ip) => (0, ip),
-            FrameKey::User(tgid, ip) => (tgid, ip),
-        };
         self.index.insert(key, self.refs.len());
-        self.refs.push(make(ip));
-        self.pids.push(pid);
+        self.refs.push(make());
+        self.pids.push(match key {
+            FrameKey::Kernel(_) => 0,
+            FrameKey::User(tgid, _) => tgid,
+        });
     }
 }
 
@@ -299,9 +298,9 @@ impl Symbolizer {
         let mut refreshed: HashMap<u32, Option<Arc<ProcessInfo>>> = HashMap::new();
         for stack in aggregate.stacks() {
             for key in frame_keys(stack) {
-                distinct.intern(key, |ip| match key {
-                    FrameKey::Kernel(_) => FrameRef::Kernel(ip),
-                    FrameKey::User(tgid, _) => {
+                distinct.intern(key, || match key {
+                    FrameKey::Kernel(ip) => FrameRef::Kernel(ip),
+                    FrameKey::User(tgid, ip) => {
                         user_frame(tgid, ip, &procs, &mut refreshed, processes)
                     }
                 });
