@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 
 import benchlib
-from benchlib import (Monitor, cpu_seconds, forget, kill, kill_all_children, log, median, read_io,
+from benchlib import (Monitor, cpu_seconds, forget, kill, log, median, read_io,
                       slope_per_min, spawn, vlog)
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -808,19 +808,7 @@ def main():
     results = {"config": vars(args), "ncpu": NCPU, "kernel": platform.release(),
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tmp = Path(tempfile.mkdtemp(prefix="profiler-agent-bench-"))
-    code = 1
-    try:
-        code = benchmark(args, tmp, results)
-    except RunError as e:
-        log(f"error: {e}")
-        code = 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        code = 130
-    finally:
-        kill_all_children()
-        benchlib.finish_script(results, args.json, tmp, args.keep, indent=1)
-    return code
+    return benchlib.guarded(lambda: benchmark(args, tmp, results), results, args, tmp, RunError)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,24 @@ def finish_script(results, json_path, tmp, keep, indent):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def guarded(body, results, args, tmp, errors):
+    """Runs `body()` (returns the exit status) as a script's main does: an `errors`
+    exception (what the script calls a crash) is logged and gives 1, an interrupt
+    130; either way every child is killed, then `finish_script` runs with the
+    script's --json and --keep."""
+    try:
+        return body()
+    except errors as e:
+        log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        kill_all_children()
+        finish_script(results, args.json, tmp, args.keep, indent=1)
+
+
 # --------------------------------------------------------------------------
 # Children: everything we start is tracked so every exit path can kill it.
 

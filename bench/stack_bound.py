@@ -38,7 +38,7 @@ from pathlib import Path
 import benchlib
 from agent_outage import (agent_defaults, agent_env, alive, free_port, parse_agent_log, reap,
                           split_message, stop, tail, LOG_LINE)
-from benchlib import Monitor, kill, kill_all_children, log, median, spawn
+from benchlib import Monitor, kill, log, median, spawn
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -226,8 +226,8 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="profiler-stack-bound-"))
     results = {"config": vars(args) | {"ncpu": NCPU, "min_depth": MIN_DEPTH, "max_depth": MAX_DEPTH},
                "phases": {}}
-    status = 0
-    try:
+
+    def benchmark():
         exe = build_workload(tmp)
         for name in ("files", "outage"):
             if name in args.skip.split(","):
@@ -236,16 +236,8 @@ def main():
             endpoint = f"http://127.0.0.1:{free_port()}" if name == "outage" else None
             results["phases"][name] = run_phase(args, name, exe, tmp, endpoint)
         report(results, args)
-    except RunError as e:
-        log(f"error: {e}")
-        status = 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        status = 130
-    finally:
-        kill_all_children()
-        benchlib.finish_script(results, args.json, tmp, args.keep, indent=1)
-    return status
+        return 0
+    return benchlib.guarded(benchmark, results, args, tmp, RunError)
 
 
 if __name__ == "__main__":
