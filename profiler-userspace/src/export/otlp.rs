@@ -11,7 +11,9 @@
 //! `process.executable.build_id.gnu`. Each request has its own dictionary, and every
 //! dictionary table starts with its zero value, as the format requires.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, hash::BuildHasher};
+
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use opentelemetry_proto::tonic::{
     collector::profiles::v1development::ExportProfilesServiceRequest,
@@ -160,7 +162,11 @@ struct Dictionary {
     mappings: HashMap<usize, i32>,
     functions: HashMap<(i32, i32), i32>,
     locations: HashMap<usize, i32>,
-    stacks: HashMap<Vec<i32>, i32>,
+    /// Indices into `dict.stack_table`, found by its content: a stack's location
+    /// indices are stored once, in the table (4 bytes a frame; a map keyed by a
+    /// copy of them doubled a request's largest table).
+    stacks: HashTable<i32>,
+    hasher: DefaultHashBuilder,
 }
 
 impl Dictionary {
@@ -172,7 +178,8 @@ impl Dictionary {
             mappings: HashMap::new(),
             functions: HashMap::new(),
             locations: HashMap::new(),
-            stacks: HashMap::new(),
+            stacks: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
         };
         // Index 0 of every table is the zero value.
         d.string("");
@@ -285,11 +292,17 @@ impl Dictionary {
             .iter()
             .map(|&l| self.location(profile, l as usize))
             .collect();
-        if let Some(&i) = self.stacks.get(&location_indices) {
+        let hash = |indices: &[i32]| self.hasher.hash_one(indices);
+        let table = &self.dict.stack_table;
+        let key = hash(&location_indices);
+        if let Some(&i) = self.stacks.find(key, |&i| {
+            table[i as usize].location_indices == location_indices
+        }) {
             return i;
         }
-        let i = self.dict.stack_table.len() as i32;
-        self.stacks.insert(location_indices.clone(), i);
+        let i = table.len() as i32;
+        self.stacks
+            .insert_unique(key, i, |&j| hash(&table[j as usize].location_indices));
         self.dict.stack_table.push(otlp::Stack { location_indices });
         i
     }
