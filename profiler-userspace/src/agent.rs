@@ -103,9 +103,13 @@ fn run_cycle(ctx: &CycleContext, symbolizer: &mut Symbolizer, job: Job) -> Cycle
     }
     let interpreted = job.round.map(Round::wait_blocking).unwrap_or_default();
     let profile = symbolizer.symbolize(&job.aggregate, &ctx.table, job.meta, &interpreted);
-    // At its bound the aggregate holds 8 MiB of addresses: gone before the writers run.
+    // At its bound the aggregate holds 8 MiB of addresses: gone before the writers
+    // run, and out of the process too. Its stacks are small blocks in the drain
+    // thread's heap, which this thread's allocations do not reuse: without the trim
+    // the writers' memory came on top of those ~9 MiB (bench/stack_bound.py).
     drop(job.aggregate);
     drop(interpreted);
+    crate::memory::release_free_memory();
     let samples = profile.samples();
     let mut requests = Vec::new();
     let oversized = match &ctx.config.grpc {
