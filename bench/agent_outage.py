@@ -5,7 +5,10 @@ Phase A (outage): bench/many_stacks.c keeps every CPU busy on thousands of
 distinct stacks while `profiler agent` runs with its default settings against
 an OTLP endpoint where nothing listens, for --outage-minutes (10). The agent's
 /proc status is read every second: VmRSS, VmHWM, the RSS breakdown, fds,
-threads and child processes, and /proc/PID/smaps_rollup every minute. Its log
+threads and child processes, and /proc/PID/smaps_rollup every minute (the
+agent resets its VmHWM when each cycle starts, for its memory budget: the
+peak is the largest VmHWM read, which holds each cycle's peak until the next
+cycle begins, and the exit's ru_maxrss). Its log
 (stderr) is parsed for warnings and for "export queue full" (drops began).
 Then SIGTERM: the exit code must be 0; the time to exit is reported.
 

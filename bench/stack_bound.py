@@ -12,9 +12,10 @@ settings apart from --frequency, in two phases:
 
   * files: no endpoint, the default rotating local files (pprof + folded);
   * outage: an endpoint where nothing listens, so every interval is symbolized,
-    encoded as OTLP and queued, and the export queue fills up to its bound
-    (--queue-kib, 20 MiB) on top of the cycle's own memory: the worst case of the
-    default settings.
+    encoded as OTLP and queued, and the export queue fills up on top of the
+    cycle's own memory, to its bound (--queue-kib, 20 MiB) or to what the memory
+    budget (--memory-budget-mib, 64 MiB) leaves it: the worst case of the default
+    settings.
 
 and prints for each: RSS (median, last, peak VmHWM), threads and fds, the
 distinct stacks of each cycle and the samples folded into `[stack table full]`
@@ -182,10 +183,15 @@ def report(results, args):
     for name, r in results["phases"].items():
         if r["warnings"]:
             print(f"  {name} warnings: " + "; ".join(f"{m} (x{w['count']})" for m, w in r["warnings"].items()))
-        queue = r["stopped"].get("queue_peak_bytes")
+        st = r["stopped"]
+        queue = st.get("queue_peak_bytes")
         if queue:
             print(f"  {name}: export queue peak {int(queue) / KIB / KIB:.1f} MiB, dropped "
-                  f"{r['stopped'].get('queue_dropped_requests', '?')} requests")
+                  f"{st.get('queue_dropped_requests', '?')} requests "
+                  f"({st.get('queue_dropped_for_budget', '?')} for the memory budget)")
+        if st.get("largest_cycle_peak_kib") is not None:
+            print(f"  {name}: largest cycle peak without the export queue "
+                  f"{fmt_mib(int(st['largest_cycle_peak_kib']))} MiB (the memory budget's measure)")
     print()
     print("Checks:")
     for name, r in results["phases"].items():

@@ -6,6 +6,8 @@
 //! files, then push the requests to the bounded export queue. Cycles never overlap:
 //! if the previous cycle is still running when the next interval ends, that slot is
 //! skipped and counted, and the samples stay in the aggregate for the next cycle.
+//! Each cycle's peak RSS feeds the memory budget (crate::memory), which sets how
+//! much of its bound the export queue may use.
 //! On SIGTERM/SIGINT the last interval is closed and flushed within
 //! `shutdown_timeout`, and the agent exits 0.
 
@@ -31,12 +33,13 @@ use crate::{
     config::agent::AgentConfig,
     ebpf::SamplerConfig,
     export::otlp::{self, HostInfo},
+    memory::{MemoryBudget, ProcessMemory},
     process::ProcessTable,
     runtime_profilers::{JitRefresh, Round, RuntimeProfilers, ROUND_MARGIN},
     sink::{
         files::{self, FilesWritten},
         grpc::{ExportStats, Exporter, QueuedRequest},
-        queue::{ExportQueue, QueueStats},
+        queue::{ExportQueue, Pushed, QueueStats},
     },
     symbolize::{IntervalMeta, Symbolizer, AGENT_BLAZESYM_FILE_BUDGET, AGENT_MAX_DWARF_FILE_BYTES},
 };
@@ -85,6 +88,8 @@ struct CycleDone {
     requests: Vec<(QueuedRequest, usize)>,
     oversized: u64,
     files: Option<std::io::Result<FilesWritten>>,
+    /// The agent's peak RSS during the cycle (for the memory budget), if readable.
+    peak_rss: Option<u64>,
 }
 
 /// Everything a cycle needs, cloned into its blocking task.
@@ -133,6 +138,7 @@ fn run_cycle(ctx: &CycleContext, symbolizer: &mut Symbolizer, job: Job) -> Cycle
         requests,
         oversized,
         files,
+        peak_rss: None,
     }
 }
 
@@ -165,7 +171,10 @@ impl CycleWorker {
                     .with_kernel_table();
                 let mut cycles: u64 = 0;
                 while let Ok((job, reply)) = queue.recv() {
-                    let done = run_cycle(&ctx, &mut symbolizer, job);
+                    // A cycle is when the agent's memory peaks: the budget wants
+                    // that peak. Unresettable, the peak since start is used.
+                    let _ = crate::memory::reset_peak();
+                    let mut done = run_cycle(&ctx, &mut symbolizer, job);
                     // blazesym keeps every binary it opened mapped, open and parsed
                     // (a host running rustc or a JVM: >100 MiB of RSS and an fd per
                     // file). Those caches are dropped after a cycle that took them
@@ -184,6 +193,7 @@ impl CycleWorker {
                     }
                     // What the cycle freed leaves the process (see crate::memory).
                     crate::memory::release_free_memory();
+                    done.peak_rss = ProcessMemory::read().ok().map(|m| m.peak);
                     let _ = reply.send(done);
                 }
             })
@@ -292,10 +302,15 @@ struct Sinks {
     /// it begins and when it ends.
     files_failing: Episodes,
     disk_full: Episodes,
+    budget: MemoryBudget,
+    /// The budget holds the queue below its configured bound.
+    queue_squeezed: bool,
+    /// The cycles alone need more than the budget.
+    over_budget: bool,
 }
 
 impl Sinks {
-    fn start(config: &AgentConfig) -> anyhow::Result<Sinks> {
+    fn start(config: &AgentConfig, memory_budget: u64) -> anyhow::Result<Sinks> {
         let export_stats = Arc::new(ExportStats::default());
         let (queue, exporter) = match &config.grpc {
             Some(grpc) => {
@@ -311,25 +326,79 @@ impl Sinks {
             export_stats,
             files_failing: Episodes::default(),
             disk_full: Episodes::default(),
+            budget: MemoryBudget::new(memory_budget),
+            queue_squeezed: false,
+            over_budget: false,
         })
     }
 
+    /// Feeds the cycle's peak to the memory budget and gives the export queue the
+    /// room that leaves (never less than this cycle's requests).
+    fn apply_budget(&mut self, done: &CycleDone) {
+        let Some(peak) = done.peak_rss else { return };
+        let queued = self.queue.as_ref().map_or(0, |q| q.bytes() as u64);
+        // The queue only shrinks during a cycle (it is pushed to after), so this
+        // is at most what it held at the peak: the cycle's share errs larger.
+        self.budget.observe(peak.saturating_sub(queued));
+        if self.budget.limit() == 0 {
+            return;
+        }
+        let over = self.budget.exceeded();
+        if over != std::mem::replace(&mut self.over_budget, over) {
+            let cycle_peak_mib = self.budget.working_set() >> 20;
+            let budget_mib = self.budget.limit() >> 20;
+            if over && self.queue.is_some() {
+                warn!(
+                    cycle_peak_mib,
+                    budget_mib,
+                    "the agent's cycles alone need more memory than its budget (--memory-budget-mib): the export queue keeps only the newest profile; a lower --frequency or a larger budget helps"
+                );
+            } else if over {
+                warn!(
+                    cycle_peak_mib,
+                    budget_mib,
+                    "the agent's cycles alone need more memory than its budget (--memory-budget-mib), and without an export queue there is nothing to shed; a lower --frequency or a larger budget helps"
+                );
+            } else {
+                info!(
+                    cycle_peak_mib,
+                    budget_mib, "the agent's cycles fit its memory budget again"
+                );
+            }
+        }
+        let Some(queue) = &self.queue else { return };
+        let cycle_bytes: u64 = done.requests.iter().map(|(_, b)| *b as u64).sum();
+        let room = self
+            .budget
+            .queue_room(queue.capacity() as u64)
+            .max(cycle_bytes);
+        let shed = queue.set_limit(usize::try_from(room).unwrap_or(usize::MAX));
+        log_queue_drops(queue, &shed);
+        let squeezed = queue.limit() < queue.capacity();
+        if squeezed != std::mem::replace(&mut self.queue_squeezed, squeezed) {
+            let queue_limit_kib = queue.limit() >> 10;
+            let cycle_peak_mib = self.budget.working_set() >> 20;
+            if squeezed {
+                info!(
+                    queue_limit_kib,
+                    cycle_peak_mib,
+                    budget_mib = self.budget.limit() >> 20,
+                    "memory budget: the export queue gives up room to the agent's cycles (during an outage it keeps fewer profiles)"
+                );
+            } else {
+                info!(
+                    queue_limit_kib,
+                    cycle_peak_mib, "memory budget: the export queue has its whole bound again"
+                );
+            }
+        }
+    }
+
     fn deliver(&mut self, done: &mut CycleDone, stats: &AgentStats) {
+        self.apply_budget(done);
         if let Some(queue) = &self.queue {
             for (request, bytes) in done.requests.drain(..) {
-                let pushed = queue.push(request, bytes);
-                if pushed.drops_began {
-                    warn!(
-                        queue_bytes = queue.bytes(),
-                        "export queue full: dropping the oldest profiles until the backend catches up"
-                    );
-                }
-                if let Some(dropped) = pushed.drops_ended {
-                    info!(
-                        dropped,
-                        "export queue has room again; profiles dropped meanwhile"
-                    );
-                }
+                log_queue_drops(queue, &queue.push(request, bytes));
             }
         }
         let oversized_before = stats
@@ -406,6 +475,23 @@ impl Sinks {
     }
 }
 
+/// Logs the start and end of an episode of export queue drops.
+fn log_queue_drops(queue: &ExportQueue<QueuedRequest>, pushed: &Pushed) {
+    if pushed.drops_began {
+        warn!(
+            queue_bytes = queue.bytes(),
+            queue_limit_bytes = queue.limit(),
+            "export queue full: dropping the oldest profiles until the backend catches up"
+        );
+    }
+    if let Some(dropped) = pushed.drops_ended {
+        info!(
+            dropped,
+            "export queue has room again; profiles dropped meanwhile"
+        );
+    }
+}
+
 /// Runs until SIGTERM or SIGINT; returns the agent's counters.
 pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     let config = Arc::new(config);
@@ -419,12 +505,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         },
         AggregateLimits::default(),
     )?;
-    let mut sinks = Sinks::start(&config)?;
+    let memory_budget = config
+        .memory_budget_bytes
+        .unwrap_or_else(|| crate::memory::default_budget(u64::from(collector.ring_buffer_bytes())));
+    let mut sinks = Sinks::start(&config, memory_budget)?;
     let stats = Arc::new(AgentStats::default());
     info!(
         cpus = collector.cpus(),
         frequency_hz = config.frequency_hz,
         interval_s = config.interval.as_secs(),
+        memory_budget_mib = memory_budget >> 20,
         endpoint = config.grpc.as_ref().map(|g| g.endpoint.as_str()).unwrap_or("-"),
         output_dir = %config.files.as_ref().map(|f| f.dir.display().to_string()).unwrap_or_else(|| "-".into()),
         resource = %config
@@ -618,6 +708,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         worker_free = deliver_by(done, deadline, &mut sinks, &stats, "the last cycle").await;
     }
     let export_stats = sinks.export_stats.clone();
+    let largest_cycle_peak_kib = sinks.budget.largest() >> 10;
     let queue = sinks.queue.clone();
     let queue_stat = |stat: fn(&QueueStats) -> &AtomicU64| {
         queue
@@ -649,6 +740,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         queue_dropped_requests = queue_stat(|q| &q.dropped),
         queue_dropped_bytes = queue_stat(|q| &q.dropped_bytes),
         queue_peak_bytes = queue_stat(|q| &q.peak_bytes),
+        queue_dropped_for_budget = queue_stat(|q| &q.dropped_for_budget),
+        largest_cycle_peak_kib,
         oversized_stacks = stats.oversized_stacks.load(Ordering::Relaxed),
         folded_samples = stats.folded_samples.load(Ordering::Relaxed),
         unattributed_samples = stats.unattributed_samples.load(Ordering::Relaxed),

@@ -88,6 +88,11 @@ pub struct AgentCliArgs {
     /// Bound of the export queue in KiB; the oldest profiles are dropped past it.
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_QUEUE_BYTES >> 10)]
     pub queue_kib: usize,
+    /// Memory budget in MiB (RSS): the export queue gives up profiles when the agent's
+    /// cycles need the room; 0 turns it off [default: 62 + the ring buffer as mapped,
+    /// 2 x 512 KiB per CPU: 64 on 2 CPUs].
+    #[arg(long, value_name = "MIB")]
+    pub memory_budget_mib: Option<u64>,
     /// Largest request sent, in KiB; bigger profiles are split.
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_MAX_REQUEST_BYTES >> 10)]
     pub max_request_kib: usize,
@@ -262,6 +267,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     timeout_secs: args.timeout,
                     queue_bytes: args.queue_kib.saturating_mul(1 << 10),
                     max_request_bytes: args.max_request_kib.saturating_mul(1 << 10),
+                    memory_budget_bytes: args
+                        .memory_budget_mib
+                        .map(|mib| mib.saturating_mul(1 << 20)),
                     shutdown_timeout_secs: Some(args.shutdown_timeout),
                     resource_attributes: args.resource.resource_attributes,
                     service_name: args.resource.service_name,
@@ -345,8 +353,13 @@ mod tests {
         };
         assert_eq!(a.headers, vec!["a=b", "c=d"]);
         assert_eq!(
-            (a.interval, a.queue_kib, a.max_request_kib),
-            (5, 20480, 4096)
+            (
+                a.interval,
+                a.queue_kib,
+                a.max_request_kib,
+                a.memory_budget_mib
+            ),
+            (5, 20480, 4096, None)
         );
     }
 

@@ -103,6 +103,10 @@ impl Collector {
         self.sampler.cpus()
     }
 
+    pub fn ring_buffer_bytes(&self) -> u32 {
+        self.sampler.ring_buffer_bytes()
+    }
+
     /// Current in-kernel counters (zero if they cannot be read).
     pub fn kernel_counters(&self) -> KernelCounters {
         self.sampler.counters().unwrap_or_default()

@@ -172,6 +172,7 @@ pub struct Sampler {
     /// Keeps kernel BPF run-time statistics enabled while we run.
     _stats: Option<std::os::fd::OwnedFd>,
     cpus: usize,
+    ring_bytes: u32,
 }
 
 impl Sampler {
@@ -293,6 +294,7 @@ impl Sampler {
                 process_events_lost,
                 _stats: stats,
                 cpus: cpus.len(),
+                ring_bytes,
             },
             ring,
         ))
@@ -331,6 +333,13 @@ impl Sampler {
     /// Number of CPUs the program is attached to.
     pub fn cpus(&self) -> usize {
         self.cpus
+    }
+
+    /// Size of the `SAMPLES` ring buffer's data area. The reader maps it twice
+    /// (consecutive, so a record that wraps reads as one), so the process's RSS
+    /// shows twice this once the ring has been written round.
+    pub fn ring_buffer_bytes(&self) -> u32 {
+        self.ring_bytes
     }
 
     /// Current totals of the in-kernel counters.

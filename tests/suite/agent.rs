@@ -327,6 +327,65 @@ fn backend_outage_is_bounded_and_recovers() {
     assert!(peak > 32 * 1024 && peak <= 64 * 1024, "{stopped}");
 }
 
+/// A memory budget the agent's own cycles already exceed sheds the export queue down
+/// to the newest profile during an outage (a queue bound it would otherwise never
+/// reach), says so once, and export still resumes when the backend comes back.
+#[test]
+fn memory_budget_sheds_the_export_queue() {
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut agent = Agent::start(&[
+        "--endpoint",
+        &endpoint,
+        "--interval",
+        "1",
+        "--queue-kib",
+        "16384",
+        "--memory-budget-mib",
+        "1",
+        "--timeout",
+        "1",
+    ]);
+    let busy = start("chain", &["40"]);
+    // Without the budget, ~10 profiles of a few KiB would all wait in the 16 MiB queue.
+    let log = agent.wait_for_log("export queue full", Duration::from_secs(60));
+    assert_eq!(
+        log.matches("cycles alone need more memory than its budget")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("the export queue gives up room"), "{log}");
+
+    let receiver = Receiver::start(port, &[]);
+    let requests = receiver.wait_for(2, Duration::from_secs(45));
+    assert!(
+        requests.len() >= 2,
+        "export did not resume:\n{}",
+        agent.log()
+    );
+    assert_well_formed(&requests);
+    assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
+    drop(busy);
+    let log = agent.log();
+    let stopped = log.lines().find(|l| l.contains("stopped")).unwrap();
+    let dropped = log_field(stopped, "queue_dropped_requests");
+    assert!(dropped > 0, "{stopped}");
+    assert_eq!(
+        log_field(stopped, "queue_dropped_for_budget"),
+        dropped,
+        "{stopped}"
+    );
+    assert!(
+        log_field(stopped, "largest_cycle_peak_kib") > 1024,
+        "{stopped}"
+    );
+    assert!(
+        log_field(stopped, "queue_peak_bytes") < 1 << 20,
+        "{stopped}"
+    );
+}
+
 /// A receiver that never answers: requests time out and are retried, nothing piles
 /// up beyond the bound, and SIGTERM still ends the agent within its deadline.
 #[test]

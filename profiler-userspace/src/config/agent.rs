@@ -32,6 +32,9 @@ pub struct AgentConfig {
     pub grpc: Option<GrpcConfig>,
     pub queue_bytes: usize,
     pub max_request_bytes: usize,
+    /// The agent's memory budget (crate::memory): 0 is off; None is the default,
+    /// sized by the ring buffer (`memory::default_budget`).
+    pub memory_budget_bytes: Option<u64>,
     pub shutdown_timeout: Duration,
     /// Attributes of every exported resource: `host.name` first (this host's name
     /// unless one was given), then the user's, from [`resource_attributes`].
@@ -59,6 +62,7 @@ pub struct AgentArgs {
     pub timeout_secs: Option<u64>,
     pub queue_bytes: usize,
     pub max_request_bytes: usize,
+    pub memory_budget_bytes: Option<u64>,
     pub shutdown_timeout_secs: Option<u64>,
     /// `--resource-attribute` values, each `KEY=VALUE[,KEY=VALUE...]`.
     pub resource_attributes: Vec<String>,
@@ -362,6 +366,7 @@ impl AgentConfig {
             grpc,
             queue_bytes: args.queue_bytes,
             max_request_bytes: args.max_request_bytes,
+            memory_budget_bytes: args.memory_budget_bytes,
             shutdown_timeout: args
                 .shutdown_timeout_secs
                 .map_or(DEFAULT_SHUTDOWN_TIMEOUT, Duration::from_secs),

@@ -7,6 +7,10 @@
 //! of an attempt to send it, and the exporter's copy then lives until that attempt
 //! ends (at most `--timeout`): at most one request (`--max-request-kib`) beyond the
 //! bound. Never blocks the producer.
+//!
+//! The memory budget (crate::memory) may lower the bound for a while
+//! ([`ExportQueue::set_limit`]): the queue then holds at most that limit, but always
+//! the newest item, so a profile that fits the configured bound is never refused.
 
 use std::{
     collections::VecDeque,
@@ -21,7 +25,8 @@ use tokio::sync::Notify;
 /// Default bound: 20 MiB of encoded requests. With ~2 900 distinct stacks per 15 s
 /// interval on 2 CPUs (bench/agent_outage.py: ~78 KiB per interval) that holds ~65
 /// minutes of outage, and the agent's RSS with the queue full stays under 64 MiB
-/// (~40 MiB without it). Memory: this much, plus per-request overhead.
+/// (~40 MiB without it). With larger intervals the memory budget lowers it
+/// (crate::memory). Memory: this much at most, plus per-request overhead.
 pub const DEFAULT_QUEUE_BYTES: usize = 20 << 20;
 
 /// What happens when an item does not fit.
@@ -37,6 +42,9 @@ pub struct QueueStats {
     /// Items dropped to make room (or because one alone exceeds the bound).
     pub dropped: AtomicU64,
     pub dropped_bytes: AtomicU64,
+    /// Of the dropped items, those that fitted the configured bound but not the
+    /// lower limit the memory budget had set.
+    pub dropped_for_budget: AtomicU64,
     /// Most bytes ever queued at once (never above the bound).
     pub peak_bytes: AtomicU64,
 }
@@ -44,6 +52,9 @@ pub struct QueueStats {
 struct Inner<T> {
     items: VecDeque<(u64, T, usize)>,
     bytes: usize,
+    /// The bound in force: the configured one, or lower while the memory budget
+    /// needs room.
+    limit: usize,
     next_id: u64,
     closed: bool,
     /// True while pushes are dropping items (for "drops began/ended" logs).
@@ -76,6 +87,7 @@ impl<T: Clone> ExportQueue<T> {
             inner: Mutex::new(Inner {
                 items: VecDeque::new(),
                 bytes: 0,
+                limit: capacity_bytes,
                 next_id: 0,
                 closed: false,
                 dropping: false,
@@ -93,15 +105,17 @@ impl<T: Clone> ExportQueue<T> {
         let mut pushed = Pushed::default();
         if bytes > self.capacity {
             pushed.dropped = 1;
-            self.count_drop(bytes);
+            self.count_drop(bytes, false);
         } else {
-            while inner.bytes + bytes > self.capacity {
+            // The newest is admitted even over the budget's limit, alone if need be.
+            while inner.bytes + bytes > inner.limit {
+                let for_budget = inner.bytes + bytes <= self.capacity;
                 let Some((_, _, b)) = inner.items.pop_front() else {
                     break;
                 };
                 inner.bytes -= b;
                 pushed.dropped += 1;
-                self.count_drop(b);
+                self.count_drop(b, for_budget);
             }
             let id = inner.next_id;
             inner.next_id += 1;
@@ -113,10 +127,8 @@ impl<T: Clone> ExportQueue<T> {
                 .fetch_max(inner.bytes as u64, Ordering::Relaxed);
         }
         if pushed.dropped > 0 {
-            pushed.drops_began = !inner.dropping;
-            inner.dropping = true;
-            inner.dropped_in_episode += pushed.dropped;
-        } else if inner.dropping && inner.bytes <= self.capacity / 2 {
+            Self::episode_drops(&mut inner, &mut pushed);
+        } else if inner.dropping && inner.bytes <= inner.limit / 2 {
             // Hysteresis: the episode ends once the queue has drained to half, not
             // at the first push that happens to fit, so logs do not flap.
             inner.dropping = false;
@@ -127,11 +139,52 @@ impl<T: Clone> ExportQueue<T> {
         pushed
     }
 
-    fn count_drop(&self, bytes: usize) {
+    fn episode_drops(inner: &mut Inner<T>, pushed: &mut Pushed) {
+        pushed.drops_began = !inner.dropping;
+        inner.dropping = true;
+        inner.dropped_in_episode += pushed.dropped;
+    }
+
+    fn count_drop(&self, bytes: usize, for_budget: bool) {
         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         self.stats
             .dropped_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
+        if for_budget {
+            self.stats
+                .dropped_for_budget
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets the bound in force to `limit` (at most the configured bound) and drops
+    /// the oldest items until the queue fits it or holds only the newest.
+    pub fn set_limit(&self, limit: usize) -> Pushed {
+        let mut inner = self.inner.lock().expect("queue lock");
+        inner.limit = limit.min(self.capacity);
+        let mut pushed = Pushed::default();
+        while inner.bytes > inner.limit && inner.items.len() > 1 {
+            let Some((_, _, b)) = inner.items.pop_front() else {
+                break;
+            };
+            inner.bytes -= b;
+            pushed.dropped += 1;
+            self.count_drop(b, true);
+        }
+        if pushed.dropped > 0 {
+            Self::episode_drops(&mut inner, &mut pushed);
+        }
+        pushed
+    }
+
+    /// The bound in force (see [`ExportQueue::set_limit`]).
+    pub fn limit(&self) -> usize {
+        self.inner.lock().expect("queue lock").limit
+    }
+
+    /// The configured bound.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// The oldest item and its id, without removing it.
@@ -227,6 +280,44 @@ mod tests {
         q.push("small", 10);
         assert_eq!(q.push("huge", 101).dropped, 1);
         assert_eq!(q.len(), 1);
+    }
+
+    /// A lower limit drops the oldest at once and bounds later pushes, counted as
+    /// budget drops; the newest item is kept even when alone it exceeds the limit;
+    /// the configured bound comes back when the limit is raised.
+    #[test]
+    fn budget_limit_sheds_oldest_but_keeps_the_newest() {
+        let q = ExportQueue::new(100);
+        for item in ["a", "b", "c"] {
+            q.push(item, 30);
+        }
+        let p = q.set_limit(50);
+        assert_eq!((p.dropped, p.drops_began), (2, true));
+        assert_eq!((q.front().unwrap().1, q.bytes(), q.limit()), ("c", 30, 50));
+        let p = q.push("d", 40);
+        assert_eq!((p.dropped, p.drops_began), (1, false));
+        assert_eq!((q.len(), q.bytes()), (1, 40));
+        assert_eq!(q.set_limit(10).dropped, 0, "nothing older than the newest");
+        assert_eq!(
+            q.push("e", 60).dropped,
+            1,
+            "alone over the limit, still admitted"
+        );
+        assert_eq!(q.front().unwrap().1, "e");
+        assert_eq!(q.stats.dropped_for_budget.load(Ordering::Relaxed), 4);
+        q.set_limit(1000);
+        assert_eq!(q.limit(), 100, "never above the configured bound");
+        q.push("f", 30);
+        assert_eq!(q.len(), 2);
+        let p = q.push("g", 30);
+        assert_eq!(
+            (
+                p.dropped,
+                q.stats.dropped_for_budget.load(Ordering::Relaxed)
+            ),
+            (1, 4)
+        );
+        assert_eq!(q.stats.dropped.load(Ordering::Relaxed), 5);
     }
 
     /// Removing an item that was dropped meanwhile is harmless.
