@@ -41,6 +41,20 @@ impl SymbolCache {
         }
     }
 
+    /// Drops every entry whose key `forget` selects; returns how many.
+    pub fn forget(&mut self, forget: impl Fn(&SymKey) -> bool) -> usize {
+        let keys: Vec<SymKey> = self
+            .entries
+            .iter()
+            .map(|(key, _)| *key)
+            .filter(|key| forget(key))
+            .collect();
+        for key in &keys {
+            self.entries.pop(key);
+        }
+        keys.len()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

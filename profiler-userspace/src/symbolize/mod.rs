@@ -245,9 +245,13 @@ impl Symbolizer {
         self
     }
 
-    /// Reads the kernel symbols again at the next batch (modules load and unload).
+    /// Reads the kernel symbols again at the next batch (modules load and unload,
+    /// BPF programs come and go), and forgets the kernel names cached from the old
+    /// table: an address whose code was replaced would otherwise keep its old name
+    /// for as long as it stays in use.
     pub fn refresh_kernel_table(&mut self) {
         self.kernel_table = None;
+        self.cache.forget(|key| matches!(key, SymKey::Kernel(_)));
     }
 
     /// Drops blazesym's parsed files (symbol tables, DWARF) so they cannot grow with
@@ -886,6 +890,54 @@ mod tests {
             .flatten()
             .expect("named now");
         assert_eq!(&*named[0].function, "do_work");
+    }
+
+    /// After a reload of the kernel's symbols, an address is named from the new
+    /// table, not from the cache of the old one; user names stay cached.
+    #[test]
+    fn kernel_reload_forgets_cached_kernel_names() {
+        let mut symbolizer = Symbolizer::new(64).with_kernel_table();
+        let dir = tempfile::tempdir().unwrap();
+        symbolizer.kallsyms = dir.path().join("kallsyms");
+        let addr = 0xffff_ffff_c000_0010;
+        let name = |symbolizer: &mut Symbolizer| {
+            let names = symbolizer.resolve(&[FrameRef::Kernel(addr)]).names;
+            names[&SymKey::Kernel(addr)]
+                .as_ref()
+                .map(|l| l[0].function.to_string())
+        };
+        std::fs::write(
+            &symbolizer.kallsyms,
+            "ffffffffc0000000 t bpf_prog_old [bpf]
+",
+        )
+        .unwrap();
+        assert_eq!(name(&mut symbolizer).as_deref(), Some("bpf_prog_old"));
+        let user = SymKey::File {
+            dev: 1,
+            ino: 2,
+            version: 3,
+            offset: 4,
+        };
+        symbolizer.cache.insert(user, None);
+
+        std::fs::write(
+            &symbolizer.kallsyms,
+            "ffffffffc0000000 t bpf_prog_new [bpf]
+",
+        )
+        .unwrap();
+        assert_eq!(
+            name(&mut symbolizer).as_deref(),
+            Some("bpf_prog_old"),
+            "cached"
+        );
+        symbolizer.refresh_kernel_table();
+        assert_eq!(name(&mut symbolizer).as_deref(), Some("bpf_prog_new"));
+        assert!(
+            symbolizer.cache.get(&user).is_some(),
+            "user names stay cached"
+        );
     }
 
     /// Interpreted counts weigh as native samples of the same CPU time.
