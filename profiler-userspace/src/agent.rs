@@ -635,6 +635,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     requests = done.requests.len(),
                     lost_total = collector.kernel_counters().lost(),
                     queued = sinks.queue.as_ref().map_or(0, |q| q.len()),
+                    queue_limit_kib = sinks.queue.as_ref().map_or(0, |q| q.limit() >> 10),
+                    peak_rss_kib = done.peak_rss.map_or(0, |bytes| bytes >> 10),
                     runtime_runs = profilers.stats().runs.load(Ordering::Relaxed),
                     runtime_children = profilers.live_children(),
                     jit_named = done.jit.named,
