@@ -41,13 +41,22 @@ use crate::{
         grpc::{ExportStats, Exporter, QueuedRequest},
         queue::{ExportQueue, Pushed, QueueStats},
     },
-    symbolize::{IntervalMeta, Symbolizer, AGENT_BLAZESYM_FILE_BUDGET, AGENT_MAX_DWARF_FILE_BYTES},
+    symbolize::{
+        kallsyms::KernelCode, IntervalMeta, Symbolizer, AGENT_BLAZESYM_FILE_BUDGET,
+        AGENT_MAX_DWARF_FILE_BYTES,
+    },
 };
 
 /// Cycles after which blazesym's caches are dropped even within their budget, so
 /// binaries of processes that exited are not held for ever, and the kernel's
 /// symbols are read again (modules).
 pub const SYMBOLIZER_REFRESH_CYCLES: u64 = 40;
+
+/// Cycles between two reloads of the kernel's symbols for new kernel code (BPF
+/// programs or modules loaded since the last): a reload reads kallsyms (~50 ms of
+/// CPU here), so a host that loads programs all the time pays it at most once a
+/// minute at the default interval; new code is named after its neighbour until then.
+pub const KERNEL_RELOAD_MIN_CYCLES: u64 = 4;
 
 /// Counters of the agent itself.
 #[derive(Debug, Default)]
@@ -170,7 +179,20 @@ impl CycleWorker {
                     .with_max_dwarf_file_bytes(AGENT_MAX_DWARF_FILE_BYTES)
                     .with_kernel_table();
                 let mut cycles: u64 = 0;
+                let mut kernel_code = KernelCode::now();
+                let mut kernel_loaded_at: u64 = 0;
                 while let Ok((job, reply)) = queue.recv() {
+                    // New kernel code since the table was read: read it again
+                    // before this cycle names its kernel frames.
+                    let code = KernelCode::now();
+                    if code != kernel_code
+                        && cycles - kernel_loaded_at >= KERNEL_RELOAD_MIN_CYCLES
+                    {
+                        debug!("kernel code changed (BPF programs or modules): reloading kernel symbols");
+                        symbolizer.refresh_kernel_table();
+                        kernel_code = code;
+                        kernel_loaded_at = cycles;
+                    }
                     // A cycle is when the agent's memory peaks: the budget wants
                     // that peak. Unresettable, the peak since start is used.
                     let _ = crate::memory::reset_peak();
@@ -190,6 +212,8 @@ impl CycleWorker {
                     }
                     if cycles.is_multiple_of(SYMBOLIZER_REFRESH_CYCLES) {
                         symbolizer.refresh_kernel_table();
+                        kernel_code = KernelCode::now();
+                        kernel_loaded_at = cycles;
                     }
                     // What the cycle freed leaves the process (see crate::memory).
                     crate::memory::release_free_memory();

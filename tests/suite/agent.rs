@@ -386,6 +386,29 @@ fn memory_budget_sheds_the_export_queue() {
     );
 }
 
+/// New kernel code (a BPF program loaded after the agent started) makes the agent
+/// read the kernel's symbols again within a few cycles, not at its 40-cycle reload,
+/// so the new code's frames are not named after whatever symbol precedes them.
+#[test]
+fn new_kernel_code_reloads_kernel_symbols() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let mut agent = Agent::start(&[
+        "--output-dir",
+        out,
+        "--interval",
+        "1",
+        "--log-level",
+        "debug",
+    ]);
+    agent.wait_for_log("cycle done", Duration::from_secs(30));
+    let _loader = start("bpf_loader", &["60"]);
+    // At most KERNEL_RELOAD_MIN_CYCLES (4) cycles of 1 s after the last load.
+    let log = agent.wait_for_log("kernel code changed", Duration::from_secs(30));
+    assert!(log.contains("reloading kernel symbols"), "{log}");
+    assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
+}
+
 /// A receiver that never answers: requests time out and are retried, nothing piles
 /// up beyond the bound, and SIGTERM still ends the agent within its deadline.
 #[test]

@@ -205,10 +205,122 @@ impl KernelTable {
     }
 }
 
+/// Where the kernel lists its loaded modules (absent on a kernel without them).
+pub const MODULES: &str = "/proc/modules";
+
+/// Programs [`KernelCode::now`] looks at, at most: far more than a host runs, and a
+/// bound on the scan if ids kept coming.
+const MAX_PROGRAMS_SCANNED: u32 = 1 << 16;
+
+/// The kernel code that comes and goes after boot, as kallsyms lists it: BPF
+/// programs (by id; the kernel never reuses one) and modules (by name and load
+/// address). When it changes, a [`KernelTable`] loaded before is stale: new code is
+/// named after whatever symbol precedes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCode {
+    programs: u32,
+    program_ids: u64,
+    modules: u64,
+}
+
+impl KernelCode {
+    /// The code loaded now. What cannot be read (no permission for the `bpf`
+    /// syscall, no /proc/modules) counts as nothing, so it never looks changed.
+    pub fn now() -> KernelCode {
+        let mut code = KernelCode::default();
+        let mut id = 0;
+        while code.programs < MAX_PROGRAMS_SCANNED {
+            match next_program_id(id) {
+                Some(next) => {
+                    code.programs += 1;
+                    code.program_ids = code.program_ids.wrapping_mul(31).wrapping_add(next.into());
+                    id = next;
+                }
+                None => break,
+            }
+        }
+        if let Ok(text) = std::fs::read_to_string(MODULES) {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for line in text.lines() {
+                // Name and address: the use counts and state change without new code.
+                let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+                (fields.first(), fields.get(5)).hash(&mut h);
+            }
+            code.modules = h.finish();
+        }
+        code
+    }
+}
+
+/// The id of the loaded BPF program after `id` (`BPF_PROG_GET_NEXT_ID`), None at the
+/// end or when the kernel refuses.
+fn next_program_id(id: u32) -> Option<u32> {
+    const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+    // The command's part of `union bpf_attr`: start_id, next_id, open_flags.
+    #[repr(C)]
+    struct Attr {
+        start_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = Attr {
+        start_id: id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: the kernel reads and writes `attr`, of the size given, and nothing else.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_NEXT_ID,
+            &mut attr as *mut Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    (rc == 0).then_some(attr.next_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write as _;
+
+    /// Loads a two-instruction socket filter (`r0 = 0; exit`) with the raw `bpf`
+    /// syscall; the program lives until the returned fd is closed.
+    fn load_tiny_program() -> std::os::fd::OwnedFd {
+        use std::os::fd::FromRawFd as _;
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+        // struct bpf_insn: code, dst/src registers, offset, immediate.
+        let insns: [[u8; 8]; 2] = [[0xb7, 0, 0, 0, 0, 0, 0, 0], [0x95, 0, 0, 0, 0, 0, 0, 0]];
+        let license = c"GPL";
+        // The first fields of `union bpf_attr` for BPF_PROG_LOAD; the rest zero.
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SOCKET_FILTER.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        // SAFETY: the kernel reads `attr` and the instructions and license it
+        // points to, all alive for the call.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), attr.len()) };
+        assert!(fd >= 0, "BPF_PROG_LOAD: {}", io::Error::last_os_error());
+        // SAFETY: a new fd that nothing else owns.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+    }
+
+    /// A BPF program loaded (as the agent's tests run: as root) changes what
+    /// [`KernelCode::now`] sees; nothing loaded, it stays the same.
+    #[test]
+    fn loading_a_bpf_program_changes_kernel_code() {
+        let before = KernelCode::now();
+        let program = load_tiny_program();
+        let loaded = KernelCode::now();
+        assert_ne!(before, loaded);
+        assert!(loaded.programs > before.programs || loaded.program_ids != before.program_ids);
+        assert_eq!(KernelCode::now(), loaded, "same code, same value");
+        drop(program);
+    }
 
     fn file(text: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
