@@ -791,6 +791,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         runtime_runs_failed = profilers.stats().runs_failed.load(Ordering::Relaxed),
         runtime_runs_stopped = profilers.stats().runs_stopped.load(Ordering::Relaxed),
         runtime_runs_abandoned = profilers.stats().runs_abandoned.load(Ordering::Relaxed),
+        runtime_orphans_killed = profilers.orphans_killed(),
         runtime_rounds_missed = profilers.stats().rounds_missed.load(Ordering::Relaxed),
         runtime_targets_deferred = profilers.stats().targets_deferred.load(Ordering::Relaxed),
         runtime_candidates_skipped = profilers.stats().candidates_skipped.load(Ordering::Relaxed),

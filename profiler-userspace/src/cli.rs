@@ -237,6 +237,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 !args.quiet,
             )?;
             config.runtimes = runtimes;
+            // Our only children are the runtime profilers: what they leave behind
+            // outside their process groups is ours to kill and reap. Without it
+            // (prctl refused), such leftovers go to init as before.
+            let _ = crate::supervise::orphans::adopt_orphans();
             let runtime = record::runtime()?;
             let result = runtime.block_on(record::run(&config));
             // Do not wait for a symbolization abandoned at Ctrl-C.
@@ -277,6 +281,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &|name| std::env::var(name).ok(),
             )?;
             config.runtimes = runtimes;
+            if let Err(err) = crate::supervise::orphans::adopt_orphans() {
+                tracing::warn!(%err, "cannot adopt the runtime profilers' orphaned descendants (PR_SET_CHILD_SUBREAPER): one that leaves its process group outlives its run");
+            }
             let runtime = record::runtime()?;
             runtime.block_on(crate::agent::run(config))?;
             Ok(())

@@ -423,6 +423,15 @@ impl RuntimeProfilers {
         self.shared.supervisor.live() + self.shared.jit_supervisor.live()
     }
 
+    /// Descendants of children, of both supervisors, killed because they outlived
+    /// their run outside its process group (`supervise::orphans`).
+    pub fn orphans_killed(&self) -> u64 {
+        [&self.shared.supervisor, &self.shared.jit_supervisor]
+            .iter()
+            .map(|s| s.stats().orphans_killed.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Starts a round over `pids` that ends within `window`; `None` when no
     /// interpreted runtime is enabled, or the previous round still runs (counted).
     pub fn start_round(&self, pids: Vec<u32>, window: Duration) -> Option<Round> {

@@ -307,6 +307,8 @@ fn soak_leaves_nothing_behind() {
     if !alone("soak_leaves_nothing_behind") {
         return;
     }
+    // As the agent runs: every run's start and end sweep for orphans too.
+    profiler::supervise::orphans::adopt_orphans().expect("PR_SET_CHILD_SUBREAPER");
     let rt = profiler::record::runtime().expect("runtime");
     let rt_handle = rt.handle().clone();
     let spawn = move |check: Check| rt_handle.spawn(check);
@@ -518,5 +520,56 @@ fn burst_never_exceeds_max_concurrent() {
         assert_eq!(stats.started, TARGETS as u64);
         assert_eq!(stats.succeeded, TARGETS as u64);
         assert_eq!(stats.refused_at_capacity, (TARGETS - MAX) as u64);
+    });
+}
+
+/// A child whose descendant leaves its process group (setsid) and closes its pipes
+/// leaves nothing behind: the descendant, reparented to us once the child exits, is
+/// killed when the run ends and reaped, so the run's group kill is not the only
+/// net. (Before adoption, such a descendant ran on under init.)
+#[test]
+fn descendants_that_leave_the_group_are_killed_and_reaped() {
+    if !alone("descendants_that_leave_the_group_are_killed_and_reaped") {
+        return;
+    }
+    profiler::supervise::orphans::adopt_orphans().expect("PR_SET_CHILD_SUBREAPER");
+    let rt = profiler::record::runtime().expect("runtime");
+    rt.block_on(async {
+        let sup = Supervisor::new(SupervisorConfig::default());
+        let before = resources();
+        let spec = ChildSpec {
+            key: "escaper".into(),
+            program: "sh".into(),
+            args: vec![
+                "-c".into(),
+                "setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!".into(),
+            ],
+            deadline: Duration::from_secs(20),
+            env: vec![],
+        };
+        let outcome = sup.start(spec).expect("starts").wait().await;
+        assert!(outcome.success(), "{outcome:?}");
+        let escaped: u32 = String::from_utf8_lossy(&outcome.stdout_tail)
+            .trim()
+            .parse()
+            .expect("the escaped sleep's pid");
+        // Killed when the run ended; reaped by a later sweep (shutdown sweeps until
+        // nothing is left).
+        sup.shutdown(Duration::from_secs(5))
+            .await
+            .expect("clean shutdown");
+        let stats = sup.stats().snapshot();
+        println!("escaped sleep {escaped}; {stats:?}");
+        assert!(
+            std::fs::metadata(format!("/proc/{escaped}")).is_err(),
+            "the escaped sleep {escaped} is still there"
+        );
+        assert_eq!((stats.orphans_killed, stats.orphans_reaped), (1, 1));
+        let after = resources();
+        assert_eq!(
+            (after.children, after.zombies),
+            (before.children, before.zombies),
+            "{before:?} -> {after:?}"
+        );
     });
 }

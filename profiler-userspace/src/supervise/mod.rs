@@ -14,6 +14,7 @@
 //! calls are fork/exec and, once per tool, a `stat`).
 
 mod keys;
+pub mod orphans;
 mod run;
 mod stats;
 mod tail;
@@ -496,6 +497,7 @@ impl Supervisor {
             // Subscribed under the lock: a shutdown after this is seen by the task.
             self.shutdown.subscribe()
         };
+        self.shared.stats.add_swept(orphans::sweep());
         let child = match run::spawn(&spec, self.config.nice) {
             Ok(child) => child,
             Err(err) => {
@@ -558,9 +560,20 @@ impl Supervisor {
         self.shared.lock().shutting_down = true;
         self.shutdown.send_replace(Some(kill_at));
         let mut live = self.shared.live.subscribe();
+        let started = Instant::now();
         let all_reaped = tokio::time::timeout(deadline, live.wait_for(|n| *n == 0))
             .await
             .is_ok();
+        // Orphans the last runs left: killed, then reaped, within what is left.
+        loop {
+            let swept = orphans::sweep();
+            self.shared.stats.add_swept(swept);
+            let done = swept == orphans::Swept::default() && orphans::dying() == 0;
+            if done || started.elapsed() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if all_reaped {
             Ok(())
         } else {

@@ -34,6 +34,10 @@ pub const READ_CHUNK: usize = 8 * 1024;
 /// The child is SIGKILLed if the thread that started it dies (PR_SET_PDEATHSIG), so
 /// an agent killed outright does not leave it running.
 pub(super) fn spawn(spec: &ChildSpec, nice: i32) -> io::Result<Child> {
+    super::orphans::spawn_registered(|| spawn_unregistered(spec, nice), Child::id)
+}
+
+fn spawn_unregistered(spec: &ChildSpec, nice: i32) -> io::Result<Child> {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -103,7 +107,10 @@ pub(super) struct Slot {
 impl Slot {
     fn finish(mut self, end: RunEnd, killed: bool) {
         self.released = true;
+        super::orphans::ended(self.pgid);
         self.shared.finish(&self.key, end, killed);
+        // What the run left behind outside its group goes now.
+        self.shared.stats.add_swept(super::orphans::sweep());
     }
 }
 
@@ -111,6 +118,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if !self.reaped {
             signal_group(self.pgid, libc::SIGKILL);
+        }
+        if !self.released {
+            super::orphans::ended(self.pgid);
         }
         if !self.released {
             self.shared

@@ -30,6 +30,11 @@ pub struct SupervisorStats {
     pub keys_evicted: AtomicU64,
     /// Children alive now (a gauge).
     pub live: AtomicU64,
+    /// Descendants of children that outlived them outside their group, killed by
+    /// a sweep (see `orphans.rs`; only where orphans are adopted).
+    pub orphans_killed: AtomicU64,
+    /// Such descendants reaped.
+    pub orphans_reaped: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -49,6 +54,8 @@ pub struct StatsSnapshot {
     pub refused_spawn: u64,
     pub keys_evicted: u64,
     pub live: u64,
+    pub orphans_killed: u64,
+    pub orphans_reaped: u64,
 }
 
 impl SupervisorStats {
@@ -69,7 +76,16 @@ impl SupervisorStats {
             refused_spawn: g(&self.refused_spawn),
             keys_evicted: g(&self.keys_evicted),
             live: g(&self.live),
+            orphans_killed: g(&self.orphans_killed),
+            orphans_reaped: g(&self.orphans_reaped),
         }
+    }
+
+    pub(super) fn add_swept(&self, swept: super::orphans::Swept) {
+        self.orphans_killed
+            .fetch_add(swept.killed, Ordering::Relaxed);
+        self.orphans_reaped
+            .fetch_add(swept.reaped, Ordering::Relaxed);
     }
 
     pub(super) fn refusal(&self, refused: &Refused) -> &AtomicU64 {
