@@ -181,6 +181,7 @@ impl CycleWorker {
                 let mut cycles: u64 = 0;
                 let mut kernel_code = KernelCode::now();
                 let mut kernel_loaded_at: u64 = 0;
+                let mut peak_unresettable = false;
                 while let Ok((job, reply)) = queue.recv() {
                     // New kernel code since the table was read: read it again
                     // before this cycle names its kernel frames.
@@ -195,7 +196,12 @@ impl CycleWorker {
                     }
                     // A cycle is when the agent's memory peaks: the budget wants
                     // that peak. Unresettable, the peak since start is used.
-                    let _ = crate::memory::reset_peak();
+                    if let Err(err) = crate::memory::reset_peak() {
+                        if !peak_unresettable {
+                            peak_unresettable = true;
+                            info!(%err, "cannot reset the peak RSS (/proc/self/clear_refs): the memory budget uses the peak since start, so the export queue may get less room than it could");
+                        }
+                    }
                     let mut done = run_cycle(&ctx, &mut symbolizer, job);
                     // blazesym keeps every binary it opened mapped, open and parsed
                     // (a host running rustc or a JVM: >100 MiB of RSS and an fd per
