@@ -68,44 +68,23 @@ pub struct ProcessMemory {
     pub rss: u64,
     /// Largest resident set since start or since the last [`reset_peak`] (VmHWM).
     pub peak: u64,
-    /// Anonymous part of the resident set (RssAnon).
-    pub anon: u64,
 }
 
 impl ProcessMemory {
     pub fn read() -> io::Result<ProcessMemory> {
-        Self::parse(&std::fs::read_to_string("/proc/self/status")?).ok_or_else(|| {
-            io::Error::new(
+        let status = procfs::process::Process::myself()
+            .and_then(|me| me.status())
+            .map_err(io::Error::other)?;
+        match (status.vmrss, status.vmhwm) {
+            (Some(rss), Some(peak)) => Ok(ProcessMemory {
+                rss: rss << 10,
+                peak: peak << 10,
+            }),
+            _ => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "/proc/self/status has no VmRSS or VmHWM line",
-            )
-        })
-    }
-
-    /// The fields of a `/proc/PID/status` text; None without VmRSS and VmHWM.
-    pub fn parse(status: &str) -> Option<ProcessMemory> {
-        let (mut rss, mut peak, mut anon) = (None, None, None);
-        for line in status.lines() {
-            let Some((key, value)) = line.split_once(':') else {
-                continue;
-            };
-            let slot = match key {
-                "VmRSS" => &mut rss,
-                "VmHWM" => &mut peak,
-                "RssAnon" => &mut anon,
-                _ => continue,
-            };
-            *slot = value
-                .trim()
-                .strip_suffix("kB")
-                .and_then(|kib| kib.trim().parse::<u64>().ok())
-                .map(|kib| kib << 10);
+            )),
         }
-        Some(ProcessMemory {
-            rss: rss?,
-            peak: peak?,
-            anon: anon.unwrap_or(0),
-        })
     }
 }
 
@@ -219,24 +198,6 @@ pub fn release_free_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The fields come from their lines in kB, whatever the order and spacing.
-    #[test]
-    fn status_fields_are_read_in_bytes() {
-        let status = "Name:\tprofiler\nVmHWM:\t   56000 kB\nVmRSS:\t   46000 kB\nRssAnon:\t   30000 kB\nThreads:\t5\n";
-        assert_eq!(
-            ProcessMemory::parse(status),
-            Some(ProcessMemory {
-                rss: 46000 << 10,
-                peak: 56000 << 10,
-                anon: 30000 << 10,
-            })
-        );
-        assert_eq!(
-            ProcessMemory::parse("Name:\tx\nVmRSS:\tgarbage\nVmHWM:\t1 kB\n"),
-            None
-        );
-    }
 
     /// This process's own figures are there and plausible: a peak at least the RSS.
     #[test]

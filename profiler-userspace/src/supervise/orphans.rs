@@ -142,18 +142,15 @@ pub fn dying() -> usize {
 /// This process's children, zombies included, from each thread's
 /// `/proc/self/task/TID/children` (a reparented orphan belongs to one thread).
 fn children() -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return pids;
-    };
-    for task in tasks.flatten() {
-        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            pids.extend(
-                text.split_ascii_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            );
-        }
-    }
+    let mut pids: Vec<i32> = procfs::process::Process::myself()
+        .and_then(|me| me.tasks())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| task.children().ok())
+        .flatten()
+        .filter_map(|pid| i32::try_from(pid).ok())
+        .collect();
     pids.sort_unstable();
     pids.dedup();
     pids
@@ -161,33 +158,6 @@ fn children() -> Vec<i32> {
 
 /// State letter and process group of `pid`, from `/proc/PID/stat`.
 fn state_and_group(pid: i32) -> Option<(char, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&stat)
-}
-
-/// The state letter and pgrp of a `/proc/PID/stat` line: after the command, which
-/// may hold spaces and parentheses, so the last `)` ends it.
-fn parse_stat(stat: &str) -> Option<(char, i32)> {
-    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_ascii_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let _ppid = fields.next()?;
-    let pgid = fields.next()?.parse().ok()?;
-    Some((state, pgid))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The state and group come after the command, whatever it holds.
-    #[test]
-    fn stat_fields_after_an_odd_command() {
-        assert_eq!(
-            parse_stat("4242 (sh) S 1 4242 4242 0 -1 4194560"),
-            Some(('S', 4242))
-        );
-        assert_eq!(parse_stat("77 (a) b) (c) Z 1 70 70 0"), Some(('Z', 70)));
-        assert_eq!(parse_stat("77 (truncated"), None);
-        assert_eq!(parse_stat("77 (x) R 1 notanumber"), None);
-    }
+    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    Some((stat.state, stat.pgrp))
 }
