@@ -110,12 +110,9 @@ impl<T: Clone> ExportQueue<T> {
             // The newest is admitted even over the budget's limit, alone if need be.
             while inner.bytes + bytes > inner.limit {
                 let for_budget = inner.bytes + bytes <= self.capacity;
-                let Some((_, _, b)) = inner.items.pop_front() else {
+                if !self.drop_oldest(&mut inner, &mut pushed, for_budget) {
                     break;
-                };
-                inner.bytes -= b;
-                pushed.dropped += 1;
-                self.count_drop(b, for_budget);
+                }
             }
             let id = inner.next_id;
             inner.next_id += 1;
@@ -145,6 +142,18 @@ impl<T: Clone> ExportQueue<T> {
         inner.dropped_in_episode += pushed.dropped;
     }
 
+    /// Drops the oldest item, counted (as a budget drop if `for_budget`); false
+    /// when the queue is empty.
+    fn drop_oldest(&self, inner: &mut Inner<T>, pushed: &mut Pushed, for_budget: bool) -> bool {
+        let Some((_, _, b)) = inner.items.pop_front() else {
+            return false;
+        };
+        inner.bytes -= b;
+        pushed.dropped += 1;
+        self.count_drop(b, for_budget);
+        true
+    }
+
     fn count_drop(&self, bytes: usize, for_budget: bool) {
         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -164,12 +173,7 @@ impl<T: Clone> ExportQueue<T> {
         inner.limit = limit.min(self.capacity);
         let mut pushed = Pushed::default();
         while inner.bytes > inner.limit && inner.items.len() > 1 {
-            let Some((_, _, b)) = inner.items.pop_front() else {
-                break;
-            };
-            inner.bytes -= b;
-            pushed.dropped += 1;
-            self.count_drop(b, true);
+            self.drop_oldest(&mut inner, &mut pushed, true);
         }
         if pushed.dropped > 0 {
             Self::episode_drops(&mut inner, &mut pushed);
