@@ -183,13 +183,18 @@ impl CycleWorker {
                 let mut kernel_loaded_at: u64 = 0;
                 let mut peak_unresettable = false;
                 while let Ok((job, reply)) = queue.recv() {
-                    // New kernel code since the table was read: read it again
-                    // before this cycle names its kernel frames.
+                    // The kernel's symbols are read again before this cycle names
+                    // its kernel frames: every SYMBOLIZER_REFRESH_CYCLES (modules),
+                    // and soon after new kernel code.
                     let code = KernelCode::now();
-                    if code != kernel_code
-                        && cycles - kernel_loaded_at >= KERNEL_RELOAD_MIN_CYCLES
-                    {
-                        debug!("kernel code changed (BPF programs or modules): reloading kernel symbols");
+                    let periodic =
+                        cycles > 0 && cycles.is_multiple_of(SYMBOLIZER_REFRESH_CYCLES);
+                    let changed = code != kernel_code
+                        && cycles - kernel_loaded_at >= KERNEL_RELOAD_MIN_CYCLES;
+                    if periodic || changed {
+                        if changed {
+                            debug!("kernel code changed (BPF programs or modules): reloading kernel symbols");
+                        }
                         symbolizer.refresh_kernel_table();
                         kernel_code = code;
                         kernel_loaded_at = cycles;
@@ -215,11 +220,6 @@ impl CycleWorker {
                         && cycles.is_multiple_of(SYMBOLIZER_REFRESH_CYCLES)
                     {
                         symbolizer.refresh_file_caches();
-                    }
-                    if cycles.is_multiple_of(SYMBOLIZER_REFRESH_CYCLES) {
-                        symbolizer.refresh_kernel_table();
-                        kernel_code = KernelCode::now();
-                        kernel_loaded_at = cycles;
                     }
                     // What the cycle freed leaves the process (see crate::memory).
                     crate::memory::release_free_memory();
@@ -377,17 +377,16 @@ impl Sinks {
         if over != std::mem::replace(&mut self.over_budget, over) {
             let cycle_peak_mib = self.budget.working_set() >> 20;
             let budget_mib = self.budget.limit() >> 20;
-            if over && self.queue.is_some() {
+            if over {
+                let shed = if self.queue.is_some() {
+                    "the export queue keeps only the newest profile"
+                } else {
+                    "without an export queue there is nothing to shed"
+                };
                 warn!(
                     cycle_peak_mib,
                     budget_mib,
-                    "the agent's cycles alone need more memory than its budget (--memory-budget-mib): the export queue keeps only the newest profile; a lower --frequency or a larger budget helps"
-                );
-            } else if over {
-                warn!(
-                    cycle_peak_mib,
-                    budget_mib,
-                    "the agent's cycles alone need more memory than its budget (--memory-budget-mib), and without an export queue there is nothing to shed; a lower --frequency or a larger budget helps"
+                    "the agent's cycles alone need more memory than its budget (--memory-budget-mib): {shed}; a lower --frequency or a larger budget helps"
                 );
             } else {
                 info!(
