@@ -228,16 +228,17 @@ impl KernelCode {
     /// syscall, no /proc/modules) counts as nothing, so it never looks changed.
     pub fn now() -> KernelCode {
         let mut code = KernelCode::default();
-        let mut id = 0;
-        while code.programs < MAX_PROGRAMS_SCANNED {
-            match next_program_id(id) {
-                Some(next) => {
-                    code.programs += 1;
-                    code.program_ids = code.program_ids.wrapping_mul(31).wrapping_add(next.into());
-                    id = next;
-                }
-                None => break,
-            }
+        // aya walks the ids (BPF_PROG_GET_NEXT_ID); a program unloaded meanwhile,
+        // or a refusal, is an error item, skipped.
+        for program in aya::programs::loaded_programs()
+            .take(MAX_PROGRAMS_SCANNED as usize)
+            .flatten()
+        {
+            code.programs += 1;
+            code.program_ids = code
+                .program_ids
+                .wrapping_mul(31)
+                .wrapping_add(program.id().into());
         }
         if let Ok(text) = std::fs::read_to_string(MODULES) {
             use std::hash::{Hash as _, Hasher as _};
@@ -251,34 +252,6 @@ impl KernelCode {
         }
         code
     }
-}
-
-/// The id of the loaded BPF program after `id` (`BPF_PROG_GET_NEXT_ID`), None at the
-/// end or when the kernel refuses.
-fn next_program_id(id: u32) -> Option<u32> {
-    const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
-    // The command's part of `union bpf_attr`: start_id, next_id, open_flags.
-    #[repr(C)]
-    struct Attr {
-        start_id: u32,
-        next_id: u32,
-        open_flags: u32,
-    }
-    let mut attr = Attr {
-        start_id: id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    // SAFETY: the kernel reads and writes `attr`, of the size given, and nothing else.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_NEXT_ID,
-            &mut attr as *mut Attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
-    (rc == 0).then_some(attr.next_id)
 }
 
 #[cfg(test)]
