@@ -146,9 +146,10 @@ def agent_env():
     return {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "RUST_LOG"}
 
 
-def build_workload(tmp):
-    exe = tmp / "many_stacks"
-    cmd = ["gcc", "-O1", "-fno-omit-frame-pointer", "-pthread", "-o", str(exe),
+def build_workload(tmp, name="many_stacks", defines=()):
+    """bench/many_stacks.c built as tmp/NAME, with extra `-D` flags."""
+    exe = tmp / name
+    cmd = ["gcc", "-O1", "-fno-omit-frame-pointer", "-pthread", *defines, "-o", str(exe),
            str(BENCH_DIR / "many_stacks.c")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -160,6 +161,16 @@ def start_workload(exe, seconds, out):
     with open(out, "w") as f:
         return spawn([exe, "--threads", NCPU, "--duration", int(seconds)],
                      stdout=f, stderr=subprocess.STDOUT)
+
+
+def ensure_running(name, agent, agent_log, wl, wl_out):
+    """Raises RunError if the agent or the workload has exited during phase `name`."""
+    if not alive(agent):
+        r = reap(agent, 5)
+        raise RunError(f"the agent exited during the {name} phase "
+                       f"(code {r[0] if r else '?'}):\n{tail(agent_log)}")
+    if not alive(wl):
+        raise RunError(f"many_stacks exited early: {tail(wl_out)}")
 
 
 def tail(path, n=15):
@@ -308,12 +319,7 @@ def run_agent_phase(args, name, profiler, workload_exe, tmp, endpoint, minutes, 
             elapsed = time.monotonic() - t_start
             if elapsed >= seconds:
                 break
-            if not alive(agent):
-                r = reap(agent, 5)
-                raise RunError(f"the agent exited during the {name} phase "
-                               f"(code {r[0] if r else '?'}):\n{tail(agent_log)}")
-            if not alive(wl):
-                raise RunError(f"many_stacks exited early: {tail(tmp / f'{name}-workload.out')}")
+            ensure_running(name, agent, agent_log, wl, tmp / f"{name}-workload.out")
             if elapsed >= next_progress:
                 s = mon.snapshot()[-1:] or [None]
                 s = s[0]

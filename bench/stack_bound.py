@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 
 import benchlib
-from agent_outage import (agent_defaults, agent_env, alive, free_port, parse_agent_log, reap,
-                          split_message, stop, tail, LOG_LINE)
+from agent_outage import (agent_defaults, agent_env, alive, build_workload, ensure_running,
+                          free_port, parse_agent_log, split_message, start_workload, stop,
+                          tail, LOG_LINE, RunError)
 from benchlib import Monitor, kill, log, median, spawn
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -49,21 +50,6 @@ KIB = 1024
 TARGET_RSS_MIB = 64.0
 # Paths of 70 to 110 calls: samples land at every depth of a path, ~45 frames on average.
 MIN_DEPTH, MAX_DEPTH = 70, 110
-
-
-class RunError(Exception):
-    """Something crashed: the agent or the workload."""
-
-
-def build_workload(tmp):
-    exe = tmp / "many_stacks_deep"
-    cmd = ["gcc", "-O1", "-fno-omit-frame-pointer", "-pthread",
-           f"-DMIN_DEPTH={MIN_DEPTH}", f"-DMAX_DEPTH={MAX_DEPTH}",
-           "-o", str(exe), str(BENCH_DIR / "many_stacks.c")]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RunError(f"building many_stacks failed:\n{r.stderr}")
-    return exe
 
 
 def cycles_of(log_path):
@@ -86,9 +72,7 @@ def cycles_of(log_path):
 def run_phase(args, name, exe, tmp, endpoint):
     seconds = args.minutes * 60.0
     wl_out = tmp / f"{name}-workload.out"
-    with open(wl_out, "w") as f:
-        wl = spawn([exe, "--threads", NCPU, "--duration", int(seconds + 120)],
-                   stdout=f, stderr=subprocess.STDOUT)
+    wl = start_workload(exe, seconds + 120, wl_out)
     time.sleep(0.5)
     if not alive(wl):
         raise RunError(f"many_stacks exited at once: {tail(wl_out)}")
@@ -103,12 +87,7 @@ def run_phase(args, name, exe, tmp, endpoint):
     next_progress = 30.0
     try:
         while (elapsed := time.monotonic() - t0) < seconds:
-            if not alive(agent):
-                r = reap(agent, 5)
-                raise RunError(f"the agent exited during the {name} phase "
-                               f"(code {r[0] if r else '?'}):\n{tail(agent_log)}")
-            if not alive(wl):
-                raise RunError(f"many_stacks exited early: {tail(wl_out)}")
+            ensure_running(name, agent, agent_log, wl, wl_out)
             if elapsed >= next_progress:
                 s = (mon.snapshot()[-1:] or [{}])[0]
                 done = cycles_of(agent_log)
@@ -234,7 +213,8 @@ def main():
                "phases": {}}
 
     def benchmark():
-        exe = build_workload(tmp)
+        exe = build_workload(tmp, "many_stacks_deep",
+                             (f"-DMIN_DEPTH={MIN_DEPTH}", f"-DMAX_DEPTH={MAX_DEPTH}"))
         for name in ("files", "outage"):
             if name in args.skip.split(","):
                 continue
