@@ -294,9 +294,10 @@ fn backend_outage_is_bounded_and_recovers() {
         "--timeout",
         "1",
     ]);
-    let busy = start("chain", &["40"]);
-    // Long enough for ~8 KiB profiles every second to fill the 64 KiB queue.
-    std::thread::sleep(Duration::from_secs(15));
+    let busy = start("chain", &["90"]);
+    // Until the 64 KiB queue fills: profiles are ~3 KiB a second on an otherwise
+    // idle host (the whole host is profiled; a busy one fills it sooner).
+    agent.wait_for_log("export queue full", Duration::from_secs(90));
     let rss_down = agent.rss_kib();
     let log = agent.log();
     assert_eq!(log.matches("OTLP backend unavailable").count(), 1, "{log}");
