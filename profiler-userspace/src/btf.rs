@@ -141,33 +141,60 @@ impl<'s, S: Source + ?Sized> Btf<'s, S> {
         })
     }
 
-    /// Offsets in the string section at which the string `name` starts (up to
-    /// [`MAX_NAME_OFFSETS`]).
-    fn name_offsets(&self, name: &str) -> Result<Vec<u32>, BtfError> {
-        // A string starts after a NUL (the section begins with the empty string).
-        let needle: Vec<u8> = [&[0u8][..], name.as_bytes(), &[0]].concat();
-        let mut found = Vec::new();
-        let mut buf = vec![0u8; CHUNK];
+    /// For each of `names`, the offsets in the string section at which it starts
+    /// (up to [`MAX_NAME_OFFSETS`] each): one pass over the section, string by
+    /// string.
+    fn names_offsets(&self, names: &[&str]) -> Result<Vec<Vec<u32>>, BtfError> {
+        let mut found = vec![Vec::new(); names.len()];
         let (start, len) = self.strings;
+        let mut buf = vec![0u8; CHUNK];
+        // The string cut by the end of the last chunk, and where it starts; a
+        // string longer than any name is skipped to its end.
+        let mut carry: Vec<u8> = Vec::new();
+        let mut carry_at = 0u64;
+        let mut too_long = false;
+        let longest = names.iter().map(|n| n.len()).max().unwrap_or(0);
         let mut at = 0u64;
-        while at < len && found.len() < MAX_NAME_OFFSETS {
+        let mut note = |string: &[u8], offset: u64| {
+            for (i, name) in names.iter().enumerate() {
+                if string == name.as_bytes() && found[i].len() < MAX_NAME_OFFSETS {
+                    found[i].push(offset as u32);
+                }
+            }
+        };
+        while at < len {
             let want = (len - at).min(CHUNK as u64) as usize;
             let got = self.src.read_at(&mut buf[..want], start + at)?;
             if got < want {
                 return Err(BtfError::Malformed("string section past the end"));
             }
-            for i in find_all(&buf[..got], &needle) {
-                found.push((at + i as u64 + 1) as u32);
+            let mut rest = &buf[..got];
+            let mut rest_at = at;
+            while let Some(nul) = rest.iter().position(|&b| b == 0) {
+                if too_long {
+                    too_long = false;
+                } else if carry.is_empty() {
+                    note(&rest[..nul], rest_at);
+                } else {
+                    carry.extend_from_slice(&rest[..nul]);
+                    note(&carry, carry_at);
+                    carry.clear();
+                }
+                rest = &rest[nul + 1..];
+                rest_at += nul as u64 + 1;
             }
-            if got < needle.len() || at + (got as u64) >= len {
-                break;
+            if !rest.is_empty() && !too_long {
+                if carry.is_empty() {
+                    carry_at = rest_at;
+                }
+                carry.extend_from_slice(rest);
+                if carry.len() > longest {
+                    carry.clear();
+                    too_long = true;
+                }
             }
-            // Overlap by the needle's length less one, so no match is split.
-            at += (got - (needle.len() - 1)) as u64;
+            at += got as u64;
         }
-        found.sort_unstable();
-        found.dedup();
-        found.truncate(MAX_NAME_OFFSETS);
         Ok(found)
     }
 
@@ -213,80 +240,145 @@ impl<'s, S: Source + ?Sized> Btf<'s, S> {
     /// Byte offset of `member` in struct `strukt`, looking inside anonymous
     /// structs and unions (where kernels keep many fields).
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
-        let struct_names = self.name_offsets(strukt)?;
-        let member_names = self.name_offsets(member)?;
-        // Structs and unions to look in: (type id, bit offset of its start). The
-        // first level is found by name, the next ones by id.
-        let mut level: Vec<(u32, u32)> = Vec::new();
-        let mut found: Option<Result<u32, ()>> = None;
-        let mut anonymous = 0usize;
-        let mut look_in = |t: &TypeRef<'_>, base: u32, next: &mut Vec<(u32, u32)>| {
-            for m in t.members.chunks_exact(MEMBER).take(t.vlen) {
-                let (name, ty, offset) = (
-                    u32_at(m, 0).unwrap_or(0),
-                    u32_at(m, 4).unwrap_or(0),
-                    u32_at(m, 8).unwrap_or(0),
-                );
-                let (bits, bitfield) = if t.kind_flag {
-                    (offset & 0xff_ffff, offset >> 24 != 0)
-                } else {
-                    (offset, false)
-                };
-                let bits = base.saturating_add(bits);
-                if member_names.contains(&name) {
-                    return Some(if bitfield { Err(()) } else { Ok(bits) });
-                }
-                if name == 0 && anonymous < MAX_ANONYMOUS {
-                    anonymous += 1;
-                    next.push((ty, bits));
-                }
-            }
-            None
-        };
-        let mut seen_struct = false;
+        self.member_offsets(&[(strukt, member)])?
+            .pop()
+            .expect("one result per request")
+    }
+
+    /// [`Btf::member_offset`] of each `(struct, member)` in `wanted`, in order, in
+    /// one pass over the strings and one over the types per level of anonymous
+    /// nesting, for all of them at once. The outer error is the blob's; each inner
+    /// one is its field's.
+    pub fn member_offsets(
+        &self,
+        wanted: &[(&str, &str)],
+    ) -> Result<Vec<Result<u32, BtfError>>, BtfError> {
+        let names: Vec<&str> = wanted.iter().flat_map(|&(s, m)| [s, m]).collect();
+        let offsets = self.names_offsets(&names)?;
+        let mut fields: Vec<Field> = offsets
+            .chunks_exact(2)
+            .map(|pair| Field {
+                struct_names: pair[0].clone(),
+                member_names: pair[1].clone(),
+                seen_struct: false,
+                found: None,
+                level: Vec::new(),
+                anonymous: 0,
+            })
+            .collect();
+        // The first struct of each name (with members) is looked in.
+        let mut structs_left = fields.len();
         self.walk(|t| {
-            if t.kind == KIND_STRUCT && t.vlen > 0 && struct_names.contains(&t.name) {
-                seen_struct = true;
-                found = look_in(&t, 0, &mut level);
-                return true;
+            if t.kind != KIND_STRUCT || t.vlen == 0 {
+                return false;
             }
-            false
+            for f in fields.iter_mut() {
+                if !f.seen_struct && f.struct_names.contains(&t.name) {
+                    f.seen_struct = true;
+                    structs_left -= 1;
+                    let mut next = Vec::new();
+                    f.found = f.look_in(&t, 0, &mut next);
+                    f.level = next;
+                }
+            }
+            structs_left == 0
         })?;
-        if !seen_struct {
-            return Err(BtfError::NoStruct(strukt.into()));
-        }
+        // Then the anonymous structs and unions they hold, a level per pass.
         for _ in 0..MAX_NESTING {
-            if found.is_some() || level.is_empty() {
+            // (type id, field, bit offset of its start), sorted by id.
+            let mut level: Vec<(u32, usize, u32)> = Vec::new();
+            for (i, f) in fields.iter_mut().enumerate() {
+                let pending = std::mem::take(&mut f.level);
+                if f.found.is_none() {
+                    level.extend(pending.into_iter().map(|(id, base)| (id, i, base)));
+                }
+            }
+            if level.is_empty() {
                 break;
             }
             level.sort_unstable();
-            let mut next = Vec::new();
+            let mut next: Vec<Vec<(u32, u32)>> = vec![Vec::new(); fields.len()];
             self.walk(|t| {
+                if !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
+                    return false;
+                }
                 // Every entry for this id (a union may be met at several offsets).
-                let first = level.partition_point(|&(id, _)| id < t.id);
-                for &(_, base) in level[first..].iter().take_while(|&&(id, _)| id == t.id) {
-                    if matches!(t.kind, KIND_STRUCT | KIND_UNION) {
-                        if let Some(hit) = look_in(&t, base, &mut next) {
-                            found = Some(hit);
-                            return true;
-                        }
+                let first = level.partition_point(|&(id, _, _)| id < t.id);
+                for &(_, i, base) in level[first..].iter().take_while(|&&(id, _, _)| id == t.id) {
+                    let f = &mut fields[i];
+                    if f.found.is_none() {
+                        f.found = f.look_in(&t, base, &mut next[i]);
                     }
                 }
                 false
             })?;
-            level = next;
+            for (f, next) in fields.iter_mut().zip(next) {
+                f.level = next;
+            }
         }
-        match found {
-            Some(Ok(bits)) if bits % 8 == 0 => Ok(bits / 8),
-            Some(_) => Err(BtfError::Bitfield {
-                strukt: strukt.into(),
-                member: member.into(),
-            }),
-            None => Err(BtfError::NoMember {
-                strukt: strukt.into(),
-                member: member.into(),
-            }),
+        Ok(fields
+            .iter()
+            .zip(wanted)
+            .map(|(f, &(strukt, member))| match f.found {
+                _ if !f.seen_struct => Err(BtfError::NoStruct(strukt.into())),
+                Some(Ok(bits)) if bits % 8 == 0 => Ok(bits / 8),
+                Some(_) => Err(BtfError::Bitfield {
+                    strukt: strukt.into(),
+                    member: member.into(),
+                }),
+                None => Err(BtfError::NoMember {
+                    strukt: strukt.into(),
+                    member: member.into(),
+                }),
+            })
+            .collect())
+    }
+}
+
+/// The search for one (struct, member) pair.
+struct Field {
+    /// Offsets of the struct's and the member's names in the string section.
+    struct_names: Vec<u32>,
+    member_names: Vec<u32>,
+    seen_struct: bool,
+    /// The member's bit offset, or `Err` for a bitfield.
+    found: Option<Result<u32, ()>>,
+    /// Anonymous structs and unions to look in next: (type id, bit offset).
+    level: Vec<(u32, u32)>,
+    /// Anonymous members followed so far (at most [`MAX_ANONYMOUS`]).
+    anonymous: usize,
+}
+
+impl Field {
+    /// Looks for the member among `t`'s members (`t` starting `base` bits into
+    /// the struct); queues its anonymous members in `next`.
+    fn look_in(
+        &mut self,
+        t: &TypeRef<'_>,
+        base: u32,
+        next: &mut Vec<(u32, u32)>,
+    ) -> Option<Result<u32, ()>> {
+        for m in t.members.chunks_exact(MEMBER).take(t.vlen) {
+            let (name, ty, offset) = (
+                u32_at(m, 0).unwrap_or(0),
+                u32_at(m, 4).unwrap_or(0),
+                u32_at(m, 8).unwrap_or(0),
+            );
+            let (bits, bitfield) = if t.kind_flag {
+                (offset & 0xff_ffff, offset >> 24 != 0)
+            } else {
+                (offset, false)
+            };
+            let bits = base.saturating_add(bits);
+            if self.member_names.contains(&name) {
+                return Some(if bitfield { Err(()) } else { Ok(bits) });
+            }
+            if name == 0 && self.anonymous < MAX_ANONYMOUS {
+                self.anonymous += 1;
+                next.push((ty, bits));
+            }
         }
+        None
     }
 }
 
@@ -349,14 +441,6 @@ fn trailing_bytes(info: u32) -> Option<usize> {
     })
 }
 
-/// Start positions of `needle` in `hay`.
-fn find_all<'a>(hay: &'a [u8], needle: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
-    hay.windows(needle.len())
-        .enumerate()
-        .filter(move |(_, w)| *w == needle)
-        .map(|(i, _)| i)
-}
-
 /// Byte offset of `member` in kernel struct `strukt`, from the BTF at `path`.
 pub fn kernel_member_offset(path: &Path, strukt: &str, member: &str) -> Result<u32, BtfError> {
     let file = File::open(path)?;
@@ -401,23 +485,7 @@ mod tests {
     /// to the union's); a bitfield or a missing member is an error, not a guess.
     #[test]
     fn finds_members_directly_and_in_anonymous_unions() {
-        let data = blob(
-            &[
-                // 1: int
-                (KIND_INT, 0, 0, false, vec![32]),
-                // 2: union { int tgid @ 0 } (anonymous)
-                (KIND_UNION, 0, 1, false, vec![16, 1, 0]),
-                // 3: struct task { int pid @ 64 bits; <anon union> @ 128; flags: bitfield }
-                (
-                    KIND_STRUCT,
-                    1,
-                    3,
-                    true,
-                    vec![6, 1, 64, 0, 2, 128, 10, 1, (3 << 24) | 192],
-                ),
-            ],
-            STRINGS,
-        );
+        let data = task_blob();
         let btf = Btf::open(data.as_slice()).unwrap();
         assert_eq!(btf.member_offset("task", "pid").unwrap(), 8);
         assert_eq!(btf.member_offset("task", "tgid").unwrap(), 16);
@@ -433,6 +501,72 @@ mod tests {
             btf.member_offset("mm", "pid"),
             Err(BtfError::NoStruct(_))
         ));
+    }
+
+    /// `struct task { int pid @ 64 bits; union { int tgid } @ 128; flags: a
+    /// bitfield }`.
+    fn task_blob() -> Vec<u8> {
+        blob(
+            &[
+                // 1: int
+                (KIND_INT, 0, 0, false, vec![32]),
+                // 2: union { int tgid @ 0 } (anonymous)
+                (KIND_UNION, 0, 1, false, vec![16, 1, 0]),
+                // 3: struct task { int pid @ 64 bits; <anon union> @ 128; flags: bitfield }
+                (
+                    KIND_STRUCT,
+                    1,
+                    3,
+                    true,
+                    vec![6, 1, 64, 0, 2, 128, 10, 1, (3 << 24) | 192],
+                ),
+            ],
+            STRINGS,
+        )
+    }
+
+    /// Many fields at once give what each alone gives, in the order asked, one
+    /// field's error leaving the others found.
+    #[test]
+    fn finds_many_members_at_once() {
+        let data = task_blob();
+        let btf = Btf::open(data.as_slice()).unwrap();
+        let wanted = [
+            ("task", "tgid"),
+            ("mm", "pid"),
+            ("task", "pid"),
+            ("task", "comm"),
+        ];
+        let found = btf.member_offsets(&wanted).unwrap();
+        assert_eq!(found.len(), 4);
+        assert_eq!(found[0].as_ref().ok(), Some(&16));
+        assert!(matches!(found[1], Err(BtfError::NoStruct(_))));
+        assert_eq!(found[2].as_ref().ok(), Some(&8));
+        assert!(matches!(found[3], Err(BtfError::NoMember { .. })));
+    }
+
+    /// A string longer than every name looked for, cut by a chunk's end, is
+    /// skipped whole: its tail is not taken for a name.
+    #[test]
+    fn long_strings_across_chunks_are_not_names() {
+        // "x...xpid" is cut right before its "pid" by the first chunk's end; "pid"
+        // alone comes after it.
+        let mut strings = vec![0u8];
+        strings.extend(std::iter::repeat_n(b'x', CHUNK - 1));
+        strings.extend_from_slice(b"pid\0task\0pid\0");
+        let task = (strings.len() - 9) as u32;
+        let pid = task + 5;
+        let data = blob(
+            &[
+                (KIND_INT, 0, 0, false, vec![32]),
+                (KIND_STRUCT, task, 1, false, vec![pid, 1, 32]),
+            ],
+            &strings,
+        );
+        let btf = Btf::open(data.as_slice()).unwrap();
+        let names = btf.names_offsets(&["pid"]).unwrap();
+        assert_eq!(names, vec![vec![pid]]);
+        assert_eq!(btf.member_offset("task", "pid").unwrap(), 4);
     }
 
     fn lookup(data: &[u8]) -> Result<u32, BtfError> {
