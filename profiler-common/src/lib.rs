@@ -21,6 +21,9 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_PID_FILTER: &str = "PID_FILTER";
 /// Per-CPU `u64` (one entry): [`ProcessEvent`]s lost to a full ring buffer.
 pub const MAP_PROCESS_EVENTS_LOST: &str = "PROCESS_EVENTS_LOST";
+/// Per-CPU `[u64; MAPPINGS_COUNTER_COUNT]` (one entry), indexed by
+/// [`MappingsCounter`].
+pub const MAP_MAPPINGS_STATS: &str = "MAPPINGS_STATS";
 
 /// Raw tracepoint program on `task_newtask`: a [`ProcessEvent`] for each new
 /// process (not thread), naming its parent.
@@ -38,6 +41,8 @@ pub const GLOBAL_INCLUDE_IDLE: &str = "INCLUDE_IDLE";
 /// Global `u32`: byte offset of `pid` in the kernel's `task_struct`, found in its
 /// BTF by userspace (aya cannot relocate field accesses in a Rust program).
 pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
+/// Global [`KernelOffsets`]: field offsets for reading young processes' mappings.
+pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 /// Global `u64`, a power of two: each CPU wakes the reader on every this-many-th
 /// record it emits; otherwise the reader polls on a timer. Keeps wake-ups (and any
 /// look at shared ring buffer state) off the per-sample path.
@@ -117,6 +122,47 @@ pub mod record_kind {
     /// A [`ProcessEvent`](super::ProcessEvent): process `pid` exec'd a new program
     /// (`parent` is 0).
     pub const PROCESS_EXECED: u16 = 4;
+    /// A [`MappingRecord`](super::MappingRecord): a mapping that the user frames
+    /// of the sample right after it run in, read by the kernel for a young
+    /// process (see [`KernelOffsets::young_process_ns`](super::KernelOffsets)).
+    pub const PROCESS_MAPPING: u16 = 5;
+    /// An [`ExecRecord`](super::ExecRecord): process `pid` exec'd the program at
+    /// `path`. Sent instead of [`PROCESS_EXECED`] when the kernel's layout of
+    /// `linux_binprm` is known.
+    pub const PROCESS_EXECED_PATH: u16 = 6;
+}
+
+/// Bytes of an exec'd program's path an [`ExecRecord`] has room for, NUL included;
+/// a longer path is cut (and then names nothing).
+pub const MAX_EXEC_PATH: usize = 256;
+/// The fixed part of an [`ExecRecord`], before the path.
+pub const EXEC_HEADER_LEN: usize = 16;
+
+/// An exec and the path of the program, as given to `execve` (absolute when the
+/// caller searched `PATH`). Names the program's own frames if it exits before
+/// userspace reads its `/proc` entry: no other process need map it. Written with
+/// only as much of `path` as it uses: [`EXEC_HEADER_LEN`] + `path_len` + its NUL,
+/// rounded up to 8 bytes (~48 for a usual path, at most 272), so that an exec storm
+/// takes little of the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecRecord {
+    /// [`record_kind::PROCESS_EXECED_PATH`].
+    pub kind: u16,
+    /// [`EXEC_HEADER_LEN`] when written.
+    pub header_len: u16,
+    /// The process that exec'd: a tgid.
+    pub pid: u32,
+    /// Bytes of `path` before its NUL; 0 if it could not be read.
+    pub path_len: u32,
+    pub reserved: u32,
+    /// The path, NUL terminated.
+    pub path: [u8; MAX_EXEC_PATH],
+}
+
+/// Bytes an [`ExecRecord`] with a path of `path_len` bytes takes in the ring.
+pub const fn exec_record_len(path_len: usize) -> usize {
+    (EXEC_HEADER_LEN + path_len + 1 + 7) & !7
 }
 
 /// A record of the process tree changing, in the same ring buffer as samples, so
@@ -136,6 +182,98 @@ pub struct ProcessEvent {
     pub parent: u32,
     pub reserved: u32,
 }
+
+/// User frames, from the leaf, that a young process's sample searches for one
+/// outside the mappings found for it so far: bounds the program's work. The deeper
+/// frames of a young process usually are in the same few binaries. A power of two.
+pub const MAX_MAPPED_FRAMES: usize = 32;
+/// Address ranges the program remembers per young process (mappings found, and
+/// addresses no mapping holds); past them, the process's other mappings are not
+/// looked up (counted in [`MappingsCounter::Truncated`]). A power of two.
+pub const MAX_KNOWN_MAPPINGS: usize = 16;
+/// Young processes whose known ranges the program keeps at once (an LRU map: the
+/// least recently sampled is forgotten first).
+pub const MAX_YOUNG_PROCESSES: u32 = 1024;
+
+/// One memory mapping of a process, as the kernel's `vm_area_struct` says: what a
+/// line of `/proc/PID/maps` would, without the path, read at sample time for a
+/// process that may be gone before userspace can read its `/proc` entry. 40 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelMapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`, in bytes.
+    pub offset: u64,
+    /// Inode of the mapped file; 0 for anonymous memory.
+    pub ino: u64,
+    /// Device of the file's filesystem, as the kernel encodes it (`MKDEV`: major
+    /// << 20 | minor), not as `stat` does.
+    pub dev: u32,
+    pub reserved: u32,
+}
+
+/// A mapping a young process's sample ran in, not reported for the process
+/// before, emitted right before that sample's record. The process may exit before
+/// userspace reads its `/proc` entry (a shell a script runs lives a millisecond or
+/// two); these are what name its frames then. 64 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MappingRecord {
+    /// [`record_kind::PROCESS_MAPPING`].
+    pub kind: u16,
+    /// `size_of::<MappingRecord>()` when written.
+    pub header_len: u16,
+    /// The process: a tgid.
+    pub pid: u32,
+    /// Name of the sampled thread, NUL padded.
+    pub comm: [u8; TASK_COMM_LEN],
+    pub mapping: KernelMapping,
+}
+
+/// Where the fields the program reads sit in the running kernel's structs, found by
+/// userspace in the kernel's BTF and set at load time (aya cannot relocate field
+/// accesses in a Rust program). A zero `young_process_ns` turns the mappings of
+/// young processes off (the offsets are then not needed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// Processes started less than this long ago (monotonic ns) have their
+    /// samples' mappings read by the kernel; 0: never.
+    pub young_process_ns: u64,
+    pub task_group_leader: u32,
+    pub task_start_time: u32,
+    pub vma_start: u32,
+    pub vma_end: u32,
+    pub vma_pgoff: u32,
+    pub vma_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
+    /// `linux_binprm.filename`, for [`ExecRecord`]s; 0: plain exec events.
+    pub binprm_filename: u32,
+    pub reserved: u32,
+}
+
+/// Counters of the mappings of young processes, per CPU (see [`MAP_MAPPINGS_STATS`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MappingsCounter {
+    /// [`MappingRecord`]s written.
+    Emitted = 0,
+    /// LOSS of names, not of samples: no room in the ring buffer for the record.
+    RingBufferFull = 1,
+    /// A frame's mapping could not be read: no mapping holds the address (a
+    /// frame-pointer walk's bad last frame), or the process held its memory map's
+    /// lock (in `mmap`, say). A later sample looks at its other frames.
+    LookupFailed = 2,
+    /// A process's frames ran in more than [`MAX_KNOWN_MAPPINGS`] ranges.
+    Truncated = 3,
+}
+
+/// Number of [`MappingsCounter`] slots.
+pub const MAPPINGS_COUNTER_COUNT: usize = 4;
 
 /// Each CPU reads `comm` at least on every this-many-th record it emits, even for
 /// the same thread, so a thread that renames itself (or a process that execs) is
@@ -273,11 +411,24 @@ mod user {
     unsafe impl aya::Pod for super::SampleRecord {}
     unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::ProcessEvent {}
+    unsafe impl aya::Pod for super::MappingRecord {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::ExecRecord {}
 }
 
 const _: () = assert!(core::mem::size_of::<SampleHeader>() == 40);
 const _: () = assert!(core::mem::size_of::<CpuState>() == 64);
 const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 16);
+const _: () = assert!(core::mem::size_of::<KernelMapping>() == 40);
+const _: () = assert!(core::mem::size_of::<MappingRecord>() == 64);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
+const _: () = assert!(core::mem::size_of::<ExecRecord>() == 272);
+const _: () = assert!(core::mem::offset_of!(ExecRecord, path) == EXEC_HEADER_LEN);
+const _: () = assert!(exec_record_len(MAX_EXEC_PATH - 1) == 272);
+const _: () = assert!(exec_record_len(0) == 24);
+const _: () = assert!(MAX_KNOWN_MAPPINGS.is_power_of_two());
+const _: () = assert!(MAX_MAPPED_FRAMES.is_power_of_two());
+const _: () = assert!(MAX_MAPPED_FRAMES <= MAX_STACK_DEPTH);
 const _: () = assert!(COMM_READ_EVERY.is_power_of_two());
 const _: () = assert!(2 * MAX_STACK_DEPTH <= MAX_RECORD_FRAMES);
 const _: () = assert!(MAX_RECORD_FRAMES.is_power_of_two());

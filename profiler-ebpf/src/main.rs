@@ -3,7 +3,10 @@
 //! [`SampleHeader`] (tgid, tid, cpu, comm) followed by the kernel and user
 //! instruction pointers, leaf first. Userspace does everything else. `comm` is
 //! read only when the CPU's thread changed (and now and then anyway): see
-//! `record_kind::NATIVE_STACKS_SAME_THREAD`.
+//! `record_kind::NATIVE_STACKS_SAME_THREAD`. A sample of a process started in the
+//! last 2 s may be preceded by a record of a mapping its frames run in
+//! (`mappings.rs`), which names them if the process exits before userspace reads
+//! its `/proc` entry.
 //!
 //! The record is reserved in the ring buffer and the stacks are walked straight into
 //! it: no scratch map and no copy, so a sample touches as few cache lines as it can.
@@ -17,6 +20,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod mappings;
 mod process_events;
 mod stacks;
 
@@ -24,12 +28,12 @@ use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id},
     macros::{map, perf_event},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{ring_buf::RingBufEntry, HashMap, PerCpuArray, RingBuf},
     programs::PerfEventContext,
 };
 use profiler_common::{
-    record_kind, Counter, Counters, CpuState, SampleHeader, SampleRecord, UserRecord,
-    COMM_READ_EVERY, MAX_PID_FILTER_ENTRIES, MAX_STACK_DEPTH, RING_BUFFER_BYTES,
+    record_kind, Counter, Counters, CpuState, MappingRecord, SampleHeader, SampleRecord,
+    UserRecord, COMM_READ_EVERY, MAX_PID_FILTER_ENTRIES, MAX_STACK_DEPTH, RING_BUFFER_BYTES,
 };
 
 /// Samples to userspace, one [`SampleRecord`]-sized slot each (only the frames in
@@ -102,10 +106,13 @@ fn try_sample_cpu(ctx: &PerfEventContext, state: &mut CpuState) -> Result<(), Co
         return Err(Counter::FilteredOut);
     }
 
+    // A young process's new mapping goes in a record of its own, reserved first
+    // so that it comes before the sample (see mappings.rs).
+    let mappings = mappings::reserve_if_young();
     if stacks::interrupted_user_mode(ctx) {
-        emit::<UserRecord>(ctx, state, pid_tgid, false)
+        emit::<UserRecord>(ctx, state, pid_tgid, false, mappings)
     } else {
-        emit::<SampleRecord>(ctx, state, pid_tgid, true)
+        emit::<SampleRecord>(ctx, state, pid_tgid, true, mappings)
     }
 }
 
@@ -119,9 +126,15 @@ fn emit<T: 'static>(
     state: &mut CpuState,
     pid_tgid: u64,
     in_kernel: bool,
+    mappings: Option<RingBufEntry<MappingRecord>>,
 ) -> Result<(), Counter> {
     let counters = &mut state.counters;
-    let mut entry = SAMPLES.reserve::<T>(0).ok_or(Counter::RingBufferFull)?;
+    let Some(mut entry) = SAMPLES.reserve::<T>(0) else {
+        if let Some(m) = mappings {
+            m.discard(0);
+        }
+        return Err(Counter::RingBufferFull);
+    };
     let slot = entry.as_mut_ptr().cast::<u8>();
     // SAFETY: the reserved slot is ours until submit, laid out as said above; only
     // the fields below are written (and only they are read by userspace).
@@ -158,7 +171,6 @@ fn emit<T: 'static>(
     if user.cut {
         bump(counters, Counter::UserWalkCut);
     }
-
     // The thread name is read only when this CPU's last record was of another
     // thread, and on every COMM_READ_EVERY-th record; otherwise the reader takes
     // it from that record.
@@ -180,6 +192,15 @@ fn emit<T: 'static>(
     header.user_frames = user.frames as u16;
     header.kernel_status = kernel.status as i16;
     header.user_status = user.status as i16;
+
+    if let Some(m) = mappings {
+        // The frame count is read back from the record: a load from ring buffer
+        // memory is a number the verifier knows nothing of, so it checks the
+        // mappings code once, not once for each of the walk's ~127 ways to end.
+        // SAFETY: the field written just above, in our reserved slot.
+        let frames = unsafe { core::ptr::read_volatile(&header.user_frames) };
+        mappings::submit(m, (pid_tgid >> 32) as u32, user_dst, frames as u64);
+    }
 
     // Wake the reader on every WAKEUP_EVERY-th record of this CPU; otherwise it
     // finds the record on its next timed poll.

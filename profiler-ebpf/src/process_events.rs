@@ -10,14 +10,18 @@
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{map, raw_tracepoint},
     maps::PerCpuArray,
     programs::RawTracePointContext,
 };
-use profiler_common::{record_kind, ProcessEvent};
+use profiler_common::{exec_record_len, record_kind, ExecRecord, ProcessEvent, EXEC_HEADER_LEN};
 
-use crate::{global, SAMPLES};
+use crate::{
+    global,
+    mappings::{KERNEL_OFFSETS, YOUNG_MAPPINGS},
+    SAMPLES,
+};
 
 /// Events lost to a full ring buffer: one `u64` per CPU.
 #[map]
@@ -49,21 +53,68 @@ pub fn on_fork(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // A new process under the pid: what a process before it had mapped is not its.
+    let _ = YOUNG_MAPPINGS.remove(pid);
     emit(record_kind::PROCESS_FORKED, pid, parent);
     0
 }
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *)`,
-/// in the context of the process that exec'd.
+/// in the context of the process that exec'd. With the offset of the program's
+/// path in `linux_binprm`, the event carries the path ([`ExecRecord`]).
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
-pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
+pub fn on_exec(ctx: RawTracePointContext) -> i32 {
     if global(&TASK_PID_OFFSET) == 0 {
         return 0;
     }
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    emit(record_kind::PROCESS_EXECED, pid, 0);
+    // A new address space: the mappings found before the exec are gone.
+    let _ = YOUNG_MAPPINGS.remove(pid);
+    let filename_offset = global(&KERNEL_OFFSETS.binprm_filename);
+    if filename_offset == 0 {
+        emit(record_kind::PROCESS_EXECED, pid, 0);
+        return 0;
+    }
+    let bprm: u64 = ctx.arg(2);
+    let Some(record) = EXEC_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch (the program does not nest on one CPU); kernel
+    // reads go through the helpers, which handle faults. A path that cannot be read
+    // is left empty.
+    let path_len = unsafe {
+        (*record).kind = record_kind::PROCESS_EXECED_PATH;
+        (*record).header_len = EXEC_HEADER_LEN as u16;
+        (*record).pid = pid;
+        (*record).reserved = 0;
+        let read = bpf_probe_read_kernel((bprm + filename_offset as u64) as *const *const u8)
+            .ok()
+            .and_then(|filename| {
+                bpf_probe_read_kernel_str_bytes(filename, &mut (*record).path).ok()
+            });
+        let len = read.map_or(0, |path| path.len());
+        if len == 0 {
+            (*record).path[0] = 0;
+        }
+        (*record).path_len = len as u32;
+        len
+    };
+    // Only the path's bytes go into the ring (at most the whole record).
+    let size = exec_record_len(path_len).min(core::mem::size_of::<ExecRecord>());
+    // SAFETY: `size` bytes of this CPU's scratch record, which has that many.
+    let bytes = unsafe { core::slice::from_raw_parts(record.cast::<u8>(), size) };
+    if SAMPLES
+        .output::<[u8]>(bytes, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        count_lost();
+    }
     0
 }
+
+/// The exec record being written: 272 bytes per CPU.
+#[map]
+static EXEC_SCRATCH: PerCpuArray<ExecRecord> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn emit(kind: u16, pid: u32, parent: u32) {
@@ -79,11 +130,14 @@ fn emit(kind: u16, pid: u32, parent: u32) {
             // The reader's timer finds it, before the child's first samples.
             entry.submit(BPF_RB_NO_WAKEUP as u64);
         }
-        None => {
-            if let Some(lost) = PROCESS_EVENTS_LOST.get_ptr_mut(0) {
-                // SAFETY: this CPU's entry; the program does not nest on one CPU.
-                unsafe { *lost += 1 };
-            }
-        }
+        None => count_lost(),
+    }
+}
+
+#[inline(always)]
+fn count_lost() {
+    if let Some(lost) = PROCESS_EVENTS_LOST.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry; the program does not nest on one CPU.
+        unsafe { *lost += 1 };
     }
 }

@@ -21,6 +21,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use profiler_common::MappingsCounter;
 use tokio::{sync::oneshot, time::Instant};
 use tracing::{debug, info, warn};
 
@@ -557,6 +558,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     for limit in crate::ebpf::naming_limits()
         .into_iter()
         .chain(collector.process_events_warning())
+        .chain(collector.mappings_warning())
     {
         warn!("{limit}");
     }
@@ -787,6 +789,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .process_stats
             .named_from_parent
             .load(Ordering::Relaxed),
+        processes_named_from_kernel = stopped
+            .process_stats
+            .named_from_kernel
+            .load(Ordering::Relaxed),
+        young_mappings_lost = stopped.mappings[MappingsCounter::RingBufferFull as usize],
         process_events_lost = stopped.process_events_lost,
         lineage_forgotten = stopped.lineage_forgotten,
         processes_untracked_table_full = stopped.process_stats.table_full.load(Ordering::Relaxed),

@@ -44,6 +44,9 @@ pub struct Stopped {
     pub process_events_lost: u64,
     /// Processes the fork lineage forgot to stay within its bound.
     pub lineage_forgotten: u64,
+    /// The kernel's counters of young processes' mappings, indexed by
+    /// `profiler_common::MappingsCounter`.
+    pub mappings: [u64; profiler_common::MAPPINGS_COUNTER_COUNT],
     pub table: Arc<Mutex<ProcessTable>>,
     pub process_stats: Arc<ProcessStats>,
     pub drain_stats: Arc<DrainStats>,
@@ -127,6 +130,17 @@ impl Collector {
         })
     }
 
+    /// One sentence if the kernel does not read young processes' mappings (and
+    /// was meant to): a process that exec'd and exits within ~0.5 s is then
+    /// unnamed.
+    pub fn mappings_warning(&self) -> Option<String> {
+        self.sampler.mappings_problem().map(|why| {
+            format!(
+                "young processes' mappings are not read ({why}): a process that exec'd and exits within ~0.5 s will be unnamed"
+            )
+        })
+    }
+
     /// Closes the current interval and returns its aggregate; sampling goes on into a
     /// fresh one.
     pub async fn take_interval(&self) -> anyhow::Result<Aggregator> {
@@ -170,6 +184,7 @@ impl Collector {
             .counters()
             .context("cannot read the eBPF counters")?;
         let process_events_lost = self.sampler.process_events_lost();
+        let mappings = self.sampler.mappings_stats();
         let (reply, aggregate) = oneshot::channel();
         self.commands
             .send(DrainCommand::Stop(reply))
@@ -204,6 +219,7 @@ impl Collector {
             bpf,
             process_events_lost,
             lineage_forgotten,
+            mappings,
             table,
             process_stats,
             drain_stats,

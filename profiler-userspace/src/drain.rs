@@ -16,14 +16,19 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{
-    record_kind, ProcessEvent, SampleHeader, MAX_CPUS, MAX_STACK_DEPTH, TASK_COMM_LEN,
+    record_kind, MappingRecord, ProcessEvent, SampleHeader, EXEC_HEADER_LEN, MAX_CPUS,
+    MAX_EXEC_PATH, MAX_STACK_DEPTH, TASK_COMM_LEN,
 };
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::{mpsc, oneshot},
 };
 
-use crate::{aggregate::Aggregator, lineage::ProcessChange, process::FirstSight};
+use crate::{
+    aggregate::Aggregator,
+    lineage::ProcessChange,
+    process::{FirstSight, YoungMapping},
+};
 
 /// How often the ring buffer is read without a wake-up. The eBPF program wakes us
 /// only after each CPU emitted enough records to fill a quarter of the ring with
@@ -85,6 +90,14 @@ pub enum ParseError {
         /// Bytes in the record.
         len: usize,
     },
+    /// A mapping record whose mapping ends before it starts.
+    #[error("mapping record of an empty range {start:#x}-{end:#x}")]
+    EmptyMapping {
+        /// The mapping's start.
+        start: u64,
+        /// The mapping's end.
+        end: u64,
+    },
     /// A record kind this collector does not know.
     #[error("unknown record kind {kind}")]
     UnknownKind {
@@ -120,12 +133,19 @@ pub enum ParseError {
 
 const HEADER_LEN: usize = std::mem::size_of::<SampleHeader>();
 const PROCESS_EVENT_LEN: usize = std::mem::size_of::<ProcessEvent>();
+const MAPPING_RECORD_LEN: usize = std::mem::size_of::<MappingRecord>();
 
 /// One ring buffer record.
 #[derive(Debug)]
 pub enum Record<'a> {
     Sample(RawSample<'a>),
     Process(ProcessChange),
+    Mapping(YoungMapping),
+    /// An exec, with the program's path if the kernel could read it.
+    Exec {
+        pid: u32,
+        path: Option<String>,
+    },
 }
 
 impl<'a> Record<'a> {
@@ -135,6 +155,12 @@ impl<'a> Record<'a> {
             [a, b, ..] => u16::from_ne_bytes([*a, *b]),
             _ => return Err(ParseError::Truncated { len: bytes.len() }),
         };
+        if kind == record_kind::PROCESS_MAPPING {
+            return parse_mapping(bytes).map(Record::Mapping);
+        }
+        if kind == record_kind::PROCESS_EXECED_PATH {
+            return parse_exec(bytes);
+        }
         if !matches!(
             kind,
             record_kind::PROCESS_FORKED | record_kind::PROCESS_EXECED
@@ -161,6 +187,55 @@ impl<'a> Record<'a> {
             ProcessChange::Execed { pid: event.pid }
         }))
     }
+}
+
+/// An [`ExecRecord`] of [`EXEC_HEADER_LEN`] bytes and its path; a path that is
+/// empty or not UTF-8 is `None`.
+fn parse_exec(bytes: &[u8]) -> Result<Record<'_>, ParseError> {
+    let field = |at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
+    let (Some(head), Some(pid), Some(path_len)) = (field(0), field(4), field(8)) else {
+        return Err(ParseError::Truncated { len: bytes.len() });
+    };
+    let path_len = path_len as usize;
+    if (head >> 16) as usize != EXEC_HEADER_LEN
+        || path_len >= MAX_EXEC_PATH
+        || bytes.len() < EXEC_HEADER_LEN + path_len
+    {
+        return Err(ParseError::Truncated { len: bytes.len() });
+    }
+    let path = std::str::from_utf8(&bytes[EXEC_HEADER_LEN..EXEC_HEADER_LEN + path_len])
+        .ok()
+        .filter(|p| !p.is_empty() && !p.contains('\0'))
+        .map(String::from);
+    Ok(Record::Exec { pid, path })
+}
+
+/// A [`MappingRecord`], whose mapping is not empty.
+fn parse_mapping(bytes: &[u8]) -> Result<YoungMapping, ParseError> {
+    if bytes.len() < MAPPING_RECORD_LEN {
+        return Err(ParseError::Truncated { len: bytes.len() });
+    }
+    // SAFETY: at least MAPPING_RECORD_LEN bytes of plain old data; unaligned read.
+    let record: MappingRecord =
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MappingRecord>()) };
+    if usize::from(record.header_len) != MAPPING_RECORD_LEN {
+        return Err(ParseError::Truncated { len: bytes.len() });
+    }
+    let m = record.mapping;
+    if m.start >= m.end {
+        return Err(ParseError::EmptyMapping {
+            start: m.start,
+            end: m.end,
+        });
+    }
+    Ok(YoungMapping {
+        pid: record.pid,
+        comm: record.comm,
+        mapping: m,
+        exe_path: None,
+    })
 }
 
 impl<'a> RawSample<'a> {
@@ -403,6 +478,20 @@ impl DrainLoop {
                             self.first_sight.process_changed(change);
                             continue;
                         }
+                        Ok(Record::Mapping(seen)) => {
+                            process_events += 1;
+                            self.first_sight.young_mapping(seen);
+                            continue;
+                        }
+                        Ok(Record::Exec { pid, path }) => {
+                            process_events += 1;
+                            self.first_sight
+                                .process_changed(ProcessChange::Execed { pid });
+                            if let Some(path) = path {
+                                self.first_sight.exec_path(pid, path);
+                            }
+                            continue;
+                        }
                         Ok(Record::Sample(mut sample)) => {
                             self.thread_names.resolve(&mut sample).map(|()| sample)
                         }
@@ -565,6 +654,85 @@ mod tests {
             Record::parse(&record(&[], &[0x40_1000])),
             Ok(Record::Sample(_))
         ));
+    }
+
+    /// The bytes of a plain-old-data record.
+    fn bytes_of<T>(value: &T) -> Vec<u8> {
+        // SAFETY: only used on the #[repr(C)] records, read as bytes.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    /// A young process's mapping parses with its range, file and name; a short
+    /// record, a wrong length or an empty range is malformed.
+    #[test]
+    fn parses_mapping_records() {
+        let mut record = MappingRecord {
+            kind: record_kind::PROCESS_MAPPING,
+            header_len: MAPPING_RECORD_LEN as u16,
+            pid: 31,
+            comm: *b"sh\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            mapping: profiler_common::KernelMapping {
+                start: 0x5555_0000,
+                end: 0x5556_0000,
+                offset: 0x2000,
+                ino: 77,
+                dev: (8 << 20) | 1,
+                reserved: 0,
+            },
+        };
+        let bytes = bytes_of(&record);
+        match Record::parse(&bytes) {
+            Ok(Record::Mapping(m)) => {
+                assert_eq!((m.pid, m.mapping), (31, record.mapping));
+                assert_eq!(&m.comm[..3], b"sh\0");
+                assert_eq!(m.exe_path, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Record::parse(&bytes[..MAPPING_RECORD_LEN - 1]).is_err());
+        record.header_len -= 8;
+        assert!(Record::parse(&bytes_of(&record)).is_err());
+        record.header_len += 8;
+        record.mapping.end = record.mapping.start;
+        assert!(matches!(
+            Record::parse(&bytes_of(&record)),
+            Err(ParseError::EmptyMapping { .. })
+        ));
+    }
+
+    /// An exec record carries its path, written as long as it is; an empty or
+    /// non-UTF-8 path is none (and an exec all the same); a record shorter than
+    /// its path, or with a path as long as the room for it, is malformed.
+    #[test]
+    fn parses_exec_records() {
+        let exec = |path: &[u8]| {
+            let mut record = profiler_common::ExecRecord {
+                kind: record_kind::PROCESS_EXECED_PATH,
+                header_len: EXEC_HEADER_LEN as u16,
+                pid: 9,
+                path_len: path.len() as u32,
+                reserved: 0,
+                path: [0; MAX_EXEC_PATH],
+            };
+            let n = path.len().min(MAX_EXEC_PATH);
+            record.path[..n].copy_from_slice(&path[..n]);
+            let mut bytes = bytes_of(&record);
+            bytes.truncate(profiler_common::exec_record_len(path.len()).min(bytes.len()));
+            bytes
+        };
+        let path_of = |bytes: &[u8]| match Record::parse(bytes) {
+            Ok(Record::Exec { pid: 9, path }) => path,
+            other => panic!("{other:?}"),
+        };
+        let sh = exec(b"/bin/sh");
+        assert_eq!(sh.len(), 24);
+        assert_eq!(path_of(&sh).as_deref(), Some("/bin/sh"));
+        assert_eq!(path_of(&exec(b"")), None);
+        assert_eq!(path_of(&exec(b"/bin/\xff")), None);
+        assert!(Record::parse(&sh[..EXEC_HEADER_LEN + 6]).is_err());
+        assert!(Record::parse(&sh[..3]).is_err());
+        assert!(Record::parse(&exec(&[b'a'; MAX_EXEC_PATH])).is_err());
     }
 
     /// A stack that fills all MAX_STACK_DEPTH slots is at the limit (its root

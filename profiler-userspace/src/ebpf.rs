@@ -18,11 +18,19 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use profiler_common::{
-    Counter, Counters, CpuState, COUNTER_COUNT, GLOBAL_FILTER_BY_PID, GLOBAL_INCLUDE_IDLE,
-    GLOBAL_TASK_PID_OFFSET, GLOBAL_WAKEUP_EVERY, MAP_COUNTERS, MAP_PID_FILTER,
+    Counter, Counters, CpuState, KernelOffsets, COUNTER_COUNT, GLOBAL_FILTER_BY_PID,
+    GLOBAL_INCLUDE_IDLE, GLOBAL_KERNEL_OFFSETS, GLOBAL_TASK_PID_OFFSET, GLOBAL_WAKEUP_EVERY,
+    MAPPINGS_COUNTER_COUNT, MAP_COUNTERS, MAP_MAPPINGS_STATS, MAP_PID_FILTER,
     MAP_PROCESS_EVENTS_LOST, MAP_SAMPLES, MAX_PID_FILTER_ENTRIES, PROGRAM_ON_EXEC, PROGRAM_ON_FORK,
     PROGRAM_SAMPLE, TRACEPOINT_EXEC, TRACEPOINT_FORK,
 };
+
+/// How long after it starts a process's samples carry their mappings
+/// (`profiler_common::MappingRecord`): long enough for the capture worker to read
+/// its `/proc` entry under load, short enough that a busy host's long-running
+/// processes never pay for it (a sample of a young process costs a lookup per
+/// mapping its stack runs through, and 352 bytes of ring buffer).
+pub const YOUNG_PROCESS_NS: u64 = 2_000_000_000;
 
 /// The compiled eBPF program, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
@@ -160,6 +168,9 @@ pub struct ProgramStats {
     pub run_time_ns: u64,
     /// Number of runs.
     pub run_count: u64,
+    /// Instructions the kernel's verifier processed to load the program (its
+    /// limit is 1 000 000); 0 if the kernel does not say.
+    pub verified_instructions: u32,
 }
 
 /// The loaded and attached sampler.
@@ -169,6 +180,9 @@ pub struct Sampler {
     /// Why the fork and exec tracker is off, if it is.
     process_events: Result<(), String>,
     process_events_lost: Option<PerCpuArray<MapData, u64>>,
+    /// Why young processes' mappings are not read, if the kernel's BTF lacks a field.
+    mappings_problem: Option<String>,
+    mappings_stats: Option<PerCpuArray<MapData, [u64; MAPPINGS_COUNTER_COUNT]>>,
     /// Keeps kernel BPF run-time statistics enabled while we run.
     _stats: Option<std::os::fd::OwnedFd>,
     cpus: usize,
@@ -193,28 +207,60 @@ impl Sampler {
             .ring_buffer_bytes
             .unwrap_or_else(|| profiler_common::ring_buffer_bytes(cpus.len() as u32));
         let wakeup_every = profiler_common::wakeup_every(ring_bytes, cpus.len() as u32);
-        // The fork tracker reads the new task's pid at this offset; 0 turns it off.
-        // With a pid filter it is not attached (children of the chosen processes
-        // are not sampled), so the kernel's BTF is not read either.
-        let task_pid_offset = config.pids.is_empty().then(|| {
-            crate::btf::kernel_member_offset(
-                std::path::Path::new(crate::btf::VMLINUX_BTF),
-                "task_struct",
-                "pid",
-            )
-        });
+        // The fork tracker reads the new task's pid at this offset (0 turns it
+        // off), and the sampler the fields of young processes' mappings at these
+        // (all zero: off). With a pid filter neither is used (children of the
+        // chosen processes are not sampled), so the kernel's BTF is not read.
+        let layout = config
+            .pids
+            .is_empty()
+            .then(|| kernel_layout(std::path::Path::new(crate::btf::VMLINUX_BTF)));
+        let (task_pid_offset, kernel_offsets) = match layout {
+            None => (None, Ok(KernelOffsets::default())),
+            Some(Ok(layout)) => (Some(layout.task_pid), layout.offsets),
+            Some(Err(e)) => (Some(Err(e.to_string())), Err(e.to_string())),
+        };
         let pid_offset = match &task_pid_offset {
             Some(Ok(offset)) => *offset,
             _ => 0,
         };
-        let mut ebpf = EbpfLoader::new()
-            .override_global(GLOBAL_TASK_PID_OFFSET, &pid_offset, true)
-            .override_global(GLOBAL_FILTER_BY_PID, &filter_by_pid, true)
-            .override_global(GLOBAL_INCLUDE_IDLE, &include_idle, true)
-            .override_global(GLOBAL_WAKEUP_EVERY, &wakeup_every, true)
-            .map_max_entries(MAP_SAMPLES, ring_bytes)
-            .load(EBPF_OBJECT)
-            .map_err(ebpf_error)?;
+        let load = |offsets: &KernelOffsets| -> Result<Ebpf, SamplerError> {
+            let mut ebpf = EbpfLoader::new()
+                .override_global(GLOBAL_TASK_PID_OFFSET, &pid_offset, true)
+                .override_global(GLOBAL_KERNEL_OFFSETS, offsets, true)
+                .override_global(GLOBAL_FILTER_BY_PID, &filter_by_pid, true)
+                .override_global(GLOBAL_INCLUDE_IDLE, &include_idle, true)
+                .override_global(GLOBAL_WAKEUP_EVERY, &wakeup_every, true)
+                .map_max_entries(MAP_SAMPLES, ring_bytes)
+                .load(EBPF_OBJECT)
+                .map_err(ebpf_error)?;
+            let program: &mut PerfEvent = ebpf
+                .program_mut(PROGRAM_SAMPLE)
+                .expect("program is in the object")
+                .try_into()
+                .expect("program is a perf_event program");
+            program.load().map_err(program_error)?;
+            Ok(ebpf)
+        };
+        // Young processes' mappings need bpf_find_vma and bpf_loop (Linux 5.17): a
+        // kernel that rejects the program with them gets it without them (the
+        // verifier skips the code a zero window turns off), and a warning.
+        let (mut ebpf, mappings_problem) = match kernel_offsets {
+            Ok(offsets) if offsets.young_process_ns != 0 => match load(&offsets) {
+                Ok(ebpf) => (ebpf, None),
+                Err(e) => (
+                    load(&KernelOffsets::default())?,
+                    Some(format!(
+                        "the kernel rejected the program that reads them: {e}"
+                    )),
+                ),
+            },
+            Ok(_) => (load(&KernelOffsets::default())?, None),
+            Err(e) => (
+                load(&KernelOffsets::default())?,
+                Some(format!("kernel struct layout unknown: {e}")),
+            ),
+        };
 
         if !config.pids.is_empty() {
             let mut filter: HashMap<_, u32, u8> =
@@ -245,7 +291,6 @@ impl Sampler {
             .expect("program is in the object")
             .try_into()
             .expect("program is a perf_event program");
-        program.load().map_err(program_error)?;
         for &cpu in &cpus {
             program
                 .attach(
@@ -274,6 +319,9 @@ impl Sampler {
         let process_events_lost = ebpf
             .take_map(MAP_PROCESS_EVENTS_LOST)
             .and_then(|m| PerCpuArray::try_from(m).ok());
+        let mappings_stats = ebpf
+            .take_map(MAP_MAPPINGS_STATS)
+            .and_then(|m| PerCpuArray::try_from(m).ok());
 
         let ring = RingBuf::try_from(ebpf.take_map(MAP_SAMPLES).expect("map is in the object"))
             .map_err(|source| SamplerError::Map {
@@ -292,6 +340,8 @@ impl Sampler {
                 counters,
                 process_events,
                 process_events_lost,
+                mappings_problem,
+                mappings_stats,
                 _stats: stats,
                 cpus: cpus.len(),
                 ring_bytes,
@@ -328,6 +378,25 @@ impl Sampler {
             .as_ref()
             .and_then(|m| m.get(&0, 0).ok())
             .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+
+    /// Why young processes' mappings are not read in the kernel, if they are not
+    /// (with a pid filter they are off by choice, not a problem).
+    pub fn mappings_problem(&self) -> Option<&str> {
+        self.mappings_problem.as_deref()
+    }
+
+    /// Totals of the [`profiler_common::MappingsCounter`]s, indexed by them.
+    pub fn mappings_stats(&self) -> [u64; MAPPINGS_COUNTER_COUNT] {
+        let mut totals = [0; MAPPINGS_COUNTER_COUNT];
+        if let Some(per_cpu) = self.mappings_stats.as_ref().and_then(|m| m.get(&0, 0).ok()) {
+            for cpu in per_cpu.iter() {
+                for (total, value) in totals.iter_mut().zip(cpu) {
+                    *total += value;
+                }
+            }
+        }
+        totals
     }
 
     /// Number of CPUs the program is attached to.
@@ -371,10 +440,66 @@ impl Sampler {
             Some(info) => ProgramStats {
                 run_time_ns: info.run_time().as_nanos() as u64,
                 run_count: info.run_count(),
+                verified_instructions: info.verified_instruction_count().unwrap_or(0),
             },
             None => ProgramStats::default(),
         }
     }
+}
+
+/// Where the fields the eBPF programs read sit in this kernel's structs, from its
+/// BTF, all found in one go (one pass over the strings, a few over the types): the
+/// offset of `task_struct.pid` for the fork tracker, and [`KernelOffsets`] for
+/// young processes' mappings. The outer error is the BTF's; each inner one names
+/// the field it lacks.
+fn kernel_layout(btf: &std::path::Path) -> Result<KernelLayout, crate::btf::BtfError> {
+    const FIELDS: [(&str, &str); 12] = [
+        ("task_struct", "pid"),
+        ("task_struct", "group_leader"),
+        ("task_struct", "start_time"),
+        ("vm_area_struct", "vm_start"),
+        ("vm_area_struct", "vm_end"),
+        ("vm_area_struct", "vm_pgoff"),
+        ("vm_area_struct", "vm_file"),
+        ("file", "f_inode"),
+        ("inode", "i_ino"),
+        ("inode", "i_sb"),
+        ("super_block", "s_dev"),
+        ("linux_binprm", "filename"),
+    ];
+    let file = std::fs::File::open(btf)?;
+    let found = crate::btf::Btf::open(&file)?.member_offsets(&FIELDS)?;
+    let mut at = found.into_iter().map(|r| r.map_err(|e| e.to_string()));
+    let mut next = || at.next().expect("one result per field");
+    let pid = next();
+    let mut offsets = || -> Result<KernelOffsets, String> {
+        Ok(KernelOffsets {
+            young_process_ns: YOUNG_PROCESS_NS,
+            task_group_leader: next()?,
+            task_start_time: next()?,
+            vma_start: next()?,
+            vma_end: next()?,
+            vma_pgoff: next()?,
+            vma_file: next()?,
+            file_inode: next()?,
+            inode_ino: next()?,
+            inode_sb: next()?,
+            sb_dev: next()?,
+            binprm_filename: next()?,
+            reserved: 0,
+        })
+    };
+    let offsets = offsets();
+    Ok(KernelLayout {
+        task_pid: pid,
+        offsets,
+    })
+}
+
+/// What [`kernel_layout`] found; each error names the field the kernel lacks.
+struct KernelLayout {
+    task_pid: Result<u32, String>,
+    offsets: Result<KernelOffsets, String>,
 }
 
 /// Loads and attaches the fork and exec tracker; the error says what failed.
@@ -585,6 +710,26 @@ mod tests {
             panics.is_empty(),
             "panic paths in the eBPF program: {panics:?}"
         );
+    }
+
+    /// The kernel accepts the sampler with the mappings of young processes on, and
+    /// its verifier needs at most half of its 1 000 000-instruction budget for it:
+    /// another kernel (or compiler) may explore more states, and the program must
+    /// still load there. Loads the real program into this kernel (needs root).
+    #[test]
+    fn sampler_loads_with_verifier_headroom() {
+        let config = SamplerConfig {
+            frequency_hz: 1,
+            pids: Vec::new(),
+            include_idle: false,
+            ring_buffer_bytes: None,
+            bpf_stats: false,
+        };
+        let (sampler, _ring) = Sampler::start(&config).expect("the sampler loads");
+        assert_eq!(sampler.mappings_problem(), None);
+        let verified = sampler.program_stats().verified_instructions;
+        eprintln!("verifier processed {verified} instructions");
+        assert!(verified < 500_000, "{verified}");
     }
 
     /// Events are the sum of the outcome counters; losses are only the loss ones.

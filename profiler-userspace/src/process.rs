@@ -9,9 +9,14 @@
 //!
 //! A process that exited before the worker got to it, but was forked without an
 //! exec, is named from its parent's mappings, which it shared ([`crate::lineage`]).
+//! One that exec'd is named from the mappings the eBPF program read for its samples
+//! while it was young ([`YoungMapping`]): each file found among the binaries held
+//! open for other processes (by device and inode), or at the path its exec event
+//! gave, names its frames.
 //!
 //! Bounded: [`MAX_TRACKED_PROCESSES`] processes, [`MAX_OPEN_OBJECTS`] open binaries
-//! (deduplicated by device and inode), [`CAPTURE_QUEUE`] pending captures. What does
+//! (deduplicated by device and inode), [`CAPTURE_QUEUE`] pending captures,
+//! [`MAX_KERNEL_MAPPED`] processes known only from the kernel's mappings. What does
 //! not fit is counted and symbolized later from /proc if the process is still alive.
 //! Must never: block the drain (it only does a `try_send`).
 
@@ -33,7 +38,7 @@ use std::{
 };
 
 use procfs::process::{MMapPath, Process};
-use profiler_common::TASK_COMM_LEN;
+use profiler_common::{KernelMapping, TASK_COMM_LEN};
 
 use crate::lineage::{Lineage, ProcessChange, MAX_ANCESTORS};
 
@@ -47,9 +52,24 @@ pub const MAX_TRACKED_PROCESSES: usize = 8192;
 pub const MAX_ALIASES: usize = 8192;
 /// Open binaries (one file descriptor each, shared by every process mapping them).
 pub const MAX_OPEN_OBJECTS: usize = 1024;
-/// First sights waiting for the capture worker: 1024 x 4 bytes. When full, the drain
-/// tries again on the process's next sample.
+/// First sights (and young processes' mappings) waiting for the capture worker:
+/// 1024 x 16 bytes, plus ~100 bytes per queued [`YoungMapping`]. When full, the
+/// drain tries again on the process's next sample.
 pub const CAPTURE_QUEUE: usize = 1024;
+/// Processes known from the mappings the kernel read for their samples (see
+/// [`YoungMapping`]), kept until captured, or like [`MAX_ALIASES`] until the cycle
+/// after they are found gone: 2 048 x (~300 bytes of metadata + ~80 bytes per
+/// mapping, at most [`MAX_KERNEL_MAPPINGS`]) is at most ~3.2 MiB, ~1.2 MiB for the
+/// usual four mappings each. A churn of 160 exec'd processes a second, ~20 % of
+/// them sampled, keeps ~1 000 over two 15 s intervals. When full, new ones are
+/// counted and left out.
+pub const MAX_KERNEL_MAPPED: usize = 2048;
+/// Mappings kept per such process: as many as the eBPF program finds for one.
+pub const MAX_KERNEL_MAPPINGS: usize = profiler_common::MAX_KNOWN_MAPPINGS;
+/// Exec'd programs' paths the drain keeps for the mappings of the process that may
+/// follow (most exec'd processes live long enough to be captured, and their paths
+/// are never used): 1 024 x ~100 bytes; the oldest is dropped first.
+pub const MAX_EXEC_PATHS: usize = 1024;
 
 /// An executable file mapped by one or more processes, held open.
 #[derive(Debug)]
@@ -189,6 +209,38 @@ pub struct ProcessStats {
     pub table_full: AtomicU64,
     /// Mappings whose file was not held open because the object table was full.
     pub objects_full: AtomicU64,
+    /// Processes that exited before the worker got to them, named from the
+    /// mappings the kernel read for their samples (they exec'd, so no parent's
+    /// would do).
+    pub named_from_kernel: AtomicU64,
+    /// Mappings from the kernel whose file no process we hold maps (its frames
+    /// stay `[unknown]` if the process is gone).
+    pub kernel_mappings_unopened: AtomicU64,
+    /// Kernel mappings not kept because [`MAX_KERNEL_MAPPED`] processes were.
+    pub kernel_mapped_full: AtomicU64,
+}
+
+/// A mapping the eBPF program found for a sample of a young process
+/// (`profiler_common::MappingRecord`), on its way to the capture worker.
+#[derive(Clone, Debug)]
+pub struct YoungMapping {
+    pub pid: u32,
+    /// Name of the sampled thread, NUL padded.
+    pub comm: [u8; TASK_COMM_LEN],
+    pub mapping: KernelMapping,
+    /// The program the process exec'd, if an exec event named it: opened to name
+    /// the program's own frames when no other process maps it.
+    pub exe_path: Option<String>,
+}
+
+/// What the drain hands the capture worker.
+#[derive(Debug)]
+pub enum CaptureRequest {
+    /// A tgid seen for the first time: read its /proc entry.
+    Capture(u32),
+    /// What the kernel saw a young process map; boxed, so that the queue's slots
+    /// stay small.
+    Mapping(Box<YoungMapping>),
 }
 
 /// All captured processes and the binaries they map.
@@ -198,6 +250,11 @@ pub struct ProcessTable {
     /// [`crate::lineage`]); apart from `processes`, so that a storm of short-lived
     /// children cannot take the places of living processes.
     aliases: HashMap<u32, Arc<ProcessInfo>>,
+    /// Processes known from the kernel's mappings (see [`YoungMapping`]), for use
+    /// if they are gone before they are captured; dropped once captured.
+    kernel_mapped: HashMap<u32, Arc<ProcessInfo>>,
+    /// Those of them found gone (and named from them): a subset of its keys.
+    kernel_named: HashSet<u32>,
     /// Weak, so a binary is closed once no process that maps it is tracked.
     objects: HashMap<(u64, u64), Weak<ObjectFile>>,
     vdso: Option<Arc<ObjectFile>>,
@@ -213,6 +270,8 @@ impl ProcessTable {
         ProcessTable {
             processes: HashMap::new(),
             aliases: HashMap::new(),
+            kernel_mapped: HashMap::new(),
+            kernel_named: HashSet::new(),
             objects: HashMap::new(),
             vdso: own_vdso().ok(),
             stats,
@@ -236,6 +295,7 @@ impl ProcessTable {
         self.processes
             .get(&pid)
             .or_else(|| self.aliases.get(&pid))
+            .or_else(|| self.kernel_mapped.get(&pid))
             .cloned()
     }
 
@@ -250,27 +310,138 @@ impl ProcessTable {
     /// Reads the process from /proc and stores it (replacing what we had). A
     /// process that is gone, but was forked without an exec, gets the metadata of
     /// the ancestor it shared its mappings with (see [`crate::lineage`]): the
-    /// returned `pid` then is the ancestor's.
+    /// returned `pid` then is the ancestor's. Else (one that exec'd) it gets what
+    /// the kernel said it mapped, if it said ([`ProcessTable::add_young_mapping`]).
     pub fn capture(&mut self, pid: u32) -> Result<Arc<ProcessInfo>, CaptureError> {
+        let named_already = self.aliases.get(&pid).or_else(|| {
+            self.kernel_named
+                .contains(&pid)
+                .then(|| self.kernel_mapped.get(&pid))
+                .flatten()
+        });
+        let named_already = named_already.cloned();
         match self.read_process(pid) {
             Ok(info) => {
                 self.stats.captured.fetch_add(1, Ordering::Relaxed);
                 let info = Arc::new(info);
                 self.aliases.remove(&pid);
+                self.kernel_mapped.remove(&pid);
+                self.kernel_named.remove(&pid);
                 self.store(pid, info.clone());
                 Ok(info)
             }
-            Err(CaptureError::Gone { pid }) => {
-                let info = self
-                    .named_from_ancestor(pid)
-                    .ok_or(CaptureError::Gone { pid })?;
-                self.stats.named_from_parent.fetch_add(1, Ordering::Relaxed);
-                if self.aliases.len() < MAX_ALIASES {
-                    self.aliases.insert(pid, info.clone());
-                }
-                Ok(info)
+            // Named already (its later samples ask again): counted once.
+            Err(CaptureError::Gone { .. }) if named_already.is_some() => {
+                named_already.ok_or(CaptureError::Gone { pid })
             }
+            // The parent's metadata first: it is shared, not a copy, and has every
+            // mapping, where the kernel's has those the samples ran in.
+            Err(CaptureError::Gone { pid }) => match self.named_from_ancestor(pid) {
+                Some(info) => {
+                    self.stats.named_from_parent.fetch_add(1, Ordering::Relaxed);
+                    self.kernel_mapped.remove(&pid);
+                    self.kernel_named.remove(&pid);
+                    if self.aliases.len() < MAX_ALIASES {
+                        self.aliases.insert(pid, info.clone());
+                    }
+                    Ok(info)
+                }
+                None => {
+                    let info = self
+                        .kernel_mapped
+                        .get(&pid)
+                        .cloned()
+                        .ok_or(CaptureError::Gone { pid })?;
+                    self.stats.named_from_kernel.fetch_add(1, Ordering::Relaxed);
+                    self.kernel_named.insert(pid);
+                    Ok(info)
+                }
+            },
             Err(e) => Err(e),
+        }
+    }
+
+    /// Adds a mapping the kernel saw process `pid` run in to what we keep for it in
+    /// case it is gone before it is captured. Ignored for a process captured (or
+    /// named from its parent) already: /proc said more.
+    pub fn add_young_mapping(&mut self, seen: &YoungMapping) {
+        let pid = seen.pid;
+        if self.processes.contains_key(&pid) || self.aliases.contains_key(&pid) {
+            return;
+        }
+        let known = self.kernel_mapped.get(&pid).cloned();
+        if known.is_none() && self.kernel_mapped.len() >= MAX_KERNEL_MAPPED {
+            self.stats
+                .kernel_mapped_full
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut mappings = known
+            .as_ref()
+            .map(|k| k.mappings.clone())
+            .unwrap_or_default();
+        let m = &seen.mapping;
+        if m.start >= m.end
+            || mappings.len() >= MAX_KERNEL_MAPPINGS
+            || mappings.iter().any(|have| have.start == m.start)
+        {
+            return;
+        }
+        let exe = seen
+            .exe_path
+            .clone()
+            .or_else(|| known.as_ref().and_then(|k| k.exe.clone()));
+        let object = self.kernel_object(m, exe.as_deref());
+        mappings.push(Mapping {
+            start: m.start,
+            end: m.end,
+            offset: m.offset,
+            object,
+        });
+        mappings.sort_by_key(|m| m.start);
+        let name = match known {
+            Some(k) => k.name.clone(),
+            None => comm_string(&seen.comm),
+        };
+        let info = Arc::new(ProcessInfo {
+            pid,
+            name,
+            exe,
+            mappings,
+            start_time: 0,
+            exe_id: None,
+            container_id: None,
+        });
+        self.kernel_mapped.insert(pid, info);
+    }
+
+    /// The object behind a mapping the kernel reported: a binary we hold open for
+    /// another process, found by device and inode, or else the program the
+    /// process exec'd (`exe`) if it is that file.
+    fn kernel_object(&mut self, m: &KernelMapping, exe: Option<&str>) -> MappedObject {
+        if m.ino == 0 {
+            return MappedObject::Anonymous("[anon]".into());
+        }
+        let key = (user_dev(m.dev), m.ino);
+        if let Some(object) = self.objects.get(&key).and_then(Weak::upgrade) {
+            return MappedObject::File(object);
+        }
+        match exe.and_then(|path| self.open_exe(path, key)) {
+            Some(object) => MappedObject::File(object),
+            None => {
+                self.stats
+                    .kernel_mappings_unopened
+                    .fetch_add(1, Ordering::Relaxed);
+                MappedObject::Unopened {
+                    path: format!(
+                        "inode {}:{}:{}",
+                        libc::major(key.0),
+                        libc::minor(key.0),
+                        m.ino
+                    ),
+                    reason: "gone before capture",
+                }
+            }
         }
     }
 
@@ -335,6 +506,7 @@ impl ProcessTable {
             }
         }
         gone.extend(self.aliases.keys().copied());
+        gone.extend(self.kernel_mapped.keys().copied());
         let found_gone_before = std::mem::take(&mut self.gone_at_last_check);
         for pid in gone {
             if found_gone_before.contains(&pid) {
@@ -351,6 +523,8 @@ impl ProcessTable {
     pub fn remove(&mut self, pid: u32) {
         self.processes.remove(&pid);
         self.aliases.remove(&pid);
+        self.kernel_mapped.remove(&pid);
+        self.kernel_named.remove(&pid);
         self.gone_at_last_check.remove(&pid);
         self.objects.retain(|_, o| o.strong_count() > 0);
     }
@@ -439,27 +613,65 @@ impl ProcessTable {
                 reason: "object table full",
             };
         }
-        let file = match File::open(&link) {
-            Ok(f) => f,
-            Err(_) => {
-                return MappedObject::Unopened {
-                    path: path.to_string(),
-                    reason: "unreadable",
-                }
-            }
-        };
+        match File::open(&link) {
+            Ok(file) => MappedObject::File(self.hold(key, path, file, &meta)),
+            Err(_) => MappedObject::Unopened {
+                path: path.to_string(),
+                reason: "unreadable",
+            },
+        }
+    }
+
+    /// Opens the program at `path` if it is the file `key` (device, inode), and
+    /// holds it like a captured process's binary. `None` if it is not (another
+    /// file at that path since, or a path in another mount namespace), or if it
+    /// cannot be opened or the object table is full.
+    fn open_exe(&mut self, path: &str, key: (u64, u64)) -> Option<Arc<ObjectFile>> {
+        let file = File::open(path).ok()?;
+        let meta = file.metadata().ok()?;
+        if (meta.dev(), meta.ino()) != key {
+            return None;
+        }
+        self.objects.retain(|_, o| o.strong_count() > 0);
+        if self.objects.len() >= MAX_OPEN_OBJECTS {
+            self.stats.objects_full.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.hold(key, path, file, &meta))
+    }
+
+    /// Keeps `file` (the binary `key`, mapped from `path`) in the object table.
+    fn hold(
+        &mut self,
+        key: (u64, u64),
+        path: &str,
+        file: File,
+        meta: &std::fs::Metadata,
+    ) -> Arc<ObjectFile> {
         let object = Arc::new(ObjectFile {
             dev: key.0,
             ino: key.1,
             path: path.to_string(),
             build_id: read_build_id(&file),
             size: meta.len(),
-            mtime_ns: mtime_ns(&meta),
+            mtime_ns: mtime_ns(meta),
             file,
         });
         self.objects.insert(key, Arc::downgrade(&object));
-        MappedObject::File(object)
+        object
     }
+}
+
+/// A device number as the kernel keeps it (`MKDEV`: major << 20 | minor) in the
+/// encoding `stat` reports it in.
+pub fn user_dev(kernel_dev: u32) -> u64 {
+    libc::makedev(kernel_dev >> 20, kernel_dev & 0xf_ffff)
+}
+
+/// A NUL-padded task name as a string.
+fn comm_string(comm: &[u8; TASK_COMM_LEN]) -> String {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
 /// Device and inode of process `pid`'s executable (`None`: gone, a kernel thread, or
@@ -545,7 +757,11 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 /// new ones to the capture worker without ever blocking.
 pub struct FirstSight {
     seen: HashSet<u32>,
-    queue: SyncSender<u32>,
+    queue: SyncSender<CaptureRequest>,
+    /// Paths of exec'd programs, and their pids oldest first (see
+    /// [`MAX_EXEC_PATHS`]).
+    exec_paths: HashMap<u32, String>,
+    exec_order: std::collections::VecDeque<u32>,
     stats: Arc<ProcessStats>,
     /// Tgids the worker found gone: they leave `seen`, so that the set holds only
     /// processes that may still be captured, and a reused pid is captured again.
@@ -570,7 +786,7 @@ impl FirstSight {
             self.stats.table_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match self.queue.try_send(tgid) {
+        match self.queue.try_send(CaptureRequest::Capture(tgid)) {
             Ok(()) => {
                 self.seen.insert(tgid);
             }
@@ -578,6 +794,33 @@ impl FirstSight {
                 self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
             }
             Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// A mapping the eBPF program found for a sample of a young process (the
+    /// sample comes right after it): passed to the worker ahead of the sample's
+    /// first sight, with the path the process exec'd if its exec event gave one.
+    pub fn young_mapping(&mut self, mut seen: YoungMapping) {
+        seen.exe_path = self.exec_paths.get(&seen.pid).cloned();
+        match self.queue.try_send(CaptureRequest::Mapping(Box::new(seen))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// The path of the program process `pid` exec'd (its exec event comes before
+    /// its samples), for [`FirstSight::young_mapping`].
+    pub fn exec_path(&mut self, pid: u32, path: String) {
+        if self.exec_paths.insert(pid, path).is_none() {
+            self.exec_order.push_back(pid);
+        }
+        while self.exec_order.len() > MAX_EXEC_PATHS {
+            if let Some(old) = self.exec_order.pop_front() {
+                self.exec_paths.remove(&old);
+            }
         }
     }
 
@@ -639,6 +882,8 @@ impl CaptureWorker {
             FirstSight {
                 seen: HashSet::new(),
                 queue: tx,
+                exec_paths: HashMap::new(),
+                exec_order: Default::default(),
                 stats,
                 gone,
                 uncaptured,
@@ -661,11 +906,22 @@ struct Released {
     uncaptured: Arc<Mutex<Vec<u32>>>,
 }
 
-fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>, released: Released) {
+fn capture_loop(
+    queue: Receiver<CaptureRequest>,
+    table: Arc<Mutex<ProcessTable>>,
+    released: Released,
+) {
     let push =
         |list: &Mutex<Vec<u32>>, pid| list.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
-    while let Ok(pid) = queue.recv() {
+    while let Ok(request) = queue.recv() {
         let mut table = table.lock().expect("process table lock");
+        let pid = match request {
+            CaptureRequest::Capture(pid) => pid,
+            CaptureRequest::Mapping(seen) => {
+                table.add_young_mapping(&seen);
+                continue;
+            }
+        };
         match table.capture(pid) {
             Err(CaptureError::Gone { .. }) => {
                 table
@@ -674,8 +930,12 @@ fn capture_loop(queue: Receiver<u32>, table: Arc<Mutex<ProcessTable>>, released:
                     .fetch_add(1, Ordering::Relaxed);
                 push(&released.gone, pid);
             }
-            // Gone too, named from an ancestor: it leaves first sight all the same.
-            Ok(info) if info.pid != pid => push(&released.gone, pid),
+            // Gone too, named from an ancestor or the kernel's mappings: it leaves
+            // first sight all the same.
+            // (A capture that read /proc drops the kernel's mappings.)
+            Ok(info) if info.pid != pid || table.kernel_mapped.contains_key(&pid) => {
+                push(&released.gone, pid)
+            }
             // Stored under its pid: it stays in first sight until forgotten.
             Ok(_) if table.processes.contains_key(&pid) => {}
             // Not stored (the table is full), or unreadable.
@@ -769,6 +1029,7 @@ mod tests {
             table.take_forgettable().contains(&gone),
             "let go at the check after"
         );
+        table.remove(gone);
 
         lineage
             .lock()
@@ -782,6 +1043,129 @@ mod tests {
 
     /// An exited process stays named for one more cycle (the open interval may
     /// hold its last samples), then is let go.
+    /// What the kernel reports for this test binary's code mapping in process
+    /// `pid`: the mapping as /proc/self/maps has it, the device as the kernel
+    /// encodes it.
+    fn own_code_as_the_kernel_sees_it(pid: u32, exe_path: Option<String>) -> (YoungMapping, u64) {
+        let here = own_code_as_the_kernel_sees_it as *const () as u64;
+        let info = ProcessTable::new(Arc::default())
+            .read_process(std::process::id())
+            .unwrap();
+        let m = info.mapping(here).expect("our code is mapped").clone();
+        let MappedObject::File(object) = &m.object else {
+            panic!("our binary is held: {m:?}");
+        };
+        let dev = object.dev;
+        let kernel_dev = (libc::major(dev) << 20) | libc::minor(dev);
+        let mapping = KernelMapping {
+            start: m.start,
+            end: m.end,
+            offset: m.offset,
+            ino: object.ino,
+            dev: kernel_dev,
+            reserved: 0,
+        };
+        let seen = YoungMapping {
+            pid,
+            comm: *b"gone_exec\0\0\0\0\0\0\0",
+            mapping,
+            exe_path,
+        };
+        (seen, here)
+    }
+
+    /// A pid no process has (above any pid_max).
+    const NO_SUCH_PID: u32 = u32::MAX - 1;
+
+    /// An exec'd process gone before its capture is named from the mapping the
+    /// kernel reported, whose file a captured process holds: counted once however
+    /// often its samples ask, and let go like other gone processes.
+    #[test]
+    fn gone_exec_is_named_from_the_kernels_mapping() {
+        let mut table = ProcessTable::new(Arc::default());
+        table.capture(std::process::id()).unwrap();
+        let (seen, here) = own_code_as_the_kernel_sees_it(NO_SUCH_PID, None);
+        table.add_young_mapping(&seen);
+        table.add_young_mapping(&seen);
+        for _ in 0..2 {
+            let info = table
+                .capture(NO_SUCH_PID)
+                .expect("named from the kernel's view");
+            assert_eq!((info.pid, info.name.as_str()), (NO_SUCH_PID, "gone_exec"));
+            assert_eq!(info.mappings.len(), 1, "{:?}", info.mappings);
+            assert!(matches!(
+                info.mapping(here).map(|m| &m.object),
+                Some(MappedObject::File(o)) if o.path == std::env::current_exe().unwrap().to_string_lossy()
+            ));
+        }
+        assert_eq!(table.stats().named_from_kernel.load(Ordering::Relaxed), 1);
+        assert_eq!(table.len(), 1, "no process's place taken");
+        assert!(!table.take_forgettable().contains(&NO_SUCH_PID));
+        assert!(table.take_forgettable().contains(&NO_SUCH_PID));
+    }
+
+    /// With no process holding the file, the exec event's path names it if it is
+    /// that file (device and inode), and nothing does if it is another.
+    #[test]
+    fn gone_exec_is_named_from_its_exec_path() {
+        let exe = std::env::current_exe()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let mut table = ProcessTable::new(Arc::default());
+        let (seen, here) = own_code_as_the_kernel_sees_it(NO_SUCH_PID, Some(exe.clone()));
+        table.add_young_mapping(&seen);
+        let info = table.capture(NO_SUCH_PID).unwrap();
+        assert!(matches!(
+            info.mapping(here).map(|m| &m.object),
+            Some(MappedObject::File(o)) if o.path == exe
+        ));
+
+        let mut table = ProcessTable::new(Arc::default());
+        let (seen, _) = own_code_as_the_kernel_sees_it(NO_SUCH_PID, Some("/bin/sh".into()));
+        table.add_young_mapping(&seen);
+        let info = table.capture(NO_SUCH_PID).unwrap();
+        assert!(matches!(
+            info.mapping(here).map(|m| &m.object),
+            Some(MappedObject::Unopened {
+                reason: "gone before capture",
+                ..
+            })
+        ));
+        assert_eq!(
+            table
+                .stats()
+                .kernel_mappings_unopened
+                .load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    /// A live process's capture replaces what the kernel reported, and later
+    /// reports of it are ignored: /proc says more.
+    #[test]
+    fn capture_supersedes_the_kernels_mappings() {
+        let me = std::process::id();
+        let mut table = ProcessTable::new(Arc::default());
+        let (seen, _) = own_code_as_the_kernel_sees_it(me, None);
+        table.add_young_mapping(&seen);
+        assert_eq!(table.get(me).unwrap().mappings.len(), 1);
+        table.capture(me).unwrap();
+        table.add_young_mapping(&seen);
+        let info = table.get(me).unwrap();
+        assert!(info.mappings.len() > 1, "{:?}", info.mappings);
+        assert_eq!(table.stats().named_from_kernel.load(Ordering::Relaxed), 0);
+    }
+
+    /// Kernel device numbers (MKDEV: 12 bits of major, 20 of minor) become the
+    /// `stat` encoding, large minors included.
+    #[test]
+    fn kernel_device_numbers_convert() {
+        assert_eq!(user_dev((8 << 20) | 1), libc::makedev(8, 1));
+        assert_eq!(user_dev((259 << 20) | 70_000), libc::makedev(259, 70_000));
+        assert_eq!(user_dev(0x1c), libc::makedev(0, 0x1c));
+    }
+
     #[test]
     fn exited_process_is_forgotten_one_cycle_late() {
         let mut table = ProcessTable::new(Arc::default());

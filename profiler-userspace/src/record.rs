@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use profiler_common::MappingsCounter;
 
 use crate::{
     aggregate::{AggregateLimits, AggregateStats},
@@ -65,6 +66,12 @@ pub struct RecordSummary {
     /// Of the processes that exited before capture, those named from the parent
     /// they were forked from without an exec.
     pub named_from_parent: u64,
+    /// Of the processes that exited before capture, those named from the
+    /// mappings the kernel read for their samples.
+    pub named_from_kernel: u64,
+    /// Mappings records of young processes lost to a full ring buffer (their
+    /// samples were kept).
+    pub mappings_lost: u64,
     /// Fork and exec events lost in the kernel (ring buffer full).
     pub process_events_lost: u64,
     /// Processes the lineage forgot to stay within its bound.
@@ -200,6 +207,20 @@ impl RecordSummary {
                 self.named_from_parent
             );
         }
+        if self.named_from_kernel > 0 {
+            let _ = writeln!(
+                s,
+                "  exec'd processes that exited before their binaries were read, named from the kernel's view of their mappings: {}",
+                self.named_from_kernel
+            );
+        }
+        if self.mappings_lost > 0 {
+            let _ = writeln!(
+                s,
+                "  young processes' mappings lost (ring buffer full): {}",
+                self.mappings_lost
+            );
+        }
         if self.process_events_lost > 0 || self.lineage_forgotten > 0 {
             let _ = writeln!(
                 s,
@@ -323,6 +344,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     for limit in crate::ebpf::naming_limits()
         .into_iter()
         .chain(collector.process_events_warning())
+        .chain(collector.mappings_warning())
     {
         eprintln!("warning: {limit}");
     }
@@ -459,6 +481,11 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
             .process_stats
             .named_from_parent
             .load(Ordering::Relaxed),
+        named_from_kernel: stopped
+            .process_stats
+            .named_from_kernel
+            .load(Ordering::Relaxed),
+        mappings_lost: stopped.mappings[MappingsCounter::RingBufferFull as usize],
         process_events_lost: stopped.process_events_lost,
         lineage_forgotten: stopped.lineage_forgotten,
         unknown: profile.unknown,

@@ -1,0 +1,51 @@
+/* A parent that runs a program with exec, one child after another: each child
+ * runs exec_work -> exec_leaf for MS milliseconds and exits, too soon for the
+ * profiler to read its /proc entry. The parent execs PROGRAM (its absolute path;
+ * give it a copy of this binary, which no other process maps, to leave the
+ * profiler only the kernel's view of the child's mappings to name it by).
+ * Usage: execer SECONDS MS PROGRAM      (parent)
+ *        execer --child MS             (child) */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "programs.h"
+
+NOINLINE uint64_t exec_leaf(double until)
+{
+    uint64_t x = 1;
+    while (now() < until)
+        for (int i = 0; i < 10000; i++)
+            x = x * 6364136223846793005ULL + 1;
+    return x;
+}
+
+NOINLINE uint64_t exec_work(double ms)
+{
+    return exec_leaf(now() + ms / 1000);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 2 && strcmp(argv[1], "--child") == 0)
+        return exec_work(atof(argv[2])) == 0;
+    if (argc < 4)
+        return 2;
+    double end = now() + atof(argv[1]);
+    while (now() < end) {
+        pid_t child = fork();
+        if (child == 0) {
+            execl(argv[3], argv[3], "--child", argv[2], (char *)NULL);
+            _exit(127);
+        }
+        if (child < 0)
+            return 1;
+        int status;
+        waitpid(child, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) == 127)
+            return 1;
+    }
+    return 0;
+}
