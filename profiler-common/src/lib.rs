@@ -378,7 +378,15 @@ pub struct CpuState {
     /// 1 + the tid of this CPU's last record that carries `comm`, 0 before the
     /// first: the thread a [`record_kind::NATIVE_STACKS_SAME_THREAD`] record may
     /// refer to. Not a counter.
-    pub comm_tid: u64,
+    pub comm_tid: u32,
+    /// 1 + the tid of this CPU's last sample whose process was found past the
+    /// young window ([`KernelOffsets::young_process_ns`]), or young but with no
+    /// frame in a mapping not yet reported; 0 if none: its next samples skip the
+    /// check (a process never gets younger; an exec keeps its start time). The
+    /// check reads two cold lines of a `task_struct`, and a young one's search
+    /// costs more; a busy CPU runs one thread for many samples in a row. Not a
+    /// counter.
+    pub settled_tid: u32,
 }
 
 impl Counter {

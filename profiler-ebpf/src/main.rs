@@ -4,7 +4,7 @@
 //! instruction pointers, leaf first. Userspace does everything else. `comm` is
 //! read only when the CPU's thread changed (and now and then anyway): see
 //! `record_kind::NATIVE_STACKS_SAME_THREAD`. A sample of a process started in the
-//! last 2 s may be preceded by a record of a mapping its frames run in
+//! last 2 s may be followed by a record of a mapping its frames run in
 //! (`mappings.rs`), which names them if the process exits before userspace reads
 //! its `/proc` entry.
 //!
@@ -28,12 +28,12 @@ use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id},
     macros::{map, perf_event},
-    maps::{ring_buf::RingBufEntry, HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::PerfEventContext,
 };
 use profiler_common::{
-    record_kind, Counter, Counters, CpuState, MappingRecord, SampleHeader, SampleRecord,
-    UserRecord, COMM_READ_EVERY, MAX_PID_FILTER_ENTRIES, MAX_STACK_DEPTH, RING_BUFFER_BYTES,
+    record_kind, Counter, Counters, CpuState, SampleHeader, SampleRecord, UserRecord,
+    COMM_READ_EVERY, MAX_PID_FILTER_ENTRIES, MAX_STACK_DEPTH, RING_BUFFER_BYTES,
 };
 
 /// Samples to userspace, one [`SampleRecord`]-sized slot each (only the frames in
@@ -46,7 +46,7 @@ static SAMPLES: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 /// Per-CPU counters (see [`Counter`]) and the thread of the CPU's last record: one
 /// entry, 56 bytes per CPU.
 #[map]
-static COUNTERS: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+pub static COUNTERS: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
 /// tgids to sample when `FILTER_BY_PID` is set. Size: ~55 KiB
 /// ([`MAX_PID_FILTER_ENTRIES`] entries).
@@ -106,13 +106,11 @@ fn try_sample_cpu(ctx: &PerfEventContext, state: &mut CpuState) -> Result<(), Co
         return Err(Counter::FilteredOut);
     }
 
-    // A young process's new mapping goes in a record of its own, reserved first
-    // so that it comes before the sample (see mappings.rs).
-    let mappings = mappings::reserve_if_young();
+    let young = mappings::is_young(state, pid_tgid as u32);
     if stacks::interrupted_user_mode(ctx) {
-        emit::<UserRecord>(ctx, state, pid_tgid, false, mappings)
+        emit::<UserRecord>(ctx, state, pid_tgid, false, young)
     } else {
-        emit::<SampleRecord>(ctx, state, pid_tgid, true, mappings)
+        emit::<SampleRecord>(ctx, state, pid_tgid, true, young)
     }
 }
 
@@ -126,15 +124,10 @@ fn emit<T: 'static>(
     state: &mut CpuState,
     pid_tgid: u64,
     in_kernel: bool,
-    mappings: Option<RingBufEntry<MappingRecord>>,
+    young: bool,
 ) -> Result<(), Counter> {
     let counters = &mut state.counters;
-    let Some(mut entry) = SAMPLES.reserve::<T>(0) else {
-        if let Some(m) = mappings {
-            m.discard(0);
-        }
-        return Err(Counter::RingBufferFull);
-    };
+    let mut entry = SAMPLES.reserve::<T>(0).ok_or(Counter::RingBufferFull)?;
     let slot = entry.as_mut_ptr().cast::<u8>();
     // SAFETY: the reserved slot is ours until submit, laid out as said above; only
     // the fields below are written (and only they are read by userspace).
@@ -175,7 +168,7 @@ fn emit<T: 'static>(
     // thread, and on every COMM_READ_EVERY-th record; otherwise the reader takes
     // it from that record.
     let emitted = counters.first().copied().unwrap_or(0); // Counter::Emitted
-    let comm_tid = (pid_tgid as u32) as u64 + 1;
+    let comm_tid = (pid_tgid as u32).wrapping_add(1);
     if state.comm_tid == comm_tid && emitted & (COMM_READ_EVERY - 1) != 0 {
         header.kind = record_kind::NATIVE_STACKS_SAME_THREAD;
     } else {
@@ -193,13 +186,21 @@ fn emit<T: 'static>(
     header.kernel_status = kernel.status as i16;
     header.user_status = user.status as i16;
 
-    if let Some(m) = mappings {
-        // The frame count is read back from the record: a load from ring buffer
-        // memory is a number the verifier knows nothing of, so it checks the
-        // mappings code once, not once for each of the walk's ~127 ways to end.
+    if young {
+        // A young process's new mapping goes in a record of its own (see
+        // mappings.rs). The frame count is read back from the record: a load from
+        // ring buffer memory is a number the verifier knows nothing of, so it
+        // checks the mappings code once, not once for each of the walk's ~127
+        // ways to end.
         // SAFETY: the field written just above, in our reserved slot.
         let frames = unsafe { core::ptr::read_volatile(&header.user_frames) };
-        mappings::submit(m, (pid_tgid >> 32) as u32, user_dst, frames as u64);
+        mappings::report(
+            &mut state.settled_tid,
+            (pid_tgid >> 32) as u32,
+            pid_tgid as u32,
+            user_dst,
+            frames as u64,
+        );
     }
 
     // Wake the reader on every WAKEUP_EVERY-th record of this CPU; otherwise it

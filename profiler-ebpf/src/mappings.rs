@@ -1,7 +1,7 @@
 //! The mappings of young processes: for a sample of a process started less than
 //! `KERNEL_OFFSETS.young_process_ns` ago, a [`MappingRecord`] of one mapping its
 //! user frames run in that the program has not reported for the process yet,
-//! emitted right before the sample's record.
+//! emitted right after the sample's record.
 //!
 //! Userspace names user frames from `/proc/PID/maps`, read on a process's first
 //! sample. A process that exec'd and exited within a millisecond or two (a shell a
@@ -19,7 +19,9 @@
 //! ([`YOUNG_MAPPINGS`]), and a process's few mappings are found over its first
 //! few samples; a sample whose frames are all known costs the search alone.
 //!
-//! Costs nothing for a process older than the window: one read of its start time.
+//! Costs a process older than the window one look at its start time (two reads)
+//! each time a CPU switches to one of its threads, and nothing while the CPU stays
+//! on that thread.
 //! Must never: lose the sample because of its mappings (a full ring buffer or a
 //! failed lookup only costs names, and is counted in [`MAPPINGS_STATS`]).
 
@@ -33,10 +35,10 @@ use aya_ebpf::{
         },
     },
     macros::map,
-    maps::{ring_buf::RingBufEntry, LruHashMap, PerCpuArray},
+    maps::{LruHashMap, PerCpuArray},
 };
 use profiler_common::{
-    record_kind, KernelMapping, KernelOffsets, MappingRecord, MappingsCounter,
+    record_kind, CpuState, KernelMapping, KernelOffsets, MappingRecord, MappingsCounter,
     MAPPINGS_COUNTER_COUNT, MAX_KNOWN_MAPPINGS, MAX_MAPPED_FRAMES, MAX_YOUNG_PROCESSES,
     TASK_COMM_LEN,
 };
@@ -87,29 +89,31 @@ fn read<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
 }
 
-/// Reserves the record of the current sample's new mapping if its process is
-/// young, before the sample's own record, so that userspace reads the mapping
-/// first.
+/// True if the current process is young: started less than the window ago.
+/// Thread `tid`, if this CPU's last look found it old (or found nothing new in its
+/// frames), is not looked at again (`CpuState::settled_tid`).
 #[inline(always)]
-pub fn reserve_if_young() -> Option<RingBufEntry<MappingRecord>> {
+pub fn is_young(state: &mut CpuState, tid: u32) -> bool {
     let window = global(&KERNEL_OFFSETS.young_process_ns);
-    if window == 0 {
-        return None;
+    let settled = tid.wrapping_add(1);
+    if window == 0 || state.settled_tid == settled {
+        return false;
     }
     // SAFETY: a helper call without arguments.
     let task = unsafe { bpf_get_current_task() };
-    let leader: u64 = read(task, global(&KERNEL_OFFSETS.task_group_leader))?;
-    let started: u64 = read(leader, global(&KERNEL_OFFSETS.task_start_time))?;
+    let Some(leader) = read::<u64>(task, global(&KERNEL_OFFSETS.task_group_leader)) else {
+        return false;
+    };
+    let Some(started) = read::<u64>(leader, global(&KERNEL_OFFSETS.task_start_time)) else {
+        return false;
+    };
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(started) >= window {
-        return None;
+        state.settled_tid = settled;
+        return false;
     }
-    let entry = SAMPLES.reserve::<MappingRecord>(0);
-    if entry.is_none() {
-        count(MappingsCounter::RingBufferFull);
-    }
-    entry
+    true
 }
 
 /// The address ranges found for each young process (and single addresses no
@@ -148,12 +152,20 @@ static MAPPINGS_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1,
 
 /// Looks up the mapping of the first of the process's first [`MAX_MAPPED_FRAMES`]
 /// user frames (at `ips`, `frames` of them) that is outside the ranges known for
-/// it, and submits it in `entry`; discards `entry` if there is none.
+/// it, and writes it to the ring buffer, after the sample's record (reserved
+/// before it: the reader holds back first sights to the end of each batch of
+/// records, so it sees the mapping first all the same). A sample whose frames are
+/// all known reserves nothing.
+///
+/// A sample that finds nothing new settles its thread on this CPU (`settled`, as
+/// for an old process): its next samples there skip the search until the CPU runs
+/// another thread. A busy young process so costs the search only on its first
+/// samples on each CPU, not for its whole first 2 s.
 #[inline(always)]
-pub fn submit(entry: RingBufEntry<MappingRecord>, tgid: u32, ips: *const u64, frames: u64) {
+pub fn report(settled: &mut u32, tgid: u32, tid: u32, ips: *const u64, frames: u64) {
     match pick_frame(tgid, ips, frames) {
-        Some(ip) => look_up_and_submit(entry, tgid, ip),
-        None => entry.discard(0),
+        Some(ip) => look_up_and_submit(tgid, ip),
+        None => *settled = tid.wrapping_add(1),
     }
 }
 
@@ -223,11 +235,16 @@ extern "C" fn check_frame(index: u64, _ctx: *mut c_void) -> i64 {
     1
 }
 
-/// Looks up the mapping of `ip`, remembers its range for the process and submits
-/// it in `entry` (or discards `entry` if the lookup fails: `ip` is then remembered
-/// alone, so that the next samples look further).
+/// Looks up the mapping of `ip`, remembers its range for the process and writes
+/// it to the ring buffer (or, if the lookup fails, remembers `ip` alone, so that
+/// the next samples look further). With the ring buffer full nothing is
+/// remembered: a later sample tries again.
 #[inline(always)]
-fn look_up_and_submit(mut entry: RingBufEntry<MappingRecord>, tgid: u32, ip: u64) {
+fn look_up_and_submit(tgid: u32, ip: u64) {
+    let Some(mut entry) = SAMPLES.reserve::<MappingRecord>(0) else {
+        count(MappingsCounter::RingBufferFull);
+        return;
+    };
     // The callback's context must be on the stack; cleared and copied field by
     // field (a KernelMapping value would be zeroed and copied by byte-by-byte
     // loops in BPF, which the verifier walks byte by byte).

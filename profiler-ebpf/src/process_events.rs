@@ -20,7 +20,7 @@ use profiler_common::{exec_record_len, record_kind, ExecRecord, ProcessEvent, EX
 use crate::{
     global,
     mappings::{KERNEL_OFFSETS, YOUNG_MAPPINGS},
-    SAMPLES,
+    COUNTERS, SAMPLES,
 };
 
 /// Events lost to a full ring buffer: one `u64` per CPU.
@@ -67,9 +67,21 @@ pub fn on_exec(ctx: RawTracePointContext) -> i32 {
     if global(&TASK_PID_OFFSET) == 0 {
         return 0;
     }
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // A new address space: the mappings found before the exec are gone.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    // A new address space: the mappings found before the exec are gone, and the
+    // thread, if this CPU had settled it, must be looked at again.
     let _ = YOUNG_MAPPINGS.remove(pid);
+    if let Some(state) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry, one field of it. A sample that interrupts
+        // this program on this CPU may settle the thread again in between: that
+        // costs its mappings a look, never a name's correctness.
+        unsafe {
+            if (*state).settled_tid == (pid_tgid as u32).wrapping_add(1) {
+                (*state).settled_tid = 0;
+            }
+        }
+    }
     let filename_offset = global(&KERNEL_OFFSETS.binprm_filename);
     if filename_offset == 0 {
         emit(record_kind::PROCESS_EXECED, pid, 0);

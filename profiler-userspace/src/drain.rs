@@ -518,6 +518,8 @@ impl DrainLoop {
                     }
                 }
             }
+            // First sights after the batch's mapping records (see FirstSight::flush).
+            self.first_sight.flush();
             self.stats
                 .records
                 .fetch_add((handled - process_events) as u64, Ordering::Relaxed);

@@ -757,6 +757,9 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 /// new ones to the capture worker without ever blocking.
 pub struct FirstSight {
     seen: HashSet<u32>,
+    /// Tgids seen since the last [`FirstSight::flush`], in `seen` already; at most
+    /// a batch of records' worth.
+    first_seen: Vec<u32>,
     queue: SyncSender<CaptureRequest>,
     /// Paths of exec'd programs, and their pids oldest first (see
     /// [`MAX_EXEC_PATHS`]).
@@ -776,7 +779,8 @@ pub struct FirstSight {
 }
 
 impl FirstSight {
-    /// Called for every sample; cheap when the tgid is known.
+    /// Called for every sample; cheap when the tgid is known. A new tgid is
+    /// handed to the worker at the next [`FirstSight::flush`].
     pub fn observe(&mut self, tgid: u32, _thread: &[u8; TASK_COMM_LEN]) {
         if tgid == 0 || self.seen.contains(&tgid) {
             return;
@@ -786,20 +790,33 @@ impl FirstSight {
             self.stats.table_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match self.queue.try_send(CaptureRequest::Capture(tgid)) {
-            Ok(()) => {
-                self.seen.insert(tgid);
+        self.seen.insert(tgid);
+        self.first_seen.push(tgid);
+    }
+
+    /// Hands the tgids first seen since the last call to the worker. The drain
+    /// calls it at the end of each batch of records: a young process's mapping
+    /// record comes after its sample's (see `profiler-ebpf/src/mappings.rs`), and
+    /// must reach the worker before the capture that may find the process gone.
+    pub fn flush(&mut self) {
+        for tgid in std::mem::take(&mut self.first_seen) {
+            match self.queue.try_send(CaptureRequest::Capture(tgid)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                    self.seen.remove(&tgid);
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.seen.remove(&tgid);
+                }
             }
-            Err(TrySendError::Full(_)) => {
-                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Disconnected(_)) => {}
         }
     }
 
     /// A mapping the eBPF program found for a sample of a young process (the
-    /// sample comes right after it): passed to the worker ahead of the sample's
-    /// first sight, with the path the process exec'd if its exec event gave one.
+    /// sample comes right before it): passed to the worker at once, ahead of the
+    /// sample's first sight (see [`FirstSight::flush`]), with the path the process
+    /// exec'd if its exec event gave one.
     pub fn young_mapping(&mut self, mut seen: YoungMapping) {
         seen.exe_path = self.exec_paths.get(&seen.pid).cloned();
         match self.queue.try_send(CaptureRequest::Mapping(Box::new(seen))) {
@@ -881,6 +898,7 @@ impl CaptureWorker {
             },
             FirstSight {
                 seen: HashSet::new(),
+                first_seen: Vec::new(),
                 queue: tx,
                 exec_paths: HashMap::new(),
                 exec_order: Default::default(),
@@ -974,6 +992,7 @@ mod tests {
             // Retried while the capture queue is full (the worker catches up).
             for _ in 0..1000 {
                 sight.observe(tgid, &comm);
+                sight.flush();
                 if sight.seen.contains(&tgid) {
                     break;
                 }
@@ -983,6 +1002,7 @@ mod tests {
         let me = std::process::id();
         for _ in 0..5000 {
             sight.observe(me, &comm);
+            sight.flush();
             if table.lock().unwrap().get(me).is_some() {
                 break;
             }
