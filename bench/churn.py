@@ -16,7 +16,9 @@ was captured again.
 
 Prints RSS after 1 min / median of the second half / peak, the RSS slope over the
 second half, the fd range, how many processes exited before capture (and how many
-of those were named from their parent), and whether the late process was captured. A report, not a test: exits 0 whatever the figures
+of those were named from their parent, or from the mappings the kernel saw), how
+many samples of the shells kept frames of an unnamed process, and whether the late
+process was captured. A report, not a test: exits 0 whatever the figures
 are (2 without root). See bench/README.md.
 """
 
@@ -90,6 +92,12 @@ def main():
         stopped = next((l for l in text.splitlines() if " stopped " in l), "")
         gone = re.search(r"processes_exited_before_capture=(\d+)", stopped)
         from_parent = re.search(r"processes_named_from_parent=(\d+)", stopped)
+        from_kernel = re.search(r"processes_named_from_kernel=(\d+)", stopped)
+        # Every sample of the churned shells (process name `sh`) over the run, and
+        # those with a frame of a process gone before anything named it.
+        sh_lines = [l for f in sorted(glob.glob(str(out_dir / "*.folded")))
+                    for l in (read_text(f) or "").splitlines() if l.startswith("sh;")]
+        sh_unnamed = [l for l in sh_lines if "[unknown process]" in l]
         late_lines = [l for f in sorted(glob.glob(str(out_dir / "*.folded")))[-4:]
                       for l in (read_text(f) or "").splitlines() if l.startswith("md5sum;")]
         named = [l for l in late_lines if "[unknown process]" not in l]
@@ -110,6 +118,9 @@ def main():
             "threads_max": max((th for _, _, _, th in points), default=None),
             "exited_before_capture": int(gone.group(1)) if gone else None,
             "named_from_parent": int(from_parent.group(1)) if from_parent else None,
+            "named_from_kernel": int(from_kernel.group(1)) if from_kernel else None,
+            "sh_samples": sum(int(l.rsplit(" ", 1)[1]) for l in sh_lines),
+            "sh_samples_of_unnamed_processes": sum(int(l.rsplit(" ", 1)[1]) for l in sh_unnamed),
             "late_samples": sum(int(l.rsplit(" ", 1)[1]) for l in late_lines),
             "late_samples_named": sum(int(l.rsplit(" ", 1)[1]) for l in named),
             "agent_exit_code": agent.returncode,
@@ -124,7 +135,10 @@ def main():
         print(f"  RSS slope over the second half: {'n/a' if s is None else f'{s:+.0f} KiB/min'}")
         print(f"  open fds {r['fds_min']} to {r['fds_max']}, threads at most {r['threads_max']}")
         print(f"  processes that exited before capture: {r['exited_before_capture']} unnamed, "
-              f"{r['named_from_parent']} named from their parent (forked without exec)")
+              f"{r['named_from_parent']} named from their parent (forked without exec), "
+              f"{r['named_from_kernel']} from the kernel's view of their mappings (exec'd)")
+        print(f"  samples of `sh`: {r['sh_samples']}, of them {r['sh_samples_of_unnamed_processes']} "
+              f"with frames of a process gone unnamed")
         print(f"  late process: {r['late_samples_named']} of {r['late_samples']} samples in its captured binary"
               f" ({'captured' if r['late_samples_named'] else 'NOT captured'})")
         print(f"  agent exit code after SIGTERM: {r['agent_exit_code']}")
