@@ -123,8 +123,8 @@ pub mod record_kind {
     /// (`parent` is 0).
     pub const PROCESS_EXECED: u16 = 4;
     /// A [`MappingRecord`](super::MappingRecord): a mapping that the user frames
-    /// of the sample right after it run in, read by the kernel for a young
-    /// process (see [`KernelOffsets::young_process_ns`](super::KernelOffsets)).
+    /// of a sample before it (of the same process) run in, read by the kernel for
+    /// a young process (see [`KernelOffsets::young_process_ns`](super::KernelOffsets)).
     pub const PROCESS_MAPPING: u16 = 5;
     /// An [`ExecRecord`](super::ExecRecord): process `pid` exec'd the program at
     /// `path`. Sent instead of [`PROCESS_EXECED`] when the kernel's layout of
@@ -214,7 +214,7 @@ pub struct KernelMapping {
 }
 
 /// A mapping a young process's sample ran in, not reported for the process
-/// before, emitted right before that sample's record. The process may exit before
+/// before, emitted right after that sample's record (reserved after it). The process may exit before
 /// userspace reads its `/proc` entry (a shell a script runs lives a millisecond or
 /// two); these are what name its frames then. 64 bytes.
 #[repr(C)]

@@ -43,8 +43,8 @@ use profiler_common::{
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 
-/// Per-CPU counters (see [`Counter`]) and the thread of the CPU's last record: one
-/// entry, 56 bytes per CPU.
+/// Per-CPU counters (see [`Counter`]) and the threads the CPU last named and
+/// settled (see [`CpuState`]): one entry, 64 bytes per CPU.
 #[map]
 pub static COUNTERS: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
@@ -90,6 +90,14 @@ fn global<T: Copy>(value: &T) -> T {
     // SAFETY: a global set at load time; read_volatile keeps the compiler from
     // folding in the compile-time default.
     unsafe { core::ptr::read_volatile(value) }
+}
+
+/// Reads a `T` at `base + offset` in kernel memory (a field whose offset userspace
+/// found in the kernel's BTF); `None` if it faults.
+#[inline(always)]
+fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
+    // SAFETY: a kernel read through the helper, which handles faults.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
 }
 
 /// Builds and emits one record. `Err` names the counter that explains why not.
@@ -164,6 +172,7 @@ fn emit<T: 'static>(
     if user.cut {
         bump(counters, Counter::UserWalkCut);
     }
+
     // The thread name is read only when this CPU's last record was of another
     // thread, and on every COMM_READ_EVERY-th record; otherwise the reader takes
     // it from that record.

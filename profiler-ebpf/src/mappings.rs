@@ -29,7 +29,7 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     cty::c_void,
     helpers::{
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_ktime_get_ns,
         generated::{
             self as gen, bpf_find_vma, bpf_get_current_task, bpf_get_current_task_btf, bpf_loop,
         },
@@ -43,7 +43,7 @@ use profiler_common::{
     TASK_COMM_LEN,
 };
 
-use crate::{global, SAMPLES};
+use crate::{global, read_kernel, SAMPLES};
 
 /// Per-CPU [`MappingsCounter`]s: 32 bytes per CPU, touched only by samples of
 /// young processes.
@@ -82,13 +82,6 @@ fn count(counter: MappingsCounter) {
     }
 }
 
-/// Reads a `T` at `base + offset` in kernel memory; `None` if it faults.
-#[inline(always)]
-fn read<T>(base: u64, offset: u32) -> Option<T> {
-    // SAFETY: a kernel read through the helper, which handles faults.
-    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
-}
-
 /// True if the current process is young: started less than the window ago.
 /// Thread `tid`, if this CPU's last look found it old (or found nothing new in its
 /// frames), is not looked at again (`CpuState::settled_tid`).
@@ -101,10 +94,10 @@ pub fn is_young(state: &mut CpuState, tid: u32) -> bool {
     }
     // SAFETY: a helper call without arguments.
     let task = unsafe { bpf_get_current_task() };
-    let Some(leader) = read::<u64>(task, global(&KERNEL_OFFSETS.task_group_leader)) else {
+    let Some(leader) = read_kernel::<u64>(task, global(&KERNEL_OFFSETS.task_group_leader)) else {
         return false;
     };
-    let Some(started) = read::<u64>(leader, global(&KERNEL_OFFSETS.task_start_time)) else {
+    let Some(started) = read_kernel::<u64>(leader, global(&KERNEL_OFFSETS.task_start_time)) else {
         return false;
     };
     // SAFETY: a helper call without arguments.
@@ -351,10 +344,10 @@ extern "C" fn read_vma(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_void) -
     let out = unsafe { &mut *ctx.cast::<KernelMapping>() };
     let vma = vma as u64;
     let (Some(start), Some(end), Some(pgoff), Some(file)) = (
-        read::<u64>(vma, global(&KERNEL_OFFSETS.vma_start)),
-        read::<u64>(vma, global(&KERNEL_OFFSETS.vma_end)),
-        read::<u64>(vma, global(&KERNEL_OFFSETS.vma_pgoff)),
-        read::<u64>(vma, global(&KERNEL_OFFSETS.vma_file)),
+        read_kernel::<u64>(vma, global(&KERNEL_OFFSETS.vma_start)),
+        read_kernel::<u64>(vma, global(&KERNEL_OFFSETS.vma_end)),
+        read_kernel::<u64>(vma, global(&KERNEL_OFFSETS.vma_pgoff)),
+        read_kernel::<u64>(vma, global(&KERNEL_OFFSETS.vma_file)),
     ) else {
         return 0;
     };
@@ -364,17 +357,17 @@ extern "C" fn read_vma(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_void) -
         return 0;
     }
     set(&mut out.offset, pgoff << PAGE_SHIFT);
-    let Some(inode) = read::<u64>(file, global(&KERNEL_OFFSETS.file_inode)) else {
+    let Some(inode) = read_kernel::<u64>(file, global(&KERNEL_OFFSETS.file_inode)) else {
         return 0;
     };
     set(
         &mut out.ino,
-        read::<u64>(inode, global(&KERNEL_OFFSETS.inode_ino)).unwrap_or(0),
+        read_kernel::<u64>(inode, global(&KERNEL_OFFSETS.inode_ino)).unwrap_or(0),
     );
-    if let Some(sb) = read::<u64>(inode, global(&KERNEL_OFFSETS.inode_sb)) {
+    if let Some(sb) = read_kernel::<u64>(inode, global(&KERNEL_OFFSETS.inode_sb)) {
         set(
             &mut out.dev,
-            read::<u32>(sb, global(&KERNEL_OFFSETS.sb_dev)).unwrap_or(0),
+            read_kernel::<u32>(sb, global(&KERNEL_OFFSETS.sb_dev)).unwrap_or(0),
         );
     }
     0

@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
     macros::{map, raw_tracepoint},
     maps::PerCpuArray,
     programs::RawTracePointContext,
@@ -20,7 +20,7 @@ use profiler_common::{exec_record_len, record_kind, ExecRecord, ProcessEvent, EX
 use crate::{
     global,
     mappings::{KERNEL_OFFSETS, YOUNG_MAPPINGS},
-    COUNTERS, SAMPLES,
+    read_kernel, COUNTERS, SAMPLES,
 };
 
 /// Events lost to a full ring buffer: one `u64` per CPU.
@@ -45,11 +45,8 @@ pub fn on_fork(ctx: RawTracePointContext) -> i32 {
     if clone_flags & CLONE_THREAD != 0 || offset == 0 {
         return 0;
     }
-    let task: *const u8 = ctx.arg(0);
-    // SAFETY: a kernel read through the helper, which handles faults.
-    let Ok(pid) =
-        (unsafe { bpf_probe_read_kernel(task.wrapping_add(offset as usize).cast::<u32>()) })
-    else {
+    let task: u64 = ctx.arg(0);
+    let Some(pid) = read_kernel::<u32>(task, offset) else {
         return 0;
     };
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -99,11 +96,9 @@ pub fn on_exec(ctx: RawTracePointContext) -> i32 {
         (*record).header_len = EXEC_HEADER_LEN as u16;
         (*record).pid = pid;
         (*record).reserved = 0;
-        let read = bpf_probe_read_kernel((bprm + filename_offset as u64) as *const *const u8)
-            .ok()
-            .and_then(|filename| {
-                bpf_probe_read_kernel_str_bytes(filename, &mut (*record).path).ok()
-            });
+        let read = read_kernel::<*const u8>(bprm, filename_offset).and_then(|filename| {
+            bpf_probe_read_kernel_str_bytes(filename, &mut (*record).path).ok()
+        });
         let len = read.map_or(0, |path| path.len());
         if len == 0 {
             (*record).path[0] = 0;

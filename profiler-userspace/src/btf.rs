@@ -2,9 +2,11 @@
 //! struct, read from the kernel's BTF (`/sys/kernel/btf/vmlinux`).
 //!
 //! The fork tracker (see [`crate::lineage`]) reads the new task's pid from its
-//! `task_struct`, whose layout differs between kernels and builds; aya 0.14 cannot
-//! relocate field accesses in a Rust eBPF program (no CO-RE), so userspace finds
-//! the offset here and hands it to the program as a global at load time.
+//! `task_struct`, and the sampler reads a young process's start time and mappings
+//! (`task_struct`, `vm_area_struct`, `file`, `inode`, ...), whose layouts differ
+//! between kernels and builds; aya 0.14 cannot relocate field accesses in a Rust
+//! eBPF program (no CO-RE), so userspace finds the offsets here, all in one go, and
+//! hands them to the programs as globals at load time.
 //!
 //! The file (~5.5 MB) is streamed, never held: a few passes over it through one
 //! [`CHUNK`]-sized buffer find the names, the struct and its members (one more
@@ -441,10 +443,14 @@ fn trailing_bytes(info: u32) -> Option<usize> {
     })
 }
 
-/// Byte offset of `member` in kernel struct `strukt`, from the BTF at `path`.
-pub fn kernel_member_offset(path: &Path, strukt: &str, member: &str) -> Result<u32, BtfError> {
+/// [`Btf::member_offsets`] of each `(struct, member)` in `wanted`, from the BTF at
+/// `path` (the kernel's: [`VMLINUX_BTF`]).
+pub fn kernel_member_offsets(
+    path: &Path,
+    wanted: &[(&str, &str)],
+) -> Result<Vec<Result<u32, BtfError>>, BtfError> {
     let file = File::open(path)?;
-    Btf::open(&file)?.member_offset(strukt, member)
+    Btf::open(&file)?.member_offsets(wanted)
 }
 
 #[cfg(test)]
@@ -618,8 +624,9 @@ mod tests {
     #[test]
     fn task_struct_pid_on_this_kernel() {
         let path = Path::new(VMLINUX_BTF);
-        let pid = kernel_member_offset(path, "task_struct", "pid").unwrap();
-        let tgid = kernel_member_offset(path, "task_struct", "tgid").unwrap();
+        let found = kernel_member_offsets(path, &[("task_struct", "pid"), ("task_struct", "tgid")])
+            .unwrap();
+        let (pid, tgid) = (*found[0].as_ref().unwrap(), *found[1].as_ref().unwrap());
         assert!(pid > 0 && pid < 16 << 10, "{pid}");
         assert_eq!(tgid, pid + 4);
     }

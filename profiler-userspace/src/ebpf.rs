@@ -28,8 +28,9 @@ use profiler_common::{
 /// How long after it starts a process's samples carry their mappings
 /// (`profiler_common::MappingRecord`): long enough for the capture worker to read
 /// its `/proc` entry under load, short enough that a busy host's long-running
-/// processes never pay for it (a sample of a young process costs a lookup per
-/// mapping its stack runs through, and 352 bytes of ring buffer).
+/// processes never pay for it (a sample of a young process costs a search of its
+/// frames, and for a frame in a mapping not reported yet a lookup and a 64-byte
+/// record).
 pub const YOUNG_PROCESS_NS: u64 = 2_000_000_000;
 
 /// The compiled eBPF program, built by build.rs and embedded in the binary.
@@ -234,12 +235,7 @@ impl Sampler {
                 .map_max_entries(MAP_SAMPLES, ring_bytes)
                 .load(EBPF_OBJECT)
                 .map_err(ebpf_error)?;
-            let program: &mut PerfEvent = ebpf
-                .program_mut(PROGRAM_SAMPLE)
-                .expect("program is in the object")
-                .try_into()
-                .expect("program is a perf_event program");
-            program.load().map_err(program_error)?;
+            sample_program(&mut ebpf).load().map_err(program_error)?;
             Ok(ebpf)
         };
         // Young processes' mappings need bpf_find_vma and bpf_loop (Linux 5.17): a
@@ -286,11 +282,7 @@ impl Sampler {
             .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).ok())
             .flatten();
 
-        let program: &mut PerfEvent = ebpf
-            .program_mut(PROGRAM_SAMPLE)
-            .expect("program is in the object")
-            .try_into()
-            .expect("program is a perf_event program");
+        let program = sample_program(&mut ebpf);
         for &cpu in &cpus {
             program
                 .attach(
@@ -447,6 +439,14 @@ impl Sampler {
     }
 }
 
+/// The sampling program of the embedded object.
+fn sample_program(ebpf: &mut Ebpf) -> &mut PerfEvent {
+    ebpf.program_mut(PROGRAM_SAMPLE)
+        .expect("program is in the object")
+        .try_into()
+        .expect("program is a perf_event program")
+}
+
 /// Where the fields the eBPF programs read sit in this kernel's structs, from its
 /// BTF, all found in one go (one pass over the strings, a few over the types): the
 /// offset of `task_struct.pid` for the fork tracker, and [`KernelOffsets`] for
@@ -467,8 +467,7 @@ fn kernel_layout(btf: &std::path::Path) -> Result<KernelLayout, crate::btf::BtfE
         ("super_block", "s_dev"),
         ("linux_binprm", "filename"),
     ];
-    let file = std::fs::File::open(btf)?;
-    let found = crate::btf::Btf::open(&file)?.member_offsets(&FIELDS)?;
+    let found = crate::btf::kernel_member_offsets(btf, &FIELDS)?;
     let mut at = found.into_iter().map(|r| r.map_err(|e| e.to_string()));
     let mut next = || at.next().expect("one result per field");
     let pid = next();

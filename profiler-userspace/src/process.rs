@@ -313,13 +313,6 @@ impl ProcessTable {
     /// returned `pid` then is the ancestor's. Else (one that exec'd) it gets what
     /// the kernel said it mapped, if it said ([`ProcessTable::add_young_mapping`]).
     pub fn capture(&mut self, pid: u32) -> Result<Arc<ProcessInfo>, CaptureError> {
-        let named_already = self.aliases.get(&pid).or_else(|| {
-            self.kernel_named
-                .contains(&pid)
-                .then(|| self.kernel_mapped.get(&pid))
-                .flatten()
-        });
-        let named_already = named_already.cloned();
         match self.read_process(pid) {
             Ok(info) => {
                 self.stats.captured.fetch_add(1, Ordering::Relaxed);
@@ -330,35 +323,45 @@ impl ProcessTable {
                 self.store(pid, info.clone());
                 Ok(info)
             }
-            // Named already (its later samples ask again): counted once.
-            Err(CaptureError::Gone { .. }) if named_already.is_some() => {
-                named_already.ok_or(CaptureError::Gone { pid })
-            }
-            // The parent's metadata first: it is shared, not a copy, and has every
-            // mapping, where the kernel's has those the samples ran in.
-            Err(CaptureError::Gone { pid }) => match self.named_from_ancestor(pid) {
-                Some(info) => {
+            Err(CaptureError::Gone { pid }) => {
+                // Named already (its later samples ask again): counted once.
+                if let Some(info) = self.named_already(pid) {
+                    return Ok(info);
+                }
+                // The parent's metadata first: it is shared, not a copy, and has
+                // every mapping, where the kernel's has those the samples ran in.
+                if let Some(info) = self.named_from_ancestor(pid) {
                     self.stats.named_from_parent.fetch_add(1, Ordering::Relaxed);
                     self.kernel_mapped.remove(&pid);
                     self.kernel_named.remove(&pid);
                     if self.aliases.len() < MAX_ALIASES {
                         self.aliases.insert(pid, info.clone());
                     }
-                    Ok(info)
+                    return Ok(info);
                 }
-                None => {
-                    let info = self
-                        .kernel_mapped
-                        .get(&pid)
-                        .cloned()
-                        .ok_or(CaptureError::Gone { pid })?;
-                    self.stats.named_from_kernel.fetch_add(1, Ordering::Relaxed);
-                    self.kernel_named.insert(pid);
-                    Ok(info)
-                }
-            },
+                let info = self
+                    .kernel_mapped
+                    .get(&pid)
+                    .cloned()
+                    .ok_or(CaptureError::Gone { pid })?;
+                self.stats.named_from_kernel.fetch_add(1, Ordering::Relaxed);
+                self.kernel_named.insert(pid);
+                Ok(info)
+            }
             Err(e) => Err(e),
         }
+    }
+
+    /// What named gone process `pid` at an earlier capture: an ancestor's metadata
+    /// or the kernel's mappings.
+    fn named_already(&self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        let from_kernel = || {
+            self.kernel_named
+                .contains(&pid)
+                .then(|| self.kernel_mapped.get(&pid))
+                .flatten()
+        };
+        self.aliases.get(&pid).or_else(from_kernel).cloned()
     }
 
     /// Adds a mapping the kernel saw process `pid` run in to what we keep for it in
@@ -401,7 +404,7 @@ impl ProcessTable {
         mappings.sort_by_key(|m| m.start);
         let name = match known {
             Some(k) => k.name.clone(),
-            None => comm_string(&seen.comm),
+            None => comm_text(&seen.comm).into_owned(),
         };
         let info = Arc::new(ProcessInfo {
             pid,
@@ -423,7 +426,7 @@ impl ProcessTable {
             return MappedObject::Anonymous("[anon]".into());
         }
         let key = (user_dev(m.dev), m.ino);
-        if let Some(object) = self.objects.get(&key).and_then(Weak::upgrade) {
+        if let Some(object) = self.held(key) {
             return MappedObject::File(object);
         }
         match exe.and_then(|path| self.open_exe(path, key)) {
@@ -602,12 +605,10 @@ impl ProcessTable {
             }
         };
         let key = (meta.dev(), meta.ino());
-        if let Some(object) = self.objects.get(&key).and_then(Weak::upgrade) {
+        if let Some(object) = self.held(key) {
             return MappedObject::File(object);
         }
-        self.objects.retain(|_, o| o.strong_count() > 0);
-        if self.objects.len() >= MAX_OPEN_OBJECTS {
-            self.stats.objects_full.fetch_add(1, Ordering::Relaxed);
+        if !self.has_room_for_object() {
             return MappedObject::Unopened {
                 path: path.to_string(),
                 reason: "object table full",
@@ -629,15 +630,26 @@ impl ProcessTable {
     fn open_exe(&mut self, path: &str, key: (u64, u64)) -> Option<Arc<ObjectFile>> {
         let file = File::open(path).ok()?;
         let meta = file.metadata().ok()?;
-        if (meta.dev(), meta.ino()) != key {
-            return None;
-        }
-        self.objects.retain(|_, o| o.strong_count() > 0);
-        if self.objects.len() >= MAX_OPEN_OBJECTS {
-            self.stats.objects_full.fetch_add(1, Ordering::Relaxed);
+        if (meta.dev(), meta.ino()) != key || !self.has_room_for_object() {
             return None;
         }
         Some(self.hold(key, path, file, &meta))
+    }
+
+    /// The binary `key` (device, inode), if a tracked process holds it open.
+    fn held(&self, key: (u64, u64)) -> Option<Arc<ObjectFile>> {
+        self.objects.get(&key).and_then(Weak::upgrade)
+    }
+
+    /// Whether another binary may be held open: closed ones are forgotten first;
+    /// a full table is counted.
+    fn has_room_for_object(&mut self) -> bool {
+        self.objects.retain(|_, o| o.strong_count() > 0);
+        let room = self.objects.len() < MAX_OPEN_OBJECTS;
+        if !room {
+            self.stats.objects_full.fetch_add(1, Ordering::Relaxed);
+        }
+        room
     }
 
     /// Keeps `file` (the binary `key`, mapped from `path`) in the object table.
@@ -668,10 +680,10 @@ pub fn user_dev(kernel_dev: u32) -> u64 {
     libc::makedev(kernel_dev >> 20, kernel_dev & 0xf_ffff)
 }
 
-/// A NUL-padded task name as a string.
-fn comm_string(comm: &[u8; TASK_COMM_LEN]) -> String {
+/// A NUL-padded task name as text (invalid UTF-8 replaced).
+pub fn comm_text(comm: &[u8; TASK_COMM_LEN]) -> std::borrow::Cow<'_, str> {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..len]).into_owned()
+    String::from_utf8_lossy(&comm[..len])
 }
 
 /// Device and inode of process `pid`'s executable (`None`: gone, a kernel thread, or

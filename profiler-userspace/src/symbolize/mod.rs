@@ -30,7 +30,7 @@ pub use jit::JitCounts;
 
 use crate::{
     aggregate::{AggregatedStack, Aggregator},
-    process::{MappedObject, ObjectFile, ProcessInfo, ProcessTable},
+    process::{comm_text, MappedObject, ObjectFile, ProcessInfo, ProcessTable},
     profile::{FrameKind, Line, Location, Object, ProcessMeta, Profile, Stack, UnknownCounts},
     runtimes::{InterpretedSamples, Runtime},
 };
@@ -646,8 +646,7 @@ fn user_frame(
 }
 
 fn comm_str(comm: &[u8; TASK_COMM_LEN]) -> Arc<str> {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into()
+    Arc::from(&*comm_text(comm))
 }
 
 fn process_name(
