@@ -8,9 +8,10 @@
 //! (`mappings.rs`), which names them if the process exits before userspace reads
 //! its `/proc` entry.
 //!
-//! The record is reserved in the ring buffer and the stacks are walked straight into
-//! it: no scratch map and no copy, so a sample touches as few cache lines as it can.
-//! At 97 Hz every sample finds the caches cold, and cold lines are most of its cost.
+//! The record is reserved in the ring buffer and the kernel stack is walked straight
+//! into it; the user stack is walked from a per-CPU window of stack memory and then
+//! copied in (`stacks.rs`). At 97 Hz every sample finds the caches cold, and cold
+//! lines and helper calls are most of its cost.
 //! A sample of user code has no kernel stack, so it reserves the smaller
 //! [`UserRecord`]; a sample in the kernel reserves the full [`SampleRecord`].
 //!
@@ -90,6 +91,21 @@ fn global<T: Copy>(value: &T) -> T {
     // SAFETY: a global set at load time; read_volatile keeps the compiler from
     // folding in the compile-time default.
     unsafe { core::ptr::read_volatile(value) }
+}
+
+/// A store kept as one store (not merged, split or dropped by the compiler).
+#[inline(always)]
+fn set<T>(dst: &mut T, value: T) {
+    // SAFETY: a plain store to a valid place, kept as one store.
+    unsafe { core::ptr::write_volatile(dst, value) }
+}
+
+/// A load kept as one load: in a map value, a value the verifier then checks
+/// from what it knows of the loaded width, not from what the compiler inferred.
+#[inline(always)]
+fn field<T: Copy>(src: &T) -> T {
+    // SAFETY: a plain load of a valid, initialized place.
+    unsafe { core::ptr::read_volatile(src) }
 }
 
 /// Reads a `T` at `base + offset` in kernel memory (a field whose offset userspace

@@ -43,7 +43,7 @@ use profiler_common::{
     TASK_COMM_LEN,
 };
 
-use crate::{global, read_kernel, SAMPLES};
+use crate::{field, global, read_kernel, set, SAMPLES};
 
 /// Per-CPU [`MappingsCounter`]s: 32 bytes per CPU, touched only by samples of
 /// young processes.
@@ -305,18 +305,6 @@ fn remember(tgid: u32, start: u64, end: u64) {
         set(&mut range[1], end);
         set(&mut (*known).count, used + 1);
     }
-}
-
-#[inline(always)]
-fn set<T>(dst: &mut T, value: T) {
-    // SAFETY: a plain store to a valid place, kept as one store.
-    unsafe { core::ptr::write_volatile(dst, value) }
-}
-
-#[inline(always)]
-fn field<T: Copy>(src: &T) -> T {
-    // SAFETY: a plain load of a valid, initialized place.
-    unsafe { core::ptr::read_volatile(src) }
 }
 
 /// Zeroes the mapping at `m`, field by field.

@@ -6,12 +6,15 @@
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
-    helpers::{bpf_probe_read_user, generated::bpf_get_stack},
+    cty::c_void,
+    helpers::generated::{self as gen, bpf_get_stack},
+    macros::map,
+    maps::PerCpuArray,
     EbpfContext,
 };
 use profiler_common::MAX_STACK_DEPTH;
 
-use crate::PerfEventContext;
+use crate::{field, set, PerfEventContext};
 
 /// `bpf_get_stack` returns -EFAULT when the sample has no stack of that kind
 /// (a user-mode sample has no kernel stack; a kernel thread has no user stack).
@@ -100,48 +103,147 @@ pub fn user_stack(ctx: &PerfEventContext, dst: *mut u64) -> Stack {
     walk(ctx, dst, BPF_F_USER_STACK as u64)
 }
 
+/// Bytes of user stack read at once: a frame's callers are usually a few dozen
+/// bytes above it, so one read brings in many frames, and one helper call costs
+/// about as much as copying a whole window (~90 ns in a VM).
+const WINDOW_BYTES: u64 = 1024;
+const WINDOW_WORDS: usize = (WINDOW_BYTES / 8) as usize;
+/// Page size (x86-64, 4 KiB-page arm64): a window never crosses the end of the
+/// page it starts in, so the walk never reads a page it would not have read a
+/// frame from (the next mapping may be a device's).
+const PAGE_BYTES: u64 = 4096;
+
+/// One frame-pointer walk in progress, per CPU, read and written by the
+/// `bpf_loop` body [`walk_step`]: 2 104 bytes per CPU.
+#[repr(C)]
+struct Walk {
+    fp: u64,
+    /// The window holds the stack's bytes `[base, base + len)`.
+    base: u64,
+    len: u64,
+    /// Return addresses found so far, in `ips[1..frames]` (`ips[0]` is the
+    /// interrupted ip, which the caller writes).
+    frames: u64,
+    cut: u64,
+    ips: [u64; MAX_STACK_DEPTH + 1],
+    /// Two words more than a window: the verifier does not know frame pointers
+    /// are 8-byte aligned, and must see a pair read at any offset in the window
+    /// stay in the value.
+    window: [u64; WINDOW_WORDS + 2],
+}
+
+#[map]
+static USER_WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+
 /// Follows the frame-pointer chain from `fp`, as the kernel's perf_callchain_user
 /// does: `[fp]` is the caller's frame pointer, `[fp + 8]` the return address. Ends
 /// at a null frame pointer or return address; stops, `cut`, at a misaligned or
 /// non-ascending frame pointer or an unreadable frame.
-/// Each frame is read onto the program's stack (16 bytes), which stays in cache.
+///
+/// The stack is read a window at a time (up to [`WINDOW_BYTES`] from the frame
+/// pointer, not past its page's end), so most stacks take one or two reads, not
+/// one per frame. The walk runs in a `bpf_loop` (the verifier checks its body once;
+/// unrolled, the window's refills multiplied the paths past its limit) into a
+/// per-CPU buffer, then the frames are copied to `dst`.
 #[cfg_attr(
     not(bpf_target_arch = "x86_64"),
     expect(dead_code, reason = "x86-64 only")
 )]
 #[inline(always)]
-fn frame_pointer_walk(ip: u64, mut fp: u64, dst: *mut u64) -> Stack {
+fn frame_pointer_walk(ip: u64, fp: u64, dst: *mut u64) -> Stack {
     // SAFETY (all writes to dst): index < MAX_STACK_DEPTH, and dst has that many slots.
     unsafe { *dst = ip };
-    let mut frames: u64 = 1;
-    let mut cut = false;
-    for i in 1..MAX_STACK_DEPTH {
+    let Some(walk) = USER_WALK.get_ptr_mut(0) else {
+        return Stack {
+            frames: 1,
+            status: 0,
+            cut: true,
+        };
+    };
+    // SAFETY: this CPU's walk (the program does not nest on one CPU).
+    unsafe {
+        set(&mut (*walk).fp, fp);
+        set(&mut (*walk).len, 0);
+        set(&mut (*walk).frames, 1);
+        set(&mut (*walk).cut, 0);
+        gen::bpf_loop(
+            (MAX_STACK_DEPTH - 1) as u32,
+            walk_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+        let frames = field(&(*walk).frames) & MAX_STACK_DEPTH as u64;
+        for i in 1..MAX_STACK_DEPTH {
+            if i as u64 >= frames {
+                break;
+            }
+            *dst.add(i) = field(&(*walk).ips[i]);
+        }
+        Stack {
+            frames,
+            status: 0,
+            cut: field(&(*walk).cut) != 0,
+        }
+    }
+}
+
+/// `bpf_loop` body: one frame of the walk. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(walk) = USER_WALK.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's walk; indices masked to the arrays' sizes.
+    unsafe {
+        let fp = field(&(*walk).fp);
         if fp == 0 {
-            break;
+            return 1;
         }
         if fp & 7 != 0 {
-            cut = true;
-            break;
+            set(&mut (*walk).cut, 1);
+            return 1;
         }
-        // SAFETY: user memory read through the helper, which handles faults.
-        let Ok([next_fp, ret]) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else {
-            cut = true;
-            break;
-        };
+        let mut base = field(&(*walk).base);
+        let mut len = field(&(*walk).len);
+        let offset = fp.wrapping_sub(base);
+        if offset >= len || len - offset < 16 {
+            // Refill from fp: to the end of its page, at most a window, and at
+            // least the one frame (which may then cross into the next page).
+            let to_page_end = PAGE_BYTES - (fp & (PAGE_BYTES - 1));
+            let want = to_page_end.clamp(16, WINDOW_BYTES);
+            // User memory read through the helper, which handles faults, into
+            // this CPU's window (want <= WINDOW_BYTES).
+            let ret = gen::bpf_probe_read_user(
+                (*walk).window.as_mut_ptr().cast(),
+                want as u32,
+                fp as *const c_void,
+            );
+            if ret != 0 {
+                set(&mut (*walk).cut, 1);
+                return 1;
+            }
+            base = fp;
+            len = want;
+            set(&mut (*walk).base, base);
+            set(&mut (*walk).len, len);
+        }
+        let at = (fp - base) as usize & (WINDOW_BYTES as usize - 1);
+        let pair = (*walk).window.as_ptr().cast::<u8>().add(at).cast::<u64>();
+        let next_fp = pair.read_unaligned();
+        let ret = pair.add(1).read_unaligned();
         if ret == 0 {
-            break;
+            return 1;
         }
-        unsafe { *dst.add(i & MAX_STACK_DEPTH) = ret };
-        frames = i as u64 + 1;
+        let frames = field(&(*walk).frames);
+        set(&mut (*walk).ips[frames as usize & MAX_STACK_DEPTH], ret);
+        set(&mut (*walk).frames, frames + 1);
         if next_fp <= fp {
-            cut = next_fp != 0;
-            break;
+            if next_fp != 0 {
+                set(&mut (*walk).cut, 1);
+            }
+            return 1;
         }
-        fp = next_fp;
+        set(&mut (*walk).fp, next_fp);
     }
-    Stack {
-        frames,
-        status: 0,
-        cut,
-    }
+    0
 }

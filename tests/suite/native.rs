@@ -200,10 +200,10 @@ fn short_lived_execd_children_are_named_from_the_kernels_mappings() {
     assert!(summary.named_from_kernel > 0, "{}", summary.render());
 }
 
-/// The stacks that end in `deep_leaf`, recorded from tests/programs/deep.c recursing
-/// `depth` deep.
-fn deep_leaf_stacks(depth: &str) -> Vec<Vec<String>> {
-    let target = start("deep", &["4", depth]);
+/// The stacks that end in `deep_leaf`, recorded from tests/programs/deep.c run
+/// with `args` after its duration.
+fn deep_leaf_stacks(args: &[&str]) -> Vec<Vec<String>> {
+    let target = start("deep", &[&["4"], args].concat());
     settle();
     let out = tempfile::tempdir().unwrap();
     record(&[target.pid()], 2, 97, out.path());
@@ -217,7 +217,7 @@ fn deep_leaf_stacks(depth: &str) -> Vec<Vec<String>> {
 /// A 60-deep recursion is recorded with every frame, and nothing marks it cut.
 #[test]
 fn deep_stack_is_complete() {
-    let stacks = deep_leaf_stacks("60");
+    let stacks = deep_leaf_stacks(&["60"]);
     let deepest = stacks
         .iter()
         .map(|frames| frames.iter().filter(|f| *f == "recurse").count())
@@ -227,6 +227,19 @@ fn deep_stack_is_complete() {
         stacks.iter().flatten().all(|f| f != TRUNCATED_FRAME),
         "{stacks:#?}"
     );
+}
+
+/// Frames 1.5 KiB apart, more than the eBPF walk reads from the stack at once
+/// (each caller's frame needs a read of its own, some across a page boundary),
+/// are all walked: the 20-deep recursion arrives whole, under `main`.
+#[test]
+fn frames_farther_apart_than_one_stack_read_are_all_walked() {
+    let stacks = deep_leaf_stacks(&["20", "wide"]);
+    let whole = stacks.iter().any(|frames| {
+        frames.iter().filter(|f| *f == "recurse_wide").count() == 21
+            && frames.iter().any(|f| f == "main")
+    });
+    assert!(whole, "{stacks:#?}");
 }
 
 /// A recursion deeper than the walk's limit keeps the innermost MAX_STACK_DEPTH (127)
