@@ -773,10 +773,7 @@ pub struct FirstSight {
     /// a batch of records' worth.
     first_seen: Vec<u32>,
     queue: SyncSender<CaptureRequest>,
-    /// Paths of exec'd programs, and their pids oldest first (see
-    /// [`MAX_EXEC_PATHS`]).
-    exec_paths: HashMap<u32, String>,
-    exec_order: std::collections::VecDeque<u32>,
+    exec_paths: ExecPaths,
     stats: Arc<ProcessStats>,
     /// Tgids the worker found gone: they leave `seen`, so that the set holds only
     /// processes that may still be captured, and a reused pid is captured again.
@@ -830,7 +827,7 @@ impl FirstSight {
     /// sample's first sight (see [`FirstSight::flush`]), with the path the process
     /// exec'd if its exec event gave one.
     pub fn young_mapping(&mut self, mut seen: YoungMapping) {
-        seen.exe_path = self.exec_paths.get(&seen.pid).cloned();
+        seen.exe_path = self.exec_paths.get(seen.pid).map(str::to_owned);
         match self.queue.try_send(CaptureRequest::Mapping(Box::new(seen))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -843,14 +840,7 @@ impl FirstSight {
     /// The path of the program process `pid` exec'd (its exec event comes before
     /// its samples), for [`FirstSight::young_mapping`].
     pub fn exec_path(&mut self, pid: u32, path: String) {
-        if self.exec_paths.insert(pid, path).is_none() {
-            self.exec_order.push_back(pid);
-        }
-        while self.exec_order.len() > MAX_EXEC_PATHS {
-            if let Some(old) = self.exec_order.pop_front() {
-                self.exec_paths.remove(&old);
-            }
-        }
+        self.exec_paths.insert(pid, path);
     }
 
     /// A fork or exec the eBPF program reported. Arrives before any sample of the
@@ -912,8 +902,7 @@ impl CaptureWorker {
                 seen: HashSet::new(),
                 first_seen: Vec::new(),
                 queue: tx,
-                exec_paths: HashMap::new(),
-                exec_order: Default::default(),
+                exec_paths: ExecPaths::default(),
                 stats,
                 gone,
                 uncaptured,
@@ -927,6 +916,34 @@ impl CaptureWorker {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Paths of exec'd programs by pid, at most [`MAX_EXEC_PATHS`]; the one exec'd
+/// longest ago is dropped first (a pid that execs again counts from its new exec).
+#[derive(Default)]
+struct ExecPaths {
+    paths: HashMap<u32, String>,
+    /// The pids in `paths`, oldest exec first.
+    order: std::collections::VecDeque<u32>,
+}
+
+impl ExecPaths {
+    fn insert(&mut self, pid: u32, path: String) {
+        if self.paths.insert(pid, path).is_some() {
+            // At most MAX_EXEC_PATHS to look through, once per exec.
+            self.order.retain(|&p| p != pid);
+        }
+        self.order.push_back(pid);
+        while self.order.len() > MAX_EXEC_PATHS {
+            if let Some(old) = self.order.pop_front() {
+                self.paths.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, pid: u32) -> Option<&str> {
+        self.paths.get(&pid).map(String::as_str)
     }
 }
 
@@ -1171,6 +1188,24 @@ mod tests {
                 .load(Ordering::Relaxed),
             1
         );
+    }
+
+    /// Exec paths are dropped oldest exec first, and a pid that execs again
+    /// counts from its latest exec: it outlives pids that exec'd before that.
+    #[test]
+    fn exec_paths_drop_the_oldest_exec_first() {
+        let mut paths = ExecPaths::default();
+        for pid in 1..=MAX_EXEC_PATHS as u32 {
+            paths.insert(pid, format!("/bin/p{pid}"));
+        }
+        paths.insert(1, "/bin/again".into());
+        paths.insert(5000, "/bin/new".into());
+        assert_eq!(paths.get(1), Some("/bin/again"));
+        assert_eq!(paths.get(2), None);
+        assert_eq!(paths.get(3), Some("/bin/p3"));
+        assert_eq!(paths.get(5000), Some("/bin/new"));
+        assert_eq!(paths.order.len(), MAX_EXEC_PATHS);
+        assert_eq!(paths.paths.len(), MAX_EXEC_PATHS);
     }
 
     /// A live process's capture replaces what the kernel reported, and later
