@@ -114,13 +114,11 @@ const WINDOW_WORDS: usize = (WINDOW_BYTES / 8) as usize;
 const PAGE_BYTES: u64 = 4096;
 
 /// One frame-pointer walk in progress, per CPU, read and written by the
-/// `bpf_loop` body [`walk_step`]: 2 104 bytes per CPU.
+/// `bpf_loop` body [`walk_window`]: 2 088 bytes per CPU.
 #[repr(C)]
 struct Walk {
+    /// The frame pointer the next window is read from.
     fp: u64,
-    /// The window holds the stack's bytes `[base, base + len)`.
-    base: u64,
-    len: u64,
     /// Return addresses found so far, in `ips[1..frames]` (`ips[0]` is the
     /// interrupted ip, which the caller writes).
     frames: u64,
@@ -163,12 +161,11 @@ fn frame_pointer_walk(ip: u64, fp: u64, dst: *mut u64) -> Stack {
     // SAFETY: this CPU's walk (the program does not nest on one CPU).
     unsafe {
         set(&mut (*walk).fp, fp);
-        set(&mut (*walk).len, 0);
         set(&mut (*walk).frames, 1);
         set(&mut (*walk).cut, 0);
         gen::bpf_loop(
             (MAX_STACK_DEPTH - 1) as u32,
-            walk_step as *mut c_void,
+            walk_window as *mut c_void,
             core::ptr::null_mut(),
             0,
         );
@@ -187,63 +184,76 @@ fn frame_pointer_walk(ip: u64, fp: u64, dst: *mut u64) -> Stack {
     }
 }
 
-/// `bpf_loop` body: one frame of the walk. Returns 1 to stop.
+/// Frames followed inside one window before it is read again from the frame
+/// pointer reached: a frame takes at least 16 bytes, so a window holds at most
+/// this many (a chain of overlapping frames, 8 bytes apart, takes two reads).
+const FRAMES_PER_WINDOW: usize = (WINDOW_BYTES / 16) as usize;
+
+/// `bpf_loop` body: reads one window of stack from the frame pointer and follows
+/// the chain inside it. Returns 1 when the walk is over, 0 to read the next window.
 #[inline(never)]
-extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
+extern "C" fn walk_window(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(walk) = USER_WALK.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: this CPU's walk; indices masked to the arrays' sizes.
     unsafe {
-        let fp = field(&(*walk).fp);
-        if fp == 0 {
+        let base = field(&(*walk).fp);
+        if base == 0 {
             return 1;
         }
-        if fp & 7 != 0 {
+        if base & 7 != 0 {
             set(&mut (*walk).cut, 1);
             return 1;
         }
-        let mut base = field(&(*walk).base);
-        let mut len = field(&(*walk).len);
-        let offset = fp.wrapping_sub(base);
-        if offset >= len || len - offset < 16 {
-            // Refill from fp: to the end of its page, at most a window, and at
-            // least the one frame (which may then cross into the next page).
-            let to_page_end = PAGE_BYTES - (fp & (PAGE_BYTES - 1));
-            let want = to_page_end.clamp(16, WINDOW_BYTES);
-            // User memory read through the helper, which handles faults, into
-            // this CPU's window (want <= WINDOW_BYTES).
-            let ret = gen::bpf_probe_read_user(
-                (*walk).window.as_mut_ptr().cast(),
-                want as u32,
-                fp as *const c_void,
-            );
-            if ret != 0 {
-                set(&mut (*walk).cut, 1);
-                return 1;
-            }
-            base = fp;
-            len = want;
-            set(&mut (*walk).base, base);
-            set(&mut (*walk).len, len);
-        }
-        let at = (fp - base) as usize & (WINDOW_BYTES as usize - 1);
-        let pair = (*walk).window.as_ptr().cast::<u8>().add(at).cast::<u64>();
-        let next_fp = pair.read_unaligned();
-        let ret = pair.add(1).read_unaligned();
-        if ret == 0 {
+        // To the end of the frame pointer's page, at most a window, and at least
+        // the one frame (which may then cross into the next page).
+        let to_page_end = PAGE_BYTES - (base & (PAGE_BYTES - 1));
+        let len = to_page_end.clamp(16, WINDOW_BYTES);
+        // User memory read through the helper, which handles faults, into this
+        // CPU's window (len <= WINDOW_BYTES).
+        let read = gen::bpf_probe_read_user(
+            (*walk).window.as_mut_ptr().cast(),
+            len as u32,
+            base as *const c_void,
+        );
+        if read != 0 {
+            set(&mut (*walk).cut, 1);
             return 1;
         }
-        let frames = field(&(*walk).frames);
-        set(&mut (*walk).ips[frames as usize & MAX_STACK_DEPTH], ret);
-        set(&mut (*walk).frames, frames + 1);
-        if next_fp <= fp {
-            if next_fp != 0 {
-                set(&mut (*walk).cut, 1);
+        let mut fp = base;
+        let mut done = false;
+        for _ in 0..FRAMES_PER_WINDOW {
+            let offset = fp - base;
+            if offset + 16 > len {
+                break;
             }
+            let at = offset as usize & (WINDOW_BYTES as usize - 1);
+            let pair = (*walk).window.as_ptr().cast::<u8>().add(at).cast::<u64>();
+            let next_fp = pair.read_unaligned();
+            let ret = pair.add(1).read_unaligned();
+            // The count goes through the map (a load the compiler cannot see
+            // through): its bound is then checked where the verifier sees it.
+            let frames = field(&(*walk).frames);
+            if ret == 0 || frames >= MAX_STACK_DEPTH as u64 {
+                done = true;
+                break;
+            }
+            set(&mut (*walk).ips[frames as usize & MAX_STACK_DEPTH], ret);
+            set(&mut (*walk).frames, frames + 1);
+            if next_fp <= fp || next_fp & 7 != 0 {
+                if next_fp != 0 {
+                    set(&mut (*walk).cut, 1);
+                }
+                done = true;
+                break;
+            }
+            fp = next_fp;
+        }
+        set(&mut (*walk).fp, fp);
+        if done {
             return 1;
         }
-        set(&mut (*walk).fp, next_fp);
     }
     0
 }
