@@ -140,9 +140,9 @@ static USER_WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 ///
 /// The stack is read a window at a time (up to [`WINDOW_BYTES`] from the frame
 /// pointer, not past its page's end), so most stacks take one or two reads, not
-/// one per frame. The walk runs in a `bpf_loop` (the verifier checks its body once;
-/// unrolled, the window's refills multiplied the paths past its limit) into a
-/// per-CPU buffer, then the frames are copied to `dst`.
+/// one per frame. The walk is a `bpf_loop` with one step per window (the verifier
+/// checks its body once; unrolled, the refills multiplied the paths past its
+/// limit), into a per-CPU buffer; then the frames are copied to `dst`.
 #[cfg_attr(
     not(bpf_target_arch = "x86_64"),
     expect(dead_code, reason = "x86-64 only")
