@@ -29,9 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import guarded, log, read_text, spawn, start_script
+from benchlib import build_workload, guarded, log, parse_fdinfo, read_text, spawn, start_script
 
-BENCH_DIR = Path(__file__).resolve().parent
 PERF_EVENT_PROG_TYPE = 7
 
 
@@ -48,10 +47,7 @@ def perf_event_prog_stats(pid):
     except OSError:
         return 0, 0
     for fd in fds:
-        info = {}
-        for line in (read_text(f"{fd_dir}/{fd}") or "").splitlines():
-            key, _, value = line.partition(":")
-            info[key.strip()] = value.strip()
+        info = parse_fdinfo(read_text(f"{fd_dir}/{fd}") or "")
         if info.get("prog_type") == str(PERF_EVENT_PROG_TYPE):
             run_time += int(info.get("run_time_ns", 0))
             runs += int(info.get("run_cnt", 0))
@@ -128,9 +124,7 @@ def main():
     results = {"old": args.old, "new": args.new, "rounds": []}
 
     def body():
-        workload = Path(tmp) / "workload"
-        subprocess.run(["gcc", "-O2", "-fno-omit-frame-pointer", "-pthread", "-o",
-                        str(workload), str(BENCH_DIR / "workload.c")], check=True)
+        workload = build_workload(tmp)
         ratios = []
         for r in range(args.rounds):
             new_first = r % 2 == 1

@@ -1,9 +1,10 @@
 """What the benchmark scripts share: logging, the children they start (tracked so
-every exit path can kill them), tolerant /proc reads, a thread that watches a
-process through them, and a least-squares slope.
+every exit path can kill them), tolerant /proc reads (fdinfo parsed), a thread
+that watches a process through them, the CPU-bound workload's build, and a
+least-squares slope.
 
-Imported by bench/overhead.py, bench/agent_outage.py and bench/churn.py (run
-from any directory: Python puts the script's own directory on sys.path).
+Imported by the bench/*.py scripts (run from any directory: Python puts the
+script's own directory on sys.path).
 """
 
 import json
@@ -16,6 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
 
 # Set from the script's --verbose.
 VERBOSE = False
@@ -155,6 +159,27 @@ def read_text(path):
             return f.read()
     except OSError:
         return None
+
+
+def parse_fdinfo(text):
+    """The `key: value` lines of a /proc/PID/fdinfo/FD file, as a dict of strings."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, val = line.partition(":")
+        if sep:
+            out[key.strip()] = val.strip()
+    return out
+
+
+def build_workload(tmp):
+    """Builds bench/workload.c (the CPU-bound workload, frame pointers kept) into
+    `tmp` and returns the executable's path."""
+    exe = Path(tmp) / "workload"
+    cmd = ["gcc", "-O2", "-fno-omit-frame-pointer", "-pthread", "-o", str(exe),
+           str(BENCH_DIR / "workload.c")]
+    vlog("building workload: " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return exe
 
 
 def median(xs):

@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 import benchlib
-from benchlib import forget, kill_all_children, log, median, read_text, spawn, vlog
+from benchlib import (build_workload, forget, kill_all_children, log, median, parse_fdinfo,
+                      read_text, spawn, vlog)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -110,15 +111,6 @@ def process_tree(root):
         tree.append(pid)
         todo.extend(children.get(pid, ()))
     return tree
-
-
-def parse_fdinfo(text):
-    out = {}
-    for line in text.splitlines():
-        key, sep, val = line.partition(":")
-        if sep:
-            out[key.strip()] = val.strip()
-    return out
 
 
 def vm_hwm_kib(pid):
@@ -298,15 +290,6 @@ class Monitor(benchlib.PollThread):
 
 # --------------------------------------------------------------------------
 # Workload
-
-def build_workload(tmp):
-    exe = tmp / "workload"
-    cmd = ["gcc", "-O2", "-fno-omit-frame-pointer", "-pthread", "-o", str(exe),
-           str(BENCH_DIR / "workload.c")]
-    vlog("building workload: " + " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    return exe
-
 
 def run_workload(exe, threads, duration, monitor=True):
     """Run the workload; returns dict(rate, iterations, elapsed, cpu_share_pct, monitor_cpu_s).
