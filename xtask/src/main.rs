@@ -94,6 +94,35 @@ pub fn cargo_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"))
 }
 
+/// A `cargo` command without the variables `cargo run` set for xtask itself
+/// (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...). Some build scripts watch them
+/// (ring's does, with `rerun-if-env-changed`), so a nested build that inherited
+/// xtask's values looked changed to the plain `cargo build` or `cargo test` run
+/// after it, and each rebuilt ring, rustls, tonic and the profiler (~5 minutes
+/// here) whenever a developer alternated between the two.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    for (name, _) in env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if is_set_by_cargo_run(name) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Whether `cargo run` sets `name` for the program it runs (the Cargo book's
+/// "Environment variables Cargo sets for crates"), apart from `CARGO` and the
+/// library path, which a nested cargo sets again anyway.
+fn is_set_by_cargo_run(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            name,
+            "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+        )
+}
+
 /// Runs a command with inherited output; fails with the command line if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
@@ -107,7 +136,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 fn build_release() -> Result<PathBuf> {
     eprintln!("xtask: building the eBPF program and the profiler (release)");
-    run(Command::new("cargo").args(["build", "--release", "--package", "profiler-userspace"]))?;
+    run(cargo().args(["build", "--release", "--package", "profiler-userspace"]))?;
     Ok(workspace_root().join("target/release/profiler"))
 }
 
@@ -240,7 +269,7 @@ fn ensure_rbspy() -> Result<PathBuf> {
         "xtask: building rbspy {RBSPY_VERSION} from crates.io into {} for the Ruby tests (a few minutes, once)",
         root.display()
     );
-    run(Command::new("cargo")
+    run(cargo()
         .args(["install", "--locked", "--quiet"])
         .arg(format!("rbspy@{RBSPY_VERSION}"))
         .arg("--root")
@@ -262,9 +291,9 @@ fn test(args: Vec<String>) -> Result<()> {
     let py_spy = ensure_py_spy()?;
     let rbspy = ensure_rbspy()?;
     eprintln!("xtask: checking formatting");
-    run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     eprintln!("xtask: linting");
-    run(Command::new("cargo").args([
+    run(cargo().args([
         "clippy",
         "--workspace",
         "--all-targets",
@@ -273,14 +302,14 @@ fn test(args: Vec<String>) -> Result<()> {
         "warnings",
     ]))?;
     eprintln!("xtask: checking the API docs build without warnings");
-    run(Command::new("cargo")
+    run(cargo()
         .args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings"))?;
     // The integration tests run the `profiler` binary; building it here, before
     // the test binaries start, keeps their own build step a no-op and their
     // timing independent of how long a cold build takes.
     eprintln!("xtask: building the profiler binary the integration tests run");
-    run(Command::new("cargo").args([
+    run(cargo().args([
         "build",
         "--package",
         "profiler-userspace",
@@ -288,7 +317,7 @@ fn test(args: Vec<String>) -> Result<()> {
         "profiler",
     ]))?;
     eprintln!("xtask: running the tests");
-    run(Command::new("cargo")
+    run(cargo()
         .args(["test", "--workspace"])
         .args(&args)
         .env("PPROF_BIN", &pprof)
@@ -308,4 +337,33 @@ fn bench(args: Vec<String>) -> Result<()> {
         .arg("--profiler")
         .arg(&profiler)
         .args(&args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cargo test` sets `CARGO_PKG_NAME` for this test as `cargo run` does for
+    /// xtask: the nested cargo must not inherit it (nor the other package
+    /// variables), or ring's build script reruns on the next plain build.
+    #[test]
+    fn nested_cargo_drops_the_package_variables_cargo_run_set() {
+        assert!(
+            env::var_os("CARGO_PKG_NAME").is_some(),
+            "cargo sets it for tests"
+        );
+        let cmd = cargo();
+        let removed: Vec<_> = cmd
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .map(|(name, _)| name.to_string_lossy().into_owned())
+            .collect();
+        for name in ["CARGO_PKG_NAME", "CARGO_PKG_VERSION", "CARGO_MANIFEST_DIR"] {
+            assert!(
+                removed.iter().any(|r| r == name),
+                "{name} not removed: {removed:?}"
+            );
+        }
+        assert!(!removed.iter().any(|r| r == "PATH" || r == "CARGO_HOME"));
+    }
 }

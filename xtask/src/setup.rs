@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cargo_home, run};
+use crate::{cargo, cargo_home, run};
 
 /// The bpf-linker release that builds against LLVM 22 (see ../shared/TOOLCHAIN.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -219,7 +219,7 @@ pub fn ensure_bpf_linker() -> Result<()> {
     eprintln!(
         "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF program; built against LLVM 22 at {llvm_prefix}, about a minute)"
     );
-    let mut cmd = Command::new("cargo");
+    let mut cmd = cargo();
     cmd.arg("install")
         .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
         .args(BPF_LINKER_INSTALL_FLAGS)
