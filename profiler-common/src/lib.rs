@@ -43,10 +43,6 @@ pub const GLOBAL_INCLUDE_IDLE: &str = "INCLUDE_IDLE";
 pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
 /// Global [`KernelOffsets`]: field offsets for reading young processes' mappings.
 pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
-/// Global `u64`, a power of two: each CPU wakes the reader on every this-many-th
-/// record it emits; otherwise the reader polls on a timer. Keeps wake-ups (and any
-/// look at shared ring buffer state) off the per-sample path.
-pub const GLOBAL_WAKEUP_EVERY: &str = "WAKEUP_EVERY";
 
 /// Frames per stack kind, as in perf (`kernel.perf_event_max_stack` defaults to 127).
 pub const MAX_STACK_DEPTH: usize = 127;
@@ -79,28 +75,12 @@ pub const fn ring_buffer_bytes(cpus: u32) -> u32 {
         (want as u32).next_power_of_two()
     }
 }
-/// Ring buffer space one record takes: the slot plus the ring's 8-byte record header.
-pub const MAX_RECORD_BYTES: usize = core::mem::size_of::<SampleRecord>() + 8;
 
-/// Records each CPU emits between wake-ups of the reader: all CPUs together fill at
-/// most a quarter of the ring with worst-case records before the reader is woken.
-/// A power of two, at least 1.
-pub const fn wakeup_every(ring_buffer_bytes: u32, cpus: u32) -> u64 {
-    let per_cpu = ring_buffer_bytes as u64 / 4 / MAX_RECORD_BYTES as u64 / max(cpus as u64, 1);
-    if per_cpu <= 1 {
-        1
-    } else {
-        1 << (63 - per_cpu.leading_zeros())
-    }
-}
+/// The program wakes the reader once 1/this of the ring buffer waits to be read;
+/// below that the reader's timer drains it. The rest of the ring is headroom for
+/// the reader's latency after a wake-up.
+pub const WAKEUP_FILL_DIVISOR: u64 = 4;
 
-const fn max(a: u64, b: u64) -> u64 {
-    if a > b {
-        a
-    } else {
-        b
-    }
-}
 /// Entries in the pid filter: 1024 x (4-byte key + 1-byte value + ~50 bytes of kernel
 /// hash overhead) is about 55 KiB.
 pub const MAX_PID_FILTER_ENTRIES: u32 = 1024;
@@ -455,7 +435,3 @@ const _: () = assert!(ring_buffer_bytes(2) == 1 << 20);
 const _: () = assert!(ring_buffer_bytes(3) == 2 << 20);
 const _: () = assert!(ring_buffer_bytes(64) == 32 << 20);
 const _: () = assert!(ring_buffer_bytes(4096) == 64 << 20);
-const _: () = assert!(wakeup_every(ring_buffer_bytes(2), 2) == 32);
-const _: () = assert!(wakeup_every(ring_buffer_bytes(64), 64) == 32);
-const _: () = assert!(wakeup_every(ring_buffer_bytes(1024), 1024) == 4);
-const _: () = assert!(wakeup_every(4096, 1) == 1);

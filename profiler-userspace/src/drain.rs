@@ -31,10 +31,13 @@ use crate::{
 };
 
 /// How often the ring buffer is read without a wake-up. The eBPF program wakes us
-/// only after each CPU emitted enough records to fill a quarter of the ring with
-/// worst-case records (`profiler_common::wakeup_every`), so at low rates this timer
-/// is what drains the ring. Each wake-up costs ~30 us of CPU here, so rarely is
-/// better: 500 ms is ~200 KB of records at 997 Hz on 2 CPUs, far from 8 MiB.
+/// only once a quarter of the ring waits to be read
+/// (`profiler_common::WAKEUP_FILL_DIVISOR`), so at usual rates this timer is what
+/// drains the ring. Each wake-up costs ~30 us of CPU here and the sample that asks
+/// for it a good part of its BPF time, so rarely is better. In 500 ms at 97 Hz on 2
+/// CPUs the samples reserve ~100 KB (1 072 bytes each for one of user code), under
+/// a quarter of the 1 MiB ring, so nothing wakes the reader; at 997 Hz a wake-up
+/// comes about every 120 ms.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Records handled before the drain task yields to others.
 const RECORDS_PER_BATCH: usize = 4096;

@@ -19,10 +19,10 @@ use aya::{
 };
 use profiler_common::{
     Counter, Counters, CpuState, KernelOffsets, COUNTER_COUNT, GLOBAL_FILTER_BY_PID,
-    GLOBAL_INCLUDE_IDLE, GLOBAL_KERNEL_OFFSETS, GLOBAL_TASK_PID_OFFSET, GLOBAL_WAKEUP_EVERY,
-    MAPPINGS_COUNTER_COUNT, MAP_COUNTERS, MAP_MAPPINGS_STATS, MAP_PID_FILTER,
-    MAP_PROCESS_EVENTS_LOST, MAP_SAMPLES, MAX_PID_FILTER_ENTRIES, PROGRAM_ON_EXEC, PROGRAM_ON_FORK,
-    PROGRAM_SAMPLE, TRACEPOINT_EXEC, TRACEPOINT_FORK,
+    GLOBAL_INCLUDE_IDLE, GLOBAL_KERNEL_OFFSETS, GLOBAL_TASK_PID_OFFSET, MAPPINGS_COUNTER_COUNT,
+    MAP_COUNTERS, MAP_MAPPINGS_STATS, MAP_PID_FILTER, MAP_PROCESS_EVENTS_LOST, MAP_SAMPLES,
+    MAX_PID_FILTER_ENTRIES, PROGRAM_ON_EXEC, PROGRAM_ON_FORK, PROGRAM_SAMPLE, TRACEPOINT_EXEC,
+    TRACEPOINT_FORK,
 };
 
 /// How long after it starts a process's samples carry their mappings
@@ -207,7 +207,6 @@ impl Sampler {
         let ring_bytes = config
             .ring_buffer_bytes
             .unwrap_or_else(|| profiler_common::ring_buffer_bytes(cpus.len() as u32));
-        let wakeup_every = profiler_common::wakeup_every(ring_bytes, cpus.len() as u32);
         // The fork tracker reads the new task's pid at this offset (0 turns it
         // off), and the sampler the fields of young processes' mappings at these
         // (all zero: off). With a pid filter neither is used (children of the
@@ -231,7 +230,6 @@ impl Sampler {
                 .override_global(GLOBAL_KERNEL_OFFSETS, offsets, true)
                 .override_global(GLOBAL_FILTER_BY_PID, &filter_by_pid, true)
                 .override_global(GLOBAL_INCLUDE_IDLE, &include_idle, true)
-                .override_global(GLOBAL_WAKEUP_EVERY, &wakeup_every, true)
                 .map_max_entries(MAP_SAMPLES, ring_bytes)
                 .load(EBPF_OBJECT)
                 .map_err(ebpf_error)?;
@@ -729,6 +727,59 @@ mod tests {
         let verified = sampler.program_stats().verified_instructions;
         eprintln!("verifier processed {verified} instructions");
         assert!(verified < 500_000, "{verified}");
+    }
+
+    /// The program wakes a reader blocked on the ring only once a quarter of the
+    /// ring waits: not on every record (a wake-up costs a sample more than the rest
+    /// of its program), and not never (then nothing wakes it and the ring fills
+    /// between timer polls). A busy process, stopped until the sampler is attached
+    /// with a pid filter on it, fills a 256 KiB ring at 997 Hz while this thread
+    /// sleeps in poll(2), which returns only on a wake-up. Needs root.
+    #[test]
+    fn reader_is_woken_once_a_quarter_of_the_ring_is_unread() {
+        use std::os::fd::AsRawFd as _;
+        let mut busy = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let pid = busy.id();
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        const RING: u32 = 256 << 10;
+        let config = SamplerConfig {
+            frequency_hz: 997,
+            pids: vec![pid],
+            include_idle: false,
+            ring_buffer_bytes: Some(RING),
+            bpf_stats: false,
+        };
+        let (_sampler, mut ring) = Sampler::start(&config).expect("the sampler loads");
+        assert!(
+            ring.next().is_none(),
+            "nothing sampled while the process is stopped"
+        );
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        let mut fd = libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut fd, 1, 20_000) };
+        // Ring space the records take: each with the ring's 8-byte header, 8-aligned.
+        let mut unread = 0;
+        while let Some(record) = ring.next() {
+            unread += (record.len() + 8).next_multiple_of(8);
+        }
+        busy.kill().unwrap();
+        busy.wait().unwrap();
+        assert_eq!(ready, 1, "no wake-up in 20 s ({unread} bytes were waiting)");
+        let quarter = (RING as u64 / profiler_common::WAKEUP_FILL_DIVISOR) as usize;
+        assert!(
+            unread >= quarter,
+            "woken with {unread} bytes waiting, before a quarter of the ring ({quarter})"
+        );
     }
 
     /// Events are the sum of the outcome counters; losses are only the loss ones.
