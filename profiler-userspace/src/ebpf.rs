@@ -758,8 +758,25 @@ mod tests {
             ring.next().is_none(),
             "nothing sampled while the process is stopped"
         );
-        // SAFETY: as above.
-        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        // The process goes on only once this thread sleeps in poll(2): were records
+        // there before the call, it would return at once, woken by nothing.
+        // SAFETY: a plain syscall.
+        let tid = unsafe { libc::gettid() };
+        let resume = std::thread::spawn(move || {
+            let syscall = format!("/proc/self/task/{tid}/syscall");
+            let polling = || {
+                std::fs::read_to_string(&syscall).is_ok_and(|s| {
+                    let nr = s.split(' ').next().unwrap_or("");
+                    nr == libc::SYS_poll.to_string() || nr == libc::SYS_ppoll.to_string()
+                })
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !polling() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        });
         let mut fd = libc::pollfd {
             fd: ring.as_raw_fd(),
             events: libc::POLLIN,
@@ -767,6 +784,7 @@ mod tests {
         };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut fd, 1, 20_000) };
+        resume.join().unwrap();
         // Ring space the records take: each with the ring's 8-byte header, 8-aligned.
         let mut unread = 0;
         while let Some(record) = ring.next() {
