@@ -85,13 +85,6 @@ fn bump(counters: &mut Counters, counter: Counter) {
     }
 }
 
-#[inline(always)]
-fn global<T: Copy>(value: &T) -> T {
-    // SAFETY: a global set at load time; read_volatile keeps the compiler from
-    // folding in the compile-time default.
-    unsafe { core::ptr::read_volatile(value) }
-}
-
 /// A store kept as one store (not merged, split or dropped by the compiler).
 #[inline(always)]
 fn set<T>(dst: &mut T, value: T) {
@@ -99,8 +92,10 @@ fn set<T>(dst: &mut T, value: T) {
     unsafe { core::ptr::write_volatile(dst, value) }
 }
 
-/// A load kept as one load: in a map value, a value the verifier then checks
-/// from what it knows of the loaded width, not from what the compiler inferred.
+/// A load kept as one load: of a global set at load time, so the compiler does not
+/// fold in the compile-time default; of a map value's field, so the verifier checks
+/// the value from what it knows of the loaded width, not from what the compiler
+/// inferred.
 #[inline(always)]
 fn field<T: Copy>(src: &T) -> T {
     // SAFETY: a plain load of a valid, initialized place.
@@ -121,11 +116,11 @@ fn try_sample_cpu(ctx: &PerfEventContext, state: &mut CpuState) -> Result<(), Co
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
 
-    if tgid == 0 && global(&INCLUDE_IDLE) == 0 {
+    if tgid == 0 && field(&INCLUDE_IDLE) == 0 {
         return Err(Counter::IdleSkipped);
     }
     // SAFETY: lookup in our own hash map; the value is not used.
-    if global(&FILTER_BY_PID) != 0 && unsafe { PID_FILTER.get(tgid) }.is_none() {
+    if field(&FILTER_BY_PID) != 0 && unsafe { PID_FILTER.get(tgid) }.is_none() {
         return Err(Counter::FilteredOut);
     }
 

@@ -43,7 +43,7 @@ use profiler_common::{
     TASK_COMM_LEN,
 };
 
-use crate::{field, global, read_kernel, set, SAMPLES};
+use crate::{field, read_kernel, set, SAMPLES};
 
 /// Per-CPU [`MappingsCounter`]s: 32 bytes per CPU, touched only by samples of
 /// young processes.
@@ -87,17 +87,17 @@ fn count(counter: MappingsCounter) {
 /// frames), is not looked at again (`CpuState::settled_tid`).
 #[inline(always)]
 pub fn is_young(state: &mut CpuState, tid: u32) -> bool {
-    let window = global(&KERNEL_OFFSETS.young_process_ns);
+    let window = field(&KERNEL_OFFSETS.young_process_ns);
     let settled = tid.wrapping_add(1);
     if window == 0 || state.settled_tid == settled {
         return false;
     }
     // SAFETY: a helper call without arguments.
     let task = unsafe { bpf_get_current_task() };
-    let Some(leader) = read_kernel::<u64>(task, global(&KERNEL_OFFSETS.task_group_leader)) else {
+    let Some(leader) = read_kernel::<u64>(task, field(&KERNEL_OFFSETS.task_group_leader)) else {
         return false;
     };
-    let Some(started) = read_kernel::<u64>(leader, global(&KERNEL_OFFSETS.task_start_time)) else {
+    let Some(started) = read_kernel::<u64>(leader, field(&KERNEL_OFFSETS.task_start_time)) else {
         return false;
     };
     // SAFETY: a helper call without arguments.
@@ -332,10 +332,10 @@ extern "C" fn read_vma(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_void) -
     let out = unsafe { &mut *ctx.cast::<KernelMapping>() };
     let vma = vma as u64;
     let (Some(start), Some(end), Some(pgoff), Some(file)) = (
-        read_kernel::<u64>(vma, global(&KERNEL_OFFSETS.vma_start)),
-        read_kernel::<u64>(vma, global(&KERNEL_OFFSETS.vma_end)),
-        read_kernel::<u64>(vma, global(&KERNEL_OFFSETS.vma_pgoff)),
-        read_kernel::<u64>(vma, global(&KERNEL_OFFSETS.vma_file)),
+        read_kernel::<u64>(vma, field(&KERNEL_OFFSETS.vma_start)),
+        read_kernel::<u64>(vma, field(&KERNEL_OFFSETS.vma_end)),
+        read_kernel::<u64>(vma, field(&KERNEL_OFFSETS.vma_pgoff)),
+        read_kernel::<u64>(vma, field(&KERNEL_OFFSETS.vma_file)),
     ) else {
         return 0;
     };
@@ -345,17 +345,17 @@ extern "C" fn read_vma(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_void) -
         return 0;
     }
     set(&mut out.offset, pgoff << PAGE_SHIFT);
-    let Some(inode) = read_kernel::<u64>(file, global(&KERNEL_OFFSETS.file_inode)) else {
+    let Some(inode) = read_kernel::<u64>(file, field(&KERNEL_OFFSETS.file_inode)) else {
         return 0;
     };
     set(
         &mut out.ino,
-        read_kernel::<u64>(inode, global(&KERNEL_OFFSETS.inode_ino)).unwrap_or(0),
+        read_kernel::<u64>(inode, field(&KERNEL_OFFSETS.inode_ino)).unwrap_or(0),
     );
-    if let Some(sb) = read_kernel::<u64>(inode, global(&KERNEL_OFFSETS.inode_sb)) {
+    if let Some(sb) = read_kernel::<u64>(inode, field(&KERNEL_OFFSETS.inode_sb)) {
         set(
             &mut out.dev,
-            read_kernel::<u32>(sb, global(&KERNEL_OFFSETS.sb_dev)).unwrap_or(0),
+            read_kernel::<u32>(sb, field(&KERNEL_OFFSETS.sb_dev)).unwrap_or(0),
         );
     }
     0

@@ -18,7 +18,7 @@ use aya_ebpf::{
 use profiler_common::{exec_record_len, record_kind, ExecRecord, ProcessEvent, EXEC_HEADER_LEN};
 
 use crate::{
-    global,
+    field,
     mappings::{KERNEL_OFFSETS, YOUNG_MAPPINGS},
     read_kernel, COUNTERS, SAMPLES,
 };
@@ -41,7 +41,7 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 #[raw_tracepoint(tracepoint = "task_newtask")]
 pub fn on_fork(ctx: RawTracePointContext) -> i32 {
     let clone_flags: u64 = ctx.arg(1);
-    let offset = global(&TASK_PID_OFFSET);
+    let offset = field(&TASK_PID_OFFSET);
     if clone_flags & CLONE_THREAD != 0 || offset == 0 {
         return 0;
     }
@@ -61,7 +61,7 @@ pub fn on_fork(ctx: RawTracePointContext) -> i32 {
 /// path in `linux_binprm`, the event carries the path ([`ExecRecord`]).
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn on_exec(ctx: RawTracePointContext) -> i32 {
-    if global(&TASK_PID_OFFSET) == 0 {
+    if field(&TASK_PID_OFFSET) == 0 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -79,7 +79,7 @@ pub fn on_exec(ctx: RawTracePointContext) -> i32 {
             }
         }
     }
-    let filename_offset = global(&KERNEL_OFFSETS.binprm_filename);
+    let filename_offset = field(&KERNEL_OFFSETS.binprm_filename);
     if filename_offset == 0 {
         emit(record_kind::PROCESS_EXECED, pid, 0);
         return 0;
