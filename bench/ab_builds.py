@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import build_workload, guarded, log, parse_fdinfo, read_text, spawn, start_script
+from benchlib import (build_workload, guarded, log, parse_fdinfo, read_text, script_options, spawn,
+                      start_script)
 
 PERF_EVENT_PROG_TYPE = 7
 
@@ -109,9 +110,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=6, help="rounds (default 6; keep it even)")
     ap.add_argument("--duration", type=float, default=15, help="seconds of workload per round")
     ap.add_argument("--attach-timeout", type=float, default=60)
-    ap.add_argument("--json", help="write the raw figures to FILE")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--verbose", "-v", action="store_true")
+    script_options(ap)
     args = ap.parse_args()
     status = start_script("ab_builds.py", "it loads eBPF programs", args.verbose)
     if status is not None:

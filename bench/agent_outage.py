@@ -739,7 +739,6 @@ def parse_args():
     ap.add_argument("--profiler", default=str(REPO_DIR / "target" / "release" / "profiler"),
                     help="the profiler binary (default target/release/profiler); copied first, "
                          "so a rebuild during the run does not change it")
-    ap.add_argument("--json", help="write every raw figure here (the 1 s samples too)")
     ap.add_argument("--queue-kib", type=int,
                     help="pass --queue-kib to the agent (default: the agent's default)")
     ap.add_argument("--only-workload", action="store_true",
@@ -756,8 +755,8 @@ def parse_args():
                     help="the flatness threshold (default %(default)s KiB/min)")
     ap.add_argument("--receiver-python",
                     default=str(REPO_DIR / "target" / "tools" / "otlp-venv" / "bin" / "python"))
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, requests)")
-    ap.add_argument("--verbose", "-v", action="store_true")
+    benchlib.script_options(ap, figures="write every raw figure to FILE (the 1 s samples too)",
+                            kept="keep the temporary directory (logs, requests)")
     args = ap.parse_args()
     if args.outage_minutes < 0 or args.wire_minutes < 0:
         ap.error("minutes must be >= 0")

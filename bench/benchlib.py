@@ -34,6 +34,16 @@ def vlog(msg):
         log(msg)
 
 
+def script_options(ap, figures="write the raw figures to FILE",
+                   kept="keep the temporary directory", verbose=None):
+    """Adds the options every benchmark has and `start_script`, `guarded` and
+    `finish_script` read: --json FILE, --keep and --verbose/-v, with the script's
+    own help texts."""
+    ap.add_argument("--json", metavar="FILE", help=figures)
+    ap.add_argument("--keep", action="store_true", help=kept)
+    ap.add_argument("--verbose", "-v", action="store_true", help=verbose)
+
+
 def start_script(name, why_root, verbose):
     """What every benchmark's main() does first: set the log level, flush stdout
     by line, refuse to run without root (returns 2 to exit with, else None), and

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from benchlib import (Monitor, finish_script, kill, kill_all_children, log, median, read_text,
-                      slope_per_min, spawn, start_script)
+                      script_options, slope_per_min, spawn, start_script)
 
 REPO = Path(__file__).resolve().parent.parent
 CHURN = ("while :; do for i in 1 2 3 4 5 6 7 8 9 10; do "
@@ -53,9 +53,7 @@ def main():
     ap.add_argument("--interval", type=int, default=2, help="agent --interval (default 2)")
     ap.add_argument("--profiler", default=str(REPO / "target/release/profiler"),
                     help="profiler binary (default target/release/profiler)")
-    ap.add_argument("--json", metavar="FILE", help="write the raw figures to FILE")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--verbose", "-v", action="store_true")
+    script_options(ap)
     args = ap.parse_args()
     code = start_script("churn.py", "the agent loads eBPF programs", args.verbose)
     if code is not None:

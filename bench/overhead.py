@@ -800,8 +800,6 @@ def parse_args():
     ap.add_argument("--profiler", default=str(REPO_DIR / "target/release/profiler"),
                     help="our profiler binary (default target/release/profiler)")
     ap.add_argument("--skip", default="", help="comma-separated: ours,perf,bpftrace,paired,loss")
-    ap.add_argument("--json", metavar="FILE", help="write the raw figures to FILE")
-    ap.add_argument("--verbose", "-v", action="store_true", help="show commands and profiler stderr tails")
     ap.add_argument("--threads", type=int, default=NCPU, help=f"workload threads (default: CPUs = {NCPU})")
     ap.add_argument("--settle", type=float, default=1.5,
                     help="minimum seconds between starting a profiler and starting the workload (default 1.5)")
@@ -816,7 +814,8 @@ def parse_args():
                     help="rounds with ours and bpftrace attached together, for BPF ns per sample (default 5)")
     ap.add_argument("--paired-duration", type=float,
                     help="seconds per paired round (default: --duration)")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (outputs, stderr)")
+    benchlib.script_options(ap, kept="keep the temporary directory (outputs, stderr)",
+                            verbose="show commands and profiler stderr tails")
     args = ap.parse_args()
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     bad = args.skip - set(PROFILERS) - {"loss", "paired"}

@@ -40,7 +40,7 @@ import benchlib
 from agent_outage import (agent_defaults, agent_env, alive, build_workload, ensure_running,
                           free_port, parse_agent_log, split_message, start_workload, stop,
                           tail, LOG_LINE, RunError)
-from benchlib import Monitor, kill, log, median, spawn
+from benchlib import Monitor, kill, log, median, script_options, spawn
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -190,9 +190,7 @@ def parse_args():
     ap.add_argument("--frequency", type=int, default=997, help="sampling Hz (default 997)")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: files,outage")
     ap.add_argument("--profiler", default=str(REPO_DIR / "target" / "release" / "profiler"))
-    ap.add_argument("--json", help="write every raw figure here")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--verbose", "-v", action="store_true")
+    script_options(ap, figures="write every raw figure to FILE")
     args = ap.parse_args()
     if args.minutes <= 0 or args.frequency <= 0:
         ap.error("--minutes and --frequency must be positive")
