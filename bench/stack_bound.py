@@ -5,9 +5,9 @@ The aggregate of one interval holds at most 32 768 distinct stacks and 1 Mi
 stored frames (aggregate.rs); symbolizing that much, encoding it and writing it
 is the most a cycle can cost. At 97 Hz on 2 CPUs a 15 s interval holds ~2 900
 samples, far below those bounds, so the other benchmarks never reach them. This
-one does: many_stacks built with 40 to 60 calls deep paths (a new stack at
+one does: many_stacks built with 70 to 110 calls deep paths (a new stack at
 nearly every sample) at 997 Hz on every CPU fills an interval's 1 Mi frames
-(~30 000 samples x ~55 frames) every cycle. It runs the agent with default
+(~30 000 samples x ~45 frames) every cycle. It runs the agent with default
 settings apart from --frequency, in two phases:
 
   * files: no endpoint, the default rotating local files (pprof + folded);

@@ -28,7 +28,8 @@ pub const MAP_MAPPINGS_STATS: &str = "MAPPINGS_STATS";
 /// Raw tracepoint program on `task_newtask`: a [`ProcessEvent`] for each new
 /// process (not thread), naming its parent.
 pub const PROGRAM_ON_FORK: &str = "on_fork";
-/// Raw tracepoint program on `sched_process_exec`: a [`ProcessEvent`] for each exec.
+/// Raw tracepoint program on `sched_process_exec`: an [`ExecRecord`] for each exec
+/// (a [`ProcessEvent`] where the kernel's BTF does not give the path's offset).
 pub const PROGRAM_ON_EXEC: &str = "on_exec";
 /// The tracepoints they attach to.
 pub const TRACEPOINT_FORK: &str = "task_newtask";
@@ -58,13 +59,14 @@ pub const RING_BUFFER_BYTES: u32 = 1 << 20;
 /// Ring buffer per online CPU: 512 KiB is ~250 worst-case records, a quarter of a
 /// second at 997 Hz.
 pub const RING_BUFFER_BYTES_PER_CPU: u32 = 512 << 10;
-/// Bounds of the ring buffer: at least 1 MiB, at most 64 MiB (128+ CPUs).
+/// Bounds of the ring buffer: at least 1 MiB, at most 64 MiB (65+ CPUs, as the
+/// size is rounded up to a power of two).
 pub const RING_BUFFER_MIN_BYTES: u32 = 1 << 20;
 pub const RING_BUFFER_MAX_BYTES: u32 = 64 << 20;
 
 /// The ring buffer size for `cpus` CPUs: [`RING_BUFFER_BYTES_PER_CPU`] each, rounded
 /// up to a power of two (the kernel requires one) within the bounds. 1 MiB for 2 CPUs,
-/// 32 MiB for 64. The ring is mapped into the reader, so it counts in its RSS.
+/// 2 MiB for 3, 32 MiB for 64, 64 MiB from 65. The ring is mapped into the reader, so it counts in its RSS.
 pub const fn ring_buffer_bytes(cpus: u32) -> u32 {
     let want = (cpus as u64) * RING_BUFFER_BYTES_PER_CPU as u64;
     if want <= RING_BUFFER_MIN_BYTES as u64 {

@@ -38,8 +38,10 @@ use profiler_common::{
     WAKEUP_FILL_DIVISOR,
 };
 
-/// Samples to userspace, one [`SampleRecord`]-sized slot each (only the frames in
-/// use are written or read), and the fork and exec events of `process_events.rs`.
+/// Samples to userspace, one [`SampleRecord`]-sized slot each, or a
+/// [`UserRecord`] (half the size) for a sample of user code (only the frames in use
+/// are written or read); the mapping records of `mappings.rs`; and the fork and exec
+/// events of `process_events.rs`.
 /// Size: set by userspace at load time, 512 KiB per CPU
 /// (profiler_common::ring_buffer_bytes), 1 MiB on 2 CPUs.
 #[map]

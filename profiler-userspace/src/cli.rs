@@ -89,8 +89,8 @@ pub struct AgentCliArgs {
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_QUEUE_BYTES >> 10)]
     pub queue_kib: usize,
     /// Memory budget in MiB (RSS): the export queue gives up profiles when the agent's
-    /// cycles need the room; 0 turns it off [default: 62 + the ring buffer as mapped,
-    /// 2 x 512 KiB per CPU: 64 on 2 CPUs].
+    /// cycles need the room; 0 turns it off [default: 62 + twice the ring buffer
+    /// (512 KiB per CPU, rounded up to a power of two): 64 on 2 CPUs].
     #[arg(long, value_name = "MIB")]
     pub memory_budget_mib: Option<u64>,
     /// Largest request sent, in KiB; bigger profiles are split.

@@ -121,7 +121,8 @@ pub struct RecordConfig {
     pub progress: bool,
     /// `None`: sized by CPU count.
     pub ring_buffer_bytes: Option<u32>,
-    /// Runtime profilers (py-spy, rbspy, phpspy, jattach); none unless asked.
+    /// Runtime profilers (py-spy, rbspy, phpspy, jattach); all by default
+    /// (`--runtimes`).
     pub runtimes: RuntimeConfig,
 }
 

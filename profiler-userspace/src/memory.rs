@@ -45,7 +45,8 @@ use std::{collections::VecDeque, io};
 /// ([`default_budget`]), 64 MiB on 2 CPUs, the agent's RSS target there. Without a
 /// backend or with intervals far from their stack bounds the agent stays well under
 /// it (~35-40 MiB measured, README); the budget matters at the bounds during an
-/// outage. The ring buffer grows with the CPUs (512 KiB each, shown twice in RSS:
+/// outage. The ring buffer grows with the CPUs (512 KiB each, rounded up to a power
+/// of two, shown twice in RSS:
 /// 64 MiB of RSS on 64 CPUs), so a fixed default would leave big hosts no queue.
 pub const DEFAULT_MEMORY_BUDGET_BEYOND_RING: u64 = 62 << 20;
 

@@ -43,7 +43,8 @@ use profiler_common::{KernelMapping, TASK_COMM_LEN};
 use crate::lineage::{Lineage, ProcessChange, MAX_ANCESTORS};
 
 /// Processes whose metadata is kept: each costs ~200 bytes plus ~80 bytes per
-/// executable mapping, so ~8 MiB at 8192 processes with 30 mappings each.
+/// executable mapping, so ~8 MiB at 8 192 processes with 10 mappings each, ~20 MiB
+/// with 30.
 pub const MAX_TRACKED_PROCESSES: usize = 8192;
 /// Gone processes named from an ancestor, kept until the end of the cycle after the
 /// one that found them gone (see [`ProcessTable::take_forgettable`]): 8 192
@@ -59,7 +60,7 @@ pub const CAPTURE_QUEUE: usize = 1024;
 /// Processes known from the mappings the kernel read for their samples (see
 /// [`YoungMapping`]), kept until captured, or like [`MAX_ALIASES`] until the cycle
 /// after they are found gone: 2 048 x (~300 bytes of metadata + ~80 bytes per
-/// mapping, at most [`MAX_KERNEL_MAPPINGS`]) is at most ~3.2 MiB, ~1.2 MiB for the
+/// mapping, at most [`MAX_KERNEL_MAPPINGS`]) is at most ~3.1 MiB, ~1.2 MiB for the
 /// usual four mappings each. A churn of 160 exec'd processes a second, ~20 % of
 /// them sampled, keeps ~1 000 over two 15 s intervals. When full, new ones are
 /// counted and left out.
