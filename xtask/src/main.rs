@@ -324,7 +324,70 @@ fn test(args: Vec<String>) -> Result<()> {
         .env("OTLP_PYTHON", &otlp_python)
         .env("PY_SPY_BIN", &py_spy)
         .env("RBSPY_BIN", &rbspy))?;
+    // A filter means "just these tests"; the full run also checks the README's
+    // first command.
+    if args.is_empty() {
+        check_run()?;
+    }
     eprintln!("xtask: all checks passed");
+    Ok(())
+}
+
+/// The README's first command, as a new user runs it but shorter: the release
+/// build and a whole-host recording through [`run_profiler`], which must write all
+/// three outputs, with this process's own busy thread in the profile (so an idle
+/// host cannot make an empty profile pass or fail the check).
+fn check_run() -> Result<()> {
+    const SECS: u64 = 2;
+    eprintln!("xtask: checking `cargo xtask run` (a {SECS} s recording of this host)");
+    let dir = workspace_root().join("target/xtask-run-check");
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove {}", dir.display()))
+        }
+        _ => {}
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("xtask-busy".into())
+            .spawn(move || {
+                let mut x = 1u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+            .context("cannot start the busy thread")?
+    };
+    let result = run_profiler(vec![
+        "--duration".into(),
+        SECS.to_string(),
+        "--output-dir".into(),
+        dir.display().to_string(),
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = busy.join();
+    result.context("`cargo xtask run` failed")?;
+    for name in ["profile.folded", "profile.pb.gz", "flamegraph.svg"] {
+        let path = dir.join(name);
+        let len = std::fs::metadata(&path)
+            .with_context(|| format!("`cargo xtask run` wrote no {}", path.display()))?
+            .len();
+        if len == 0 {
+            bail!("`cargo xtask run` wrote an empty {}", path.display());
+        }
+    }
+    let folded = std::fs::read_to_string(dir.join("profile.folded"))?;
+    if !folded
+        .lines()
+        .any(|l| l.split([';', ' ']).next() == Some("xtask"))
+    {
+        bail!(
+            "`cargo xtask run` recorded no sample of xtask's busy thread in {}",
+            dir.display()
+        );
+    }
     Ok(())
 }
 
