@@ -793,6 +793,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .process_stats
             .named_from_kernel
             .load(Ordering::Relaxed),
+        processes_named_before_exec = stopped
+            .process_stats
+            .named_before_exec
+            .load(Ordering::Relaxed),
         young_mappings_lost = stopped.mappings[MappingsCounter::RingBufferFull as usize],
         process_events_lost = stopped.process_events_lost,
         lineage_forgotten = stopped.lineage_forgotten,

@@ -53,6 +53,10 @@ impl Default for AggregateLimits {
 #[derive(Debug)]
 pub struct AggregatedStack {
     pub tgid: u32,
+    /// Sampled while the process still ran the program it was forked with
+    /// ([`crate::drain::RawSample::fork_image`]): apart from its other stacks, as
+    /// its user frames may belong to its parent's program.
+    pub fork_image: bool,
     /// Thread name, NUL padded.
     pub thread: [u8; TASK_COMM_LEN],
     /// `frames[..kernel_len]` are kernel frames, the rest user frames; leaf first.
@@ -118,13 +122,14 @@ impl Aggregator {
         let frames_len = kernel_len + sample.user_len();
         let hash = hash_stack(
             &self.hasher,
-            sample.tgid,
+            (sample.tgid, sample.fork_image),
             &sample.comm,
             kernel_len,
             sample.kernel_ips().chain(sample.user_ips()),
         );
         let eq = |e: &AggregatedStack| {
             e.tgid == sample.tgid
+                && e.fork_image == sample.fork_image
                 && e.thread == sample.comm
                 && e.kernel_len == kernel_len
                 && e.frames.len() == frames_len
@@ -146,6 +151,7 @@ impl Aggregator {
         self.frames_stored += frames_len;
         let entry = AggregatedStack {
             tgid: sample.tgid,
+            fork_image: sample.fork_image,
             thread: sample.comm,
             kernel_len,
             frames: sample.kernel_ips().chain(sample.user_ips()).collect(),
@@ -155,7 +161,7 @@ impl Aggregator {
         self.table.insert_unique(hash, entry, |e| {
             hash_stack(
                 hasher,
-                e.tgid,
+                (e.tgid, e.fork_image),
                 &e.thread,
                 e.kernel_len,
                 e.frames.iter().copied(),
@@ -225,13 +231,13 @@ impl Aggregator {
 /// the entry made from it.
 fn hash_stack(
     hasher: &DefaultHashBuilder,
-    tgid: u32,
+    process: (u32, bool),
     thread: &[u8; TASK_COMM_LEN],
     kernel_len: usize,
     frames: impl Iterator<Item = u64>,
 ) -> u64 {
     let mut h = hasher.build_hasher();
-    tgid.hash(&mut h);
+    process.hash(&mut h);
     thread.hash(&mut h);
     kernel_len.hash(&mut h);
     for f in frames {
@@ -277,6 +283,27 @@ mod tests {
             (merged.kernel(), merged.user(), merged.count),
             (&[9][..], &[USER + 1, USER + 2][..], 2)
         );
+    }
+
+    /// A sample taken before the process exec'd is kept apart from the same stack
+    /// after: its user frames may be its parent's program's.
+    #[test]
+    fn fork_image_samples_are_kept_apart() {
+        let mut agg = Aggregator::new(AggregateLimits::default());
+        let user = [USER + 1, USER + 2];
+        let bytes = encode_record(5, 5, b"sh", &[9], &user);
+        let mut sample = RawSample::parse(&bytes).unwrap();
+        agg.add(&sample);
+        sample.fork_image = true;
+        agg.add(&sample);
+        agg.add(&sample);
+        assert_eq!(agg.len(), 2);
+        let counts: Vec<(bool, u64)> = {
+            let mut c: Vec<_> = agg.stacks().map(|s| (s.fork_image, s.count)).collect();
+            c.sort();
+            c
+        };
+        assert_eq!(counts, [(false, 1), (true, 2)]);
     }
 
     /// Past the stack bound, new stacks are folded into their process's bucket:

@@ -26,7 +26,7 @@ use tokio::{
 
 use crate::{
     aggregate::Aggregator,
-    lineage::ProcessChange,
+    lineage::{ForkImages, ProcessChange},
     process::{FirstSight, YoungMapping},
 };
 
@@ -60,6 +60,9 @@ pub struct RawSample<'a> {
     /// The user walk ended at an impossible return address (not 0, which is how a
     /// frame-pointer chain ends): the frames from there on were dropped.
     pub user_walk_derailed: bool,
+    /// The process still ran the program it was forked with when sampled (see
+    /// [`crate::lineage::ForkImages`]); set by the drain, false as parsed.
+    pub fork_image: bool,
 }
 
 /// Lowest address a user instruction can have: the zero page is never code.
@@ -288,6 +291,7 @@ impl<'a> RawSample<'a> {
             frames: &frames[..(kernel + user) * 8],
             kernel_frames: kernel,
             user_walk_derailed,
+            fork_image: false,
         })
     }
 
@@ -406,6 +410,7 @@ pub struct DrainLoop {
     aggregator: Aggregator,
     first_sight: FirstSight,
     thread_names: ThreadNames,
+    fork_images: ForkImages,
     stats: Arc<DrainStats>,
 }
 
@@ -424,6 +429,7 @@ impl DrainLoop {
             aggregator,
             first_sight,
             thread_names: ThreadNames::default(),
+            fork_images: ForkImages::default(),
             stats,
         })
     }
@@ -478,6 +484,7 @@ impl DrainLoop {
                     let parsed = match Record::parse(&item) {
                         Ok(Record::Process(change)) => {
                             process_events += 1;
+                            self.fork_images.apply(change);
                             self.first_sight.process_changed(change);
                             continue;
                         }
@@ -488,8 +495,9 @@ impl DrainLoop {
                         }
                         Ok(Record::Exec { pid, path }) => {
                             process_events += 1;
-                            self.first_sight
-                                .process_changed(ProcessChange::Execed { pid });
+                            let change = ProcessChange::Execed { pid };
+                            self.fork_images.apply(change);
+                            self.first_sight.process_changed(change);
                             if let Some(path) = path {
                                 self.first_sight.exec_path(pid, path);
                             }
@@ -501,7 +509,10 @@ impl DrainLoop {
                         Err(e) => Err(e),
                     };
                     match parsed {
-                        Ok(sample) => {
+                        Ok(mut sample) => {
+                            // Its exec event, if it comes, follows the samples
+                            // taken before it in the ring.
+                            sample.fork_image = self.fork_images.contains(sample.tgid);
                             if sample.user_walk_derailed {
                                 self.stats
                                     .user_walks_derailed

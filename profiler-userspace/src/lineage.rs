@@ -12,6 +12,11 @@
 //! while the parent still runs that incarnation: a parent that exec'd since, or
 //! whose pid now belongs to another process, is not used.
 //!
+//! A child that exec'd ran its parent's program until the exec: samples taken
+//! before it (the work between fork and exec, the exec itself) are named from the
+//! parent's mappings ([`Lineage::parent_before_exec`]), which [`ForkImages`] tells
+//! the drain to mark as they arrive.
+//!
 //! Bounded: [`MAX_LINEAGE_ENTRIES`]; when full the oldest entry is forgotten (its
 //! children then stay unnamed if they exit early, never misnamed) and counted.
 
@@ -30,6 +35,9 @@ struct Entry {
     incarnation: u64,
     /// The parent and its incarnation at the fork; `None` after an exec.
     parent: Option<(u32, u64)>,
+    /// After the first exec that followed a fork: that fork's parent and its
+    /// incarnation, whose program the process ran until the exec.
+    before_exec: Option<(u32, u64)>,
 }
 
 /// What the fork and exec events said, for [`Lineage::parent_of`].
@@ -58,9 +66,12 @@ impl Lineage {
         match change {
             ProcessChange::Forked { pid, parent } => {
                 let parent = Some((parent, self.incarnation(parent)));
-                self.write(pid, parent);
+                self.write(pid, parent, None);
             }
-            ProcessChange::Execed { pid } => self.write(pid, None),
+            ProcessChange::Execed { pid } => {
+                let before_exec = self.entries.get(&pid).and_then(|e| e.parent);
+                self.write(pid, None, before_exec);
+            }
         }
     }
 
@@ -68,6 +79,14 @@ impl Lineage {
     /// without an exec and the parent still runs the program it forked from.
     pub fn parent_of(&self, pid: u32) -> Option<u32> {
         let (parent, incarnation) = self.entries.get(&pid)?.parent?;
+        (self.incarnation(parent) == incarnation).then_some(parent)
+    }
+
+    /// The process whose program `pid` ran before its exec: the parent it was
+    /// forked from, if `pid` exec'd right after that fork and the parent still runs
+    /// the program it forked from.
+    pub fn parent_before_exec(&self, pid: u32) -> Option<u32> {
+        let (parent, incarnation) = self.entries.get(&pid)?.before_exec?;
         (self.incarnation(parent) == incarnation).then_some(parent)
     }
 
@@ -83,7 +102,7 @@ impl Lineage {
         self.entries.get(&pid).map_or(0, |e| e.incarnation)
     }
 
-    fn write(&mut self, pid: u32, parent: Option<(u32, u64)>) {
+    fn write(&mut self, pid: u32, parent: Option<(u32, u64)>, before_exec: Option<(u32, u64)>) {
         self.next += 1;
         let incarnation = self.next;
         self.entries.insert(
@@ -91,6 +110,7 @@ impl Lineage {
             Entry {
                 incarnation,
                 parent,
+                before_exec,
             },
         );
         self.order.push_back((pid, incarnation));
@@ -104,6 +124,55 @@ impl Lineage {
                 self.forgotten += 1;
             }
         }
+    }
+}
+
+/// The processes that still run the program they were forked with, as the drain
+/// has read the fork and exec events so far: a sample of one of them is marked
+/// (`RawSample::fork_image`), so that if the process exec's later its samples from
+/// before are named from its parent's mappings rather than from those of the
+/// program it exec'd.
+///
+/// Bounded: [`MAX_LINEAGE_ENTRIES`] processes x (~24 bytes in the map + up to
+/// 2 x 16 bytes of order) is ~0.4 MiB at most; past it the oldest fork is forgotten
+/// (that process's samples are then not marked: named as if it had no parent).
+#[derive(Debug, Default)]
+pub struct ForkImages {
+    /// Pid and the sequence number of its fork.
+    forked: HashMap<u32, u64>,
+    /// (pid, fork sequence number) in fork order; entries exec'd or forked again
+    /// since are stale here and skipped.
+    order: VecDeque<(u32, u64)>,
+    next: u64,
+}
+
+impl ForkImages {
+    pub fn apply(&mut self, change: ProcessChange) {
+        match change {
+            ProcessChange::Forked { pid, .. } => {
+                self.next += 1;
+                self.forked.insert(pid, self.next);
+                self.order.push_back((pid, self.next));
+                while self.forked.len() > MAX_LINEAGE_ENTRIES
+                    || self.order.len() > 2 * MAX_LINEAGE_ENTRIES
+                {
+                    let Some((old, at)) = self.order.pop_front() else {
+                        break;
+                    };
+                    if self.forked.get(&old) == Some(&at) {
+                        self.forked.remove(&old);
+                    }
+                }
+            }
+            ProcessChange::Execed { pid } => {
+                self.forked.remove(&pid);
+            }
+        }
+    }
+
+    /// True if `tgid` was forked (while we watched) and has not exec'd since.
+    pub fn contains(&self, tgid: u32) -> bool {
+        !self.forked.is_empty() && self.forked.contains_key(&tgid)
     }
 }
 
@@ -133,6 +202,55 @@ mod tests {
         forked(&mut l, 20, 10);
         l.apply(ProcessChange::Execed { pid: 20 });
         assert_eq!(l.parent_of(20), None);
+    }
+
+    /// A child that exec'd right after its fork ran its parent's program until
+    /// then; one that exec'd twice, or was not seen forked, has no such parent.
+    #[test]
+    fn exec_after_fork_remembers_the_parent_before_it() {
+        let mut l = Lineage::default();
+        forked(&mut l, 20, 10);
+        assert_eq!(l.parent_before_exec(20), None, "not exec'd yet");
+        l.apply(ProcessChange::Execed { pid: 20 });
+        assert_eq!(l.parent_before_exec(20), Some(10));
+        l.apply(ProcessChange::Execed { pid: 20 });
+        assert_eq!(l.parent_before_exec(20), None, "its second program");
+
+        l.apply(ProcessChange::Execed { pid: 30 });
+        assert_eq!(l.parent_before_exec(30), None, "forked before we watched");
+
+        forked(&mut l, 21, 11);
+        l.apply(ProcessChange::Execed { pid: 21 });
+        l.apply(ProcessChange::Execed { pid: 11 });
+        assert_eq!(l.parent_before_exec(21), None, "the parent exec'd since");
+    }
+
+    /// The drain's view: forked and not exec'd since, within a bound.
+    #[test]
+    fn fork_images_end_at_exec_and_stay_bounded() {
+        let mut f = ForkImages::default();
+        assert!(!f.contains(20));
+        f.apply(ProcessChange::Forked {
+            pid: 20,
+            parent: 10,
+        });
+        assert!(f.contains(20));
+        assert!(!f.contains(10));
+        f.apply(ProcessChange::Execed { pid: 20 });
+        assert!(!f.contains(20));
+        for pid in 100..100 + MAX_LINEAGE_ENTRIES as u32 + 1 {
+            f.apply(ProcessChange::Forked { pid, parent: 1 });
+        }
+        assert!(!f.contains(100), "the oldest went first");
+        assert!(f.contains(101));
+        assert_eq!(f.forked.len(), MAX_LINEAGE_ENTRIES);
+        // Pids forked, exec'd and forked again leave the order queue bounded too.
+        for _ in 0..4 * MAX_LINEAGE_ENTRIES {
+            f.apply(ProcessChange::Execed { pid: 7 });
+            f.apply(ProcessChange::Forked { pid: 7, parent: 1 });
+        }
+        assert!(f.order.len() <= 2 * MAX_LINEAGE_ENTRIES);
+        assert!(f.contains(7));
     }
 
     /// A parent that exec'd after the fork, or whose pid was reused by a new

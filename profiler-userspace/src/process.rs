@@ -219,6 +219,10 @@ pub struct ProcessStats {
     pub kernel_mappings_unopened: AtomicU64,
     /// Kernel mappings not kept because [`MAX_KERNEL_MAPPED`] processes were.
     pub kernel_mapped_full: AtomicU64,
+    /// Processes whose samples from before their exec (in the program they were
+    /// forked with) were named from their parent's mappings; once per process and
+    /// interval.
+    pub named_before_exec: AtomicU64,
 }
 
 /// A mapping the eBPF program found for a sample of a young process
@@ -458,16 +462,44 @@ impl ProcessTable {
     }
 
     /// The metadata of the nearest ancestor gone process `pid` shared its mappings
-    /// with: the table's entry if it still describes that ancestor, else read from
-    /// /proc now.
+    /// with.
     fn named_from_ancestor(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
-        let mut ancestor = pid;
-        for _ in 0..MAX_ANCESTORS {
-            ancestor = self
-                .lineage
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .parent_of(ancestor)?;
+        let parent = self
+            .lineage()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .parent_of(pid)?;
+        self.metadata_of_ancestor(parent)
+    }
+
+    /// The metadata that names the samples process `pid` took before its exec, in
+    /// the program it was forked with (see [`crate::lineage::ForkImages`]): its
+    /// parent's, found as for a gone process. `None` if `pid` has not exec'd since
+    /// that fork, or its parent is not known: its own metadata names them then.
+    pub fn named_before_exec(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        let parent = self
+            .lineage()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .parent_before_exec(pid)?;
+        let info = self.metadata_of_ancestor(parent)?;
+        self.stats.named_before_exec.fetch_add(1, Ordering::Relaxed);
+        Some(info)
+    }
+
+    /// The metadata of `first`, or of the nearest of its ancestors it shares its
+    /// mappings with: the table's entry if it still describes that process, else
+    /// read from /proc now.
+    fn metadata_of_ancestor(&mut self, first: u32) -> Option<Arc<ProcessInfo>> {
+        let mut ancestor = first;
+        for i in 0..MAX_ANCESTORS {
+            if i > 0 {
+                ancestor = self
+                    .lineage
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .parent_of(ancestor)?;
+            }
             let known = self
                 .get(ancestor)
                 // Still the program we captured (an exec changes the executable);
@@ -1044,6 +1076,43 @@ mod tests {
         assert_eq!(stats.table_full.load(Ordering::Relaxed), 0);
         drop(sight);
         worker.join();
+    }
+
+    /// A child that exec'd after its fork has its samples from before the exec
+    /// named from its parent's mappings, alive or gone; one that has not exec'd,
+    /// or whose parent exec'd since the fork, has none.
+    #[test]
+    fn exec_after_fork_names_the_time_before_from_the_parent() {
+        let mut table = ProcessTable::new(Arc::default());
+        let me = std::process::id();
+        let child = 4_000_000; // above any pid this test could meet
+        let lineage = table.lineage().clone();
+        lineage.lock().unwrap().apply(ProcessChange::Forked {
+            pid: child,
+            parent: me,
+        });
+        assert!(table.named_before_exec(child).is_none(), "not exec'd yet");
+        lineage
+            .lock()
+            .unwrap()
+            .apply(ProcessChange::Execed { pid: child });
+        let info = table.named_before_exec(child).expect("the parent's");
+        assert_eq!(info.pid, me);
+        let here = exec_after_fork_names_the_time_before_from_the_parent as *const () as u64;
+        assert!(matches!(
+            info.mapping(here).map(|m| &m.object),
+            Some(MappedObject::File(_))
+        ));
+        assert_eq!(table.stats().named_before_exec.load(Ordering::Relaxed), 1);
+
+        lineage
+            .lock()
+            .unwrap()
+            .apply(ProcessChange::Execed { pid: me });
+        assert!(
+            table.named_before_exec(child).is_none(),
+            "the parent changed"
+        );
     }
 
     /// A gone process that the lineage says was forked (without an exec) by a

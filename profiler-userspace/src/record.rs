@@ -66,6 +66,9 @@ pub struct RecordSummary {
     /// Of the processes that exited before capture, those named from the parent
     /// they were forked from without an exec.
     pub named_from_parent: u64,
+    /// Processes whose samples from before their exec were named from the parent
+    /// they were forked from (once per process and symbolized interval).
+    pub named_before_exec: u64,
     /// Of the processes that exited before capture, those named from the
     /// mappings the kernel read for their samples.
     pub named_from_kernel: u64,
@@ -205,6 +208,13 @@ impl RecordSummary {
                 s,
                 "  forked processes that exited before their binaries were read, named from their parent's: {}",
                 self.named_from_parent
+            );
+        }
+        if self.named_before_exec > 0 {
+            let _ = writeln!(
+                s,
+                "  exec'd processes whose samples from before the exec were named from their parent's binaries: {}",
+                self.named_before_exec
             );
         }
         if self.named_from_kernel > 0 {
@@ -484,6 +494,10 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         named_from_kernel: stopped
             .process_stats
             .named_from_kernel
+            .load(Ordering::Relaxed),
+        named_before_exec: stopped
+            .process_stats
+            .named_before_exec
             .load(Ordering::Relaxed),
         mappings_lost: stopped.mappings[MappingsCounter::RingBufferFull as usize],
         process_events_lost: stopped.process_events_lost,

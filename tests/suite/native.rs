@@ -200,6 +200,55 @@ fn short_lived_execd_children_are_named_from_the_kernels_mappings() {
     assert!(summary.named_from_kernel > 0, "{}", summary.render());
 }
 
+/// What a child ran between its fork and its exec is named from its parent's
+/// program, though by the time the child is read from /proc (~0.5 s later) it runs
+/// another one: the drain marked those samples, which arrive before the exec event.
+/// Before, they were looked up in the exec'd program's mappings, where the
+/// parent's addresses are `[unmapped]`.
+#[test]
+fn work_before_an_exec_is_named_from_the_parent() {
+    let parent = program_named("execer", "pre_execer");
+    let child = program_named("execer", "post_exec");
+    // Each child: 150 ms in pre_exec_work, then exec, then 700 ms alive (captured).
+    profiler_bin();
+    let target = KillOnDrop::spawn(std::process::Command::new(&parent).args([
+        "5",
+        "700",
+        child.to_str().unwrap(),
+        "150",
+    ]));
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let summary = record(&[], 3, 97, out.path());
+    drop(target);
+    let stacks = read_folded(out.path());
+    let chain = ["main", "pre_exec_work", "pre_exec_leaf"];
+    // Rooted at the child's name once it was read after its exec, or at the
+    // parent's if the read came first.
+    let named: u64 = ["post_exec", "pre_execer"]
+        .iter()
+        .map(|root| samples_with_chain(&stacks, root, &chain))
+        .sum();
+    let unmapped: u64 = stacks
+        .iter()
+        .filter(|s| s.frames[0] == "post_exec")
+        .filter(|s| s.frames.iter().any(|f| f.contains("[unmapped]")))
+        .map(|s| s.count)
+        .sum();
+    let ours: Vec<&FoldedStack> = stacks
+        .iter()
+        .filter(|s| ["post_exec", "pre_execer"].contains(&s.frames[0].as_str()))
+        .collect();
+    // ~3 children x 150 ms at 97 Hz: ~45 samples before their exec. Measured
+    // here: 43 named and 0 unmapped; without the marking, 15 and 28.
+    assert!(named >= 25, "{named} named, {unmapped} unmapped: {ours:#?}");
+    assert!(
+        named > 4 * unmapped,
+        "{named} named, {unmapped} unmapped: {ours:#?}"
+    );
+    assert!(summary.named_before_exec > 0, "{}", summary.render());
+}
+
 /// The stacks that end in `deep_leaf`, recorded from tests/programs/deep.c run
 /// with `args` after its duration.
 fn deep_leaf_stacks(args: &[&str]) -> Vec<Vec<String>> {

@@ -102,21 +102,43 @@ enum FrameRef {
 }
 
 /// One frame of an interval as stored, after [`caller_adjusted`]: kernel addresses
-/// are the same in every process, user addresses only within theirs.
+/// are the same in every process, user addresses only within theirs: the tgid, or
+/// with [`BEFORE_EXEC`] for the stacks a process took before its exec, in the
+/// address space it was forked with.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum FrameKey {
     Kernel(u64),
     User(u32, u64),
 }
 
+/// Marks a [`FrameKey::User`] address space as a process's before its exec. Pids
+/// are below 2^22 (`PID_MAX_LIMIT`), so the bit is free.
+const BEFORE_EXEC: u32 = 1 << 31;
+
+/// The processes whose stacks from before their exec are named from their parent
+/// (`ProcessTable::named_before_exec`), with the parent's metadata.
+type BeforeExec = HashMap<u32, Arc<ProcessInfo>>;
+
+/// The address space a stack's user frames belong to (see [`FrameKey::User`]).
+fn address_space(stack: &AggregatedStack, before_exec: &BeforeExec) -> u32 {
+    if stack.fork_image && before_exec.contains_key(&stack.tgid) {
+        stack.tgid | BEFORE_EXEC
+    } else {
+        stack.tgid
+    }
+}
+
 /// The keys of a stack's frames, leaf first: its kernel frames, then its user ones.
-fn frame_keys(stack: &AggregatedStack) -> impl Iterator<Item = FrameKey> + '_ {
-    let tgid = stack.tgid;
+fn frame_keys<'a>(
+    stack: &'a AggregatedStack,
+    before_exec: &BeforeExec,
+) -> impl Iterator<Item = FrameKey> + 'a {
+    let space = address_space(stack, before_exec);
     let kernel = stack.kernel().iter().enumerate();
     let user = stack.user().iter().enumerate();
     kernel
         .map(|(i, &ip)| FrameKey::Kernel(caller_adjusted(ip, i)))
-        .chain(user.map(move |(i, &ip)| FrameKey::User(tgid, caller_adjusted(ip, i))))
+        .chain(user.map(move |(i, &ip)| FrameKey::User(space, caller_adjusted(ip, i))))
 }
 
 /// The distinct frames of an interval, each with its [`FrameRef`] and the process
@@ -138,7 +160,7 @@ impl DistinctFrames {
         self.refs.push(make());
         self.pids.push(match key {
             FrameKey::Kernel(_) => 0,
-            FrameKey::User(tgid, _) => tgid,
+            FrameKey::User(space, _) => space & !BEFORE_EXEC,
         });
     }
 }
@@ -293,7 +315,7 @@ impl Symbolizer {
         meta: IntervalMeta,
         interpreted: &[InterpretedSamples],
     ) -> Profile {
-        let procs = resolve_processes(aggregate, interpreted, processes);
+        let (procs, before_exec) = resolve_processes(aggregate, interpreted, processes);
 
         // 1. Each distinct frame of the interval to an object and offset, once. An
         //    interval holds up to 1 Mi stored frames but typically a few thousand
@@ -301,11 +323,11 @@ impl Symbolizer {
         let mut distinct = DistinctFrames::default();
         let mut refreshed: HashMap<u32, Option<Arc<ProcessInfo>>> = HashMap::new();
         for stack in aggregate.stacks() {
-            for key in frame_keys(stack) {
+            for key in frame_keys(stack, &before_exec) {
                 distinct.intern(key, || match key {
                     FrameKey::Kernel(ip) => FrameRef::Kernel(ip),
-                    FrameKey::User(tgid, ip) => {
-                        user_frame(tgid, ip, &procs, &mut refreshed, processes)
+                    FrameKey::User(space, ip) => {
+                        user_frame(space, ip, &procs, &before_exec, &mut refreshed, processes)
                     }
                 });
             }
@@ -326,7 +348,9 @@ impl Symbolizer {
         let mut stacks = Vec::with_capacity(aggregate.len() + 1);
         for stack in aggregate.stacks() {
             let mut locations = Vec::with_capacity(stack.frames.len() + 2);
-            locations.extend(frame_keys(stack).map(|key| location_of[distinct.index[&key]]));
+            locations.extend(
+                frame_keys(stack, &before_exec).map(|key| location_of[distinct.index[&key]]),
+            );
             // Leaf first: a cut user stack ends at the marker; a cut kernel stack
             // has it between its kernel and user frames.
             if stack.user().len() == MAX_STACK_DEPTH {
@@ -575,11 +599,13 @@ fn native_equivalent(count: u64, rate_hz: u32, frequency_hz: u64) -> u64 {
     (count.saturating_mul(frequency_hz).saturating_add(rate / 2) / rate).max(1)
 }
 
+/// The metadata of every process of the interval, and of those whose stacks from
+/// before their exec are named from their parent, that parent's.
 fn resolve_processes(
     aggregate: &Aggregator,
     interpreted: &[InterpretedSamples],
     processes: &Mutex<ProcessTable>,
-) -> HashMap<u32, Option<Arc<ProcessInfo>>> {
+) -> (HashMap<u32, Option<Arc<ProcessInfo>>>, BeforeExec) {
     let mut table = processes.lock().expect("process table lock");
     let mut procs = HashMap::new();
     for tgid in aggregate.tgids().chain(interpreted.iter().map(|s| s.pid)) {
@@ -593,17 +619,33 @@ fn resolve_processes(
             })
         });
     }
-    procs
+    let mut before_exec = BeforeExec::new();
+    let mut asked = std::collections::HashSet::new();
+    for stack in aggregate.stacks().filter(|s| s.fork_image) {
+        if asked.insert(stack.tgid) {
+            if let Some(parent) = table.named_before_exec(stack.tgid) {
+                before_exec.insert(stack.tgid, parent);
+            }
+        }
+    }
+    (procs, before_exec)
 }
 
 fn user_frame(
-    tgid: u32,
+    space: u32,
     ip: u64,
     procs: &HashMap<u32, Option<Arc<ProcessInfo>>>,
+    before_exec: &BeforeExec,
     refreshed: &mut HashMap<u32, Option<Arc<ProcessInfo>>>,
     table: &Mutex<ProcessTable>,
 ) -> FrameRef {
-    let Some(Some(info)) = procs.get(&tgid) else {
+    let tgid = space & !BEFORE_EXEC;
+    let info = if space & BEFORE_EXEC != 0 {
+        before_exec.get(&tgid)
+    } else {
+        procs.get(&tgid).and_then(Option::as_ref)
+    };
+    let Some(info) = info else {
         return FrameRef::Unknown {
             module: "[unknown process]".into(),
             offset: ip,
@@ -612,7 +654,8 @@ fn user_frame(
         };
     };
     let mut mapping = info.mapping(ip).cloned();
-    if mapping.is_none() {
+    // (Not for the parent's program: re-reading the process gives its own.)
+    if mapping.is_none() && space & BEFORE_EXEC == 0 {
         // Mapped after first sight (dlopen)? Re-read the process once per interval.
         let fresh = refreshed
             .entry(tgid)
