@@ -203,7 +203,8 @@ pub struct ProcessStats {
     /// Processes that exited before the worker got to them, named from the parent
     /// they were forked from without an exec.
     pub named_from_parent: AtomicU64,
-    /// First sights dropped because the queue was full (retried on the next sample).
+    /// First sights dropped because the queue was full (retried on the next
+    /// sample), and young mappings and execs not passed on for the same reason.
     pub queue_full: AtomicU64,
     /// Times a process was not tracked because the table was full (a process
     /// sampled on is counted again when next tried: once a cycle in the agent).
@@ -246,6 +247,9 @@ pub enum CaptureRequest {
     /// What the kernel saw a young process map; boxed, so that the queue's slots
     /// stay small.
     Mapping(Box<YoungMapping>),
+    /// The process exec'd: the mappings the kernel reported before were its old
+    /// program's ([`ProcessTable::execed`]).
+    Exec(u32),
 }
 
 /// All captured processes and the binaries they map.
@@ -421,6 +425,18 @@ impl ProcessTable {
             container_id: None,
         });
         self.kernel_mapped.insert(pid, info);
+    }
+
+    /// Process `pid` exec'd: forgets the mappings the kernel reported for it
+    /// before, which were its old program's (its parent's, for a fork that exec'd:
+    /// the samples from then are named from the parent, see
+    /// [`ProcessTable::named_before_exec`]). Kept, they could name the new
+    /// program's frames after the old one, where both map at the same addresses
+    /// (non-PIE executables, address randomization off), or take its slots.
+    pub fn execed(&mut self, pid: u32) {
+        if self.kernel_mapped.remove(&pid).is_some() {
+            self.kernel_named.remove(&pid);
+        }
     }
 
     /// The object behind a mapping the kernel reported: a binary we hold open for
@@ -883,6 +899,13 @@ impl FirstSight {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .apply(change);
+        if let ProcessChange::Execed { pid } = change {
+            // In the queue's order: after the old program's mappings, before the
+            // new one's.
+            if let Err(TrySendError::Full(_)) = self.queue.try_send(CaptureRequest::Exec(pid)) {
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Drops from `seen` the tgids whose capture found them gone.
@@ -999,6 +1022,10 @@ fn capture_loop(
             CaptureRequest::Capture(pid) => pid,
             CaptureRequest::Mapping(seen) => {
                 table.add_young_mapping(&seen);
+                continue;
+            }
+            CaptureRequest::Exec(pid) => {
+                table.execed(pid);
                 continue;
             }
         };
@@ -1221,6 +1248,37 @@ mod tests {
         assert_eq!(table.len(), 1, "no process's place taken");
         assert!(!table.take_forgettable().contains(&NO_SUCH_PID));
         assert!(table.take_forgettable().contains(&NO_SUCH_PID));
+    }
+
+    /// An exec forgets the mappings the kernel reported before it: the new
+    /// program's, even at the same address, are the ones that name the process.
+    #[test]
+    fn exec_forgets_the_old_programs_kernel_mappings() {
+        let mut table = ProcessTable::new(Arc::default());
+        table.capture(std::process::id()).unwrap();
+        let (old, here) = own_code_as_the_kernel_sees_it(NO_SUCH_PID, None);
+        table.add_young_mapping(&old);
+        let mut new = old.clone();
+        new.mapping.ino += 1; // another file at the same address
+        table.add_young_mapping(&new);
+        let named = |t: &ProcessTable| match t.get(NO_SUCH_PID).unwrap().mapping(here) {
+            Some(Mapping {
+                object: MappedObject::File(_),
+                ..
+            }) => "old",
+            Some(Mapping {
+                object: MappedObject::Unopened { .. },
+                ..
+            }) => "new",
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(named(&table), "old", "the same start is kept once");
+        table.execed(NO_SUCH_PID);
+        assert!(table.get(NO_SUCH_PID).is_none());
+        table.add_young_mapping(&new);
+        assert_eq!(named(&table), "new");
+        table.execed(std::process::id()); // a captured process: nothing to forget
+        assert!(table.get(std::process::id()).is_some());
     }
 
     /// With no process holding the file, the exec event's path names it if it is
