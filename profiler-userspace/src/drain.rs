@@ -26,7 +26,7 @@ use tokio::{
 
 use crate::{
     aggregate::Aggregator,
-    lineage::{ForkImages, ProcessChange},
+    lineage::ProcessChange,
     process::{FirstSight, YoungMapping},
 };
 
@@ -61,7 +61,8 @@ pub struct RawSample<'a> {
     /// frame-pointer chain ends): the frames from there on were dropped.
     pub user_walk_derailed: bool,
     /// The process still ran the program it was forked with when sampled (see
-    /// [`crate::lineage::ForkImages`]); set by the drain, false as parsed.
+    /// [`crate::lineage::Lineage::runs_forked_program`]); set by the drain, false
+    /// as parsed.
     pub fork_image: bool,
 }
 
@@ -410,7 +411,6 @@ pub struct DrainLoop {
     aggregator: Aggregator,
     first_sight: FirstSight,
     thread_names: ThreadNames,
-    fork_images: ForkImages,
     stats: Arc<DrainStats>,
 }
 
@@ -429,7 +429,6 @@ impl DrainLoop {
             aggregator,
             first_sight,
             thread_names: ThreadNames::default(),
-            fork_images: ForkImages::default(),
             stats,
         })
     }
@@ -484,7 +483,6 @@ impl DrainLoop {
                     let parsed = match Record::parse(&item) {
                         Ok(Record::Process(change)) => {
                             process_events += 1;
-                            self.fork_images.apply(change);
                             self.first_sight.process_changed(change);
                             continue;
                         }
@@ -495,9 +493,8 @@ impl DrainLoop {
                         }
                         Ok(Record::Exec { pid, path }) => {
                             process_events += 1;
-                            let change = ProcessChange::Execed { pid };
-                            self.fork_images.apply(change);
-                            self.first_sight.process_changed(change);
+                            self.first_sight
+                                .process_changed(ProcessChange::Execed { pid });
                             if let Some(path) = path {
                                 self.first_sight.exec_path(pid, path);
                             }
@@ -512,7 +509,7 @@ impl DrainLoop {
                         Ok(mut sample) => {
                             // Its exec event, if it comes, follows the samples
                             // taken before it in the ring.
-                            sample.fork_image = self.fork_images.contains(sample.tgid);
+                            sample.fork_image = self.first_sight.runs_forked_program(sample.tgid);
                             if sample.user_walk_derailed {
                                 self.stats
                                     .user_walks_derailed

@@ -14,16 +14,17 @@
 //!
 //! A child that exec'd ran its parent's program until the exec: samples taken
 //! before it (the work between fork and exec, the exec itself) are named from the
-//! parent's mappings ([`Lineage::parent_before_exec`]), which [`ForkImages`] tells
-//! the drain to mark as they arrive.
+//! parent's mappings ([`Lineage::parent_before_exec`]); the drain marks them as
+//! they arrive ([`Lineage::runs_forked_program`]), since the lineage it keeps is
+//! applied in the ring's order.
 //!
 //! Bounded: [`MAX_LINEAGE_ENTRIES`]; when full the oldest entry is forgotten (its
 //! children then stay unnamed if they exit early, never misnamed) and counted.
 
 use std::collections::{HashMap, VecDeque};
 
-/// Processes remembered: 8 192 x (~40 bytes in the map + up to 2 x 16 bytes of
-/// order) is ~0.6 MiB at most. A fork storm of 1 000 processes a second keeps ~8 s
+/// Processes remembered: 8 192 x (~56 bytes in the map + up to 2 x 16 bytes of
+/// order) is ~0.7 MiB at most. A fork storm of 1 000 processes a second keeps ~8 s
 /// of them, many times the capture worker's delay.
 pub const MAX_LINEAGE_ENTRIES: usize = 8192;
 
@@ -82,6 +83,12 @@ impl Lineage {
         (self.incarnation(parent) == incarnation).then_some(parent)
     }
 
+    /// True if `pid` was forked (while we watched) and has not exec'd since: it
+    /// still runs the program it was forked with.
+    pub fn runs_forked_program(&self, pid: u32) -> bool {
+        self.entries.get(&pid).is_some_and(|e| e.parent.is_some())
+    }
+
     /// The process whose program `pid` ran before its exec: the parent it was
     /// forked from, if `pid` exec'd right after that fork and the parent still runs
     /// the program it forked from.
@@ -127,55 +134,6 @@ impl Lineage {
     }
 }
 
-/// The processes that still run the program they were forked with, as the drain
-/// has read the fork and exec events so far: a sample of one of them is marked
-/// (`RawSample::fork_image`), so that if the process exec's later its samples from
-/// before are named from its parent's mappings rather than from those of the
-/// program it exec'd.
-///
-/// Bounded: [`MAX_LINEAGE_ENTRIES`] processes x (~24 bytes in the map + up to
-/// 2 x 16 bytes of order) is ~0.4 MiB at most; past it the oldest fork is forgotten
-/// (that process's samples are then not marked: named as if it had no parent).
-#[derive(Debug, Default)]
-pub struct ForkImages {
-    /// Pid and the sequence number of its fork.
-    forked: HashMap<u32, u64>,
-    /// (pid, fork sequence number) in fork order; entries exec'd or forked again
-    /// since are stale here and skipped.
-    order: VecDeque<(u32, u64)>,
-    next: u64,
-}
-
-impl ForkImages {
-    pub fn apply(&mut self, change: ProcessChange) {
-        match change {
-            ProcessChange::Forked { pid, .. } => {
-                self.next += 1;
-                self.forked.insert(pid, self.next);
-                self.order.push_back((pid, self.next));
-                while self.forked.len() > MAX_LINEAGE_ENTRIES
-                    || self.order.len() > 2 * MAX_LINEAGE_ENTRIES
-                {
-                    let Some((old, at)) = self.order.pop_front() else {
-                        break;
-                    };
-                    if self.forked.get(&old) == Some(&at) {
-                        self.forked.remove(&old);
-                    }
-                }
-            }
-            ProcessChange::Execed { pid } => {
-                self.forked.remove(&pid);
-            }
-        }
-    }
-
-    /// True if `tgid` was forked (while we watched) and has not exec'd since.
-    pub fn contains(&self, tgid: u32) -> bool {
-        !self.forked.is_empty() && self.forked.contains_key(&tgid)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,8 +168,11 @@ mod tests {
     fn exec_after_fork_remembers_the_parent_before_it() {
         let mut l = Lineage::default();
         forked(&mut l, 20, 10);
+        assert!(l.runs_forked_program(20));
+        assert!(!l.runs_forked_program(10), "not seen forked");
         assert_eq!(l.parent_before_exec(20), None, "not exec'd yet");
         l.apply(ProcessChange::Execed { pid: 20 });
+        assert!(!l.runs_forked_program(20));
         assert_eq!(l.parent_before_exec(20), Some(10));
         l.apply(ProcessChange::Execed { pid: 20 });
         assert_eq!(l.parent_before_exec(20), None, "its second program");
@@ -223,34 +184,6 @@ mod tests {
         l.apply(ProcessChange::Execed { pid: 21 });
         l.apply(ProcessChange::Execed { pid: 11 });
         assert_eq!(l.parent_before_exec(21), None, "the parent exec'd since");
-    }
-
-    /// The drain's view: forked and not exec'd since, within a bound.
-    #[test]
-    fn fork_images_end_at_exec_and_stay_bounded() {
-        let mut f = ForkImages::default();
-        assert!(!f.contains(20));
-        f.apply(ProcessChange::Forked {
-            pid: 20,
-            parent: 10,
-        });
-        assert!(f.contains(20));
-        assert!(!f.contains(10));
-        f.apply(ProcessChange::Execed { pid: 20 });
-        assert!(!f.contains(20));
-        for pid in 100..100 + MAX_LINEAGE_ENTRIES as u32 + 1 {
-            f.apply(ProcessChange::Forked { pid, parent: 1 });
-        }
-        assert!(!f.contains(100), "the oldest went first");
-        assert!(f.contains(101));
-        assert_eq!(f.forked.len(), MAX_LINEAGE_ENTRIES);
-        // Pids forked, exec'd and forked again leave the order queue bounded too.
-        for _ in 0..4 * MAX_LINEAGE_ENTRIES {
-            f.apply(ProcessChange::Execed { pid: 7 });
-            f.apply(ProcessChange::Forked { pid: 7, parent: 1 });
-        }
-        assert!(f.order.len() <= 2 * MAX_LINEAGE_ENTRIES);
-        assert!(f.contains(7));
     }
 
     /// A parent that exec'd after the fork, or whose pid was reused by a new

@@ -481,7 +481,7 @@ impl ProcessTable {
     /// with.
     fn named_from_ancestor(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
         let parent = self
-            .lineage()
+            .lineage
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .parent_of(pid)?;
@@ -489,12 +489,12 @@ impl ProcessTable {
     }
 
     /// The metadata that names the samples process `pid` took before its exec, in
-    /// the program it was forked with (see [`crate::lineage::ForkImages`]): its
+    /// the program it was forked with (see [`Lineage::runs_forked_program`]): its
     /// parent's, found as for a gone process. `None` if `pid` has not exec'd since
     /// that fork, or its parent is not known: its own metadata names them then.
     pub fn named_before_exec(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
         let parent = self
-            .lineage()
+            .lineage
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .parent_before_exec(pid)?;
@@ -508,14 +508,7 @@ impl ProcessTable {
     /// read from /proc now.
     fn metadata_of_ancestor(&mut self, first: u32) -> Option<Arc<ProcessInfo>> {
         let mut ancestor = first;
-        for i in 0..MAX_ANCESTORS {
-            if i > 0 {
-                ancestor = self
-                    .lineage
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .parent_of(ancestor)?;
-            }
+        for _ in 0..MAX_ANCESTORS {
             let known = self
                 .get(ancestor)
                 // Still the program we captured (an exec changes the executable);
@@ -529,6 +522,11 @@ impl ProcessTable {
                 self.store(ancestor, info.clone());
                 return Some(info);
             }
+            ancestor = self
+                .lineage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .parent_of(ancestor)?;
         }
         None
     }
@@ -908,6 +906,15 @@ impl FirstSight {
         }
     }
 
+    /// True if the lineage says `tgid` still runs the program it was forked with:
+    /// read for every sample, in the ring's order with the fork and exec events.
+    pub fn runs_forked_program(&self, tgid: u32) -> bool {
+        self.lineage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .runs_forked_program(tgid)
+    }
+
     /// Drops from `seen` the tgids whose capture found them gone.
     fn release_gone(&mut self) {
         let gone = std::mem::take(&mut *self.gone.lock().unwrap_or_else(|p| p.into_inner()));
@@ -1112,7 +1119,7 @@ mod tests {
     fn exec_after_fork_names_the_time_before_from_the_parent() {
         let mut table = ProcessTable::new(Arc::default());
         let me = std::process::id();
-        let child = 4_000_000; // above any pid this test could meet
+        let child = NO_SUCH_PID;
         let lineage = table.lineage().clone();
         lineage.lock().unwrap().apply(ProcessChange::Forked {
             pid: child,
