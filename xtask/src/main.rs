@@ -347,27 +347,23 @@ fn check_run() -> Result<()> {
         }
         _ => {}
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let busy = {
-        let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("xtask-busy".into())
-            .spawn(move || {
-                let mut x = 1u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-                }
-            })
-            .context("cannot start the busy thread")?
-    };
-    let result = run_profiler(vec![
-        "--duration".into(),
-        SECS.to_string(),
-        "--output-dir".into(),
-        dir.display().to_string(),
-    ]);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = busy.join();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut x = 1u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        });
+        let result = run_profiler(vec![
+            "--duration".into(),
+            SECS.to_string(),
+            "--output-dir".into(),
+            dir.display().to_string(),
+        ]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    });
     result.context("`cargo xtask run` failed")?;
     for name in ["profile.folded", "profile.pb.gz", "flamegraph.svg"] {
         let path = dir.join(name);
