@@ -42,9 +42,12 @@ pub enum ConfigError {
     /// An interval under a second.
     #[error("--interval must be at least 1 second")]
     Interval,
-    /// A header that is not `key=value`.
-    #[error("OTLP header {0:?} is not key=value")]
-    Header(String),
+    /// A header that is not `key=value`: which one, by position and the few
+    /// characters before its first separator, never its value (it may be a token).
+    #[error(
+        "OTLP header {position} ({start:?}...) is not key=value (rest not shown: it may hold a secret)"
+    )]
+    Header { position: usize, start: String },
     /// A resource attribute that is not `key=value`.
     #[error("{origin}: {pair:?} is not key=value")]
     ResourceAttribute { origin: &'static str, pair: String },

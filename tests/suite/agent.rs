@@ -328,6 +328,64 @@ fn backend_outage_is_bounded_and_recovers() {
     assert!(peak > 32 * 1024 && peak <= 64 * 1024, "{stopped}");
 }
 
+/// Shutdown does not wait out the exporter's backoff: with the backend down long
+/// enough that the exporter sleeps longer than the shutdown deadline, a backend back
+/// just as SIGTERM arrives still gets the queued profiles before the agent exits.
+#[test]
+fn shutdown_cuts_the_export_backoff_short() {
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut agent = Agent::start_with_env(
+        &[
+            "--endpoint",
+            &endpoint,
+            "--interval",
+            "1",
+            "--timeout",
+            "1",
+            "--shutdown-timeout",
+            "5",
+            "--include-idle",
+        ],
+        &[("RUST_LOG", "profiler=info,profiler::sink::grpc=debug")],
+    );
+    // The exporter's latest sleep, from its debug line `... delay=12.3s ...`.
+    let last_delay = |log: &str| -> Option<f64> {
+        let line = log
+            .lines()
+            .rfind(|l| l.contains("export failed, will retry"))?;
+        let value = line.split("delay=").nth(1)?.split_whitespace().next()?;
+        let secs = if let Some(ms) = value.strip_suffix("ms") {
+            ms.parse::<f64>().ok()? / 1000.0
+        } else {
+            value.strip_suffix('s')?.parse::<f64>().ok()?
+        };
+        Some(secs)
+    };
+    // Backoff doubles from 0.5 s: within a minute a sleep exceeds the 5 s deadline.
+    let end = std::time::Instant::now() + Duration::from_secs(90);
+    while last_delay(&agent.log()).is_none_or(|d| d < 7.0) {
+        assert!(
+            std::time::Instant::now() < end,
+            "no long backoff: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let receiver = Receiver::start(port, &[]);
+    let started = std::time::Instant::now();
+    assert!(agent.terminate(Duration::from_secs(20)).unwrap().success());
+    let waited = started.elapsed();
+    let log = agent.log();
+    let requests = receiver.requests();
+    assert!(
+        !requests.is_empty(),
+        "nothing exported at shutdown; log:\n{log}"
+    );
+    assert_well_formed(&requests);
+    assert!(waited < Duration::from_secs(15), "shutdown took {waited:?}");
+}
+
 /// A memory budget the agent's own cycles already exceed sheds the export queue down
 /// to the newest profile during an outage (a queue bound it would otherwise never
 /// reach), says so once, and export still resumes when the backend comes back.
@@ -484,19 +542,31 @@ fn rejections_by_status_class() {
             "{code}"
         );
         let log = agent.log();
+        // What the receiver saw: a permanent rejection is never sent again, a
+        // refusal is (the same bytes, tried again).
+        let requests = receiver.requests();
+        let hashes: Vec<&str> = requests
+            .iter()
+            .map(|r| r["sha256"].as_str().unwrap())
+            .collect();
+        let distinct: std::collections::HashSet<&str> = hashes.iter().copied().collect();
         if permanent {
+            assert_eq!(distinct.len(), hashes.len(), "{code}: sent again");
             assert_eq!(
                 log.matches("rejected profiles permanently").count(),
                 1,
                 "{code}: {log}"
             );
+            assert!(!log.contains("OTLP backend refuses"), "{code}: {log}");
             assert!(!log.contains("OTLP backend unavailable"), "{code}: {log}");
         } else {
+            assert!(distinct.len() < hashes.len(), "{code}: never retried");
             assert_eq!(
-                log.matches("OTLP backend unavailable").count(),
+                log.matches("OTLP backend refuses a request").count(),
                 1,
                 "{code}: {log}"
             );
+            assert!(!log.contains("OTLP backend unavailable"), "{code}: {log}");
             assert!(
                 !log.contains("rejected profiles permanently"),
                 "{code}: {log}"
@@ -971,8 +1041,18 @@ fn refused_requests_are_given_up_and_export_goes_on() {
     let refusals = 2 * attempts;
     let receiver = refusing_receiver("RESOURCE_EXHAUSTED", refusals, &[]);
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    // No memory budget: on a host busy with other tests a debug build's RSS may
+    // pass the default budget, which would shed queued requests mid-retry.
     let mut agent = Agent::start_with_env(
-        &["--endpoint", &endpoint, "--interval", "1", "--include-idle"],
+        &[
+            "--endpoint",
+            &endpoint,
+            "--interval",
+            "1",
+            "--include-idle",
+            "--memory-budget-mib",
+            "0",
+        ],
         &[("RUST_LOG", "profiler=info,profiler::sink::grpc=debug")],
     );
     let accepted = |requests: &[Value]| requests.iter().filter(|r| r["status"] == "OK").count();
@@ -1003,7 +1083,7 @@ fn refused_requests_are_given_up_and_export_goes_on() {
         .collect();
     assert_eq!(refused.len(), refusals, "{log}");
     let (first, second) = refused.split_at(attempts);
-    assert!(first.iter().all(|h| *h == first[0]), "{refused:?}");
+    assert!(first.iter().all(|h| *h == first[0]), "{refused:?}\n{log}");
     assert!(second.iter().all(|h| *h == second[0]), "{refused:?}");
     assert_ne!(first[0], second[0], "the same request was tried again");
     assert!(
@@ -1020,7 +1100,12 @@ fn refused_requests_are_given_up_and_export_goes_on() {
         1,
         "{log}"
     );
-    assert_eq!(log.matches("OTLP backend unavailable").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("OTLP backend refuses a request").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("OTLP backend unavailable"), "{log}");
     assert!(log.contains("OTLP backend accepts requests again"), "{log}");
     assert!(!log.contains("rejected profiles permanently"), "{log}");
     // Counted: the second give-up, logged at debug, carries the count.

@@ -107,7 +107,23 @@ fn check_endpoint_path(endpoint: &str) -> Result<(), ConfigError> {
 
 /// `key1=value1,key2=value2`, values percent-decoded (the OTel format).
 pub fn parse_headers(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
-    parse_pairs(text).map_err(ConfigError::Header)
+    parse_pairs(text).map_err(|pair| {
+        let position = text
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .position(|p| p == pair)
+            .map_or(0, |i| i + 1);
+        // What a header's name would be: up to a separator, at most a few chars.
+        let start = pair
+            .split([':', ' ', '='])
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(24)
+            .collect();
+        ConfigError::Header { position, start }
+    })
 }
 
 /// `key1=value1,key2=value2` with keys trimmed and values trimmed and
@@ -289,7 +305,7 @@ impl AgentConfig {
                     .clone()
                     .or_else(|| otel(env, "COMPRESSION"))
                     .unwrap_or_else(|| "gzip".into());
-                let gzip = match compression.as_str() {
+                let gzip = match compression.to_ascii_lowercase().as_str() {
                     "gzip" => true,
                     "none" => false,
                     other => return Err(ConfigError::Compression(other.to_string())),
@@ -477,6 +493,33 @@ mod tests {
         assert_eq!(g.endpoint, "http://collector:4317");
     }
 
+    /// A malformed header is named by position and the start of its name, never
+    /// by its value, which may be a token.
+    #[test]
+    fn a_bad_header_does_not_show_its_value() {
+        let e = parse_headers("x-tenant=a, authorization: Bearer s3cret").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("header 2"), "{text}");
+        assert!(text.contains("authorization"), "{text}");
+        assert!(
+            !text.contains("s3cret") && !text.contains("Bearer"),
+            "{text}"
+        );
+    }
+
+    /// Compression names are case-insensitive, as OTel SDKs take them.
+    #[test]
+    fn compression_ignores_case() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "GZIP"),
+        ]);
+        assert!(AgentConfig::new(args(), &e).is_ok());
+        let mut a = args();
+        a.compression = Some("None".into());
+        assert!(AgentConfig::new(a, &e).is_ok());
+    }
+
     /// Bad values are refused with the reason.
     #[test]
     fn bad_values_are_refused() {
@@ -491,7 +534,7 @@ mod tests {
         a.headers = vec!["novalue".into()];
         assert!(matches!(
             AgentConfig::new(a, &e),
-            Err(ConfigError::Header(_))
+            Err(ConfigError::Header { .. })
         ));
         let mut a = args();
         a.client_cert = Some("/etc/hostname".into());

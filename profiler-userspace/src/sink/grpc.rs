@@ -30,13 +30,13 @@
 //! than the queue's bound.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::{BufMut as _, Bytes};
@@ -156,6 +156,21 @@ pub struct ExportStats {
 /// cut to this, so a profile is not held for hours on one answer.
 pub const MAX_THROTTLE_DELAY: Duration = Duration::from_secs(5 * 60);
 
+/// Shortest wait a backend's `RetryInfo` gets: [`INITIAL_BACKOFF`], so a backend
+/// that asks for no wait at all (`retry_delay` 0) gets at most two attempts a
+/// second, not a hot loop of them.
+pub const MIN_THROTTLE_DELAY: Duration = INITIAL_BACKOFF;
+
+/// Longest wait between attempts once the agent is shutting down: the last requests
+/// get tried again within its deadline (`--shutdown-timeout`) rather than after an
+/// outage's 30 s backoff. The backoff sleep under way when shutdown begins ends at
+/// once.
+pub const SHUTDOWN_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// How long a logged cause stays logged: the same cause again after this long (a
+/// token that expires again next week) is logged again, with the counts since.
+pub const CAUSE_RELOG_AFTER: Duration = Duration::from_secs(60 * 60);
+
 /// What a failed export means for the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
@@ -273,31 +288,53 @@ mod rpc {
     }
 }
 
-/// What was logged already, so each cause is logged once: keyed by a status code
-/// and [`cause_of`] its message, at most `per_code` messages per code (so at most 17
+/// What was logged already, so each cause is logged once per
+/// [`CAUSE_RELOG_AFTER`]: keyed by a status code and [`cause_of`] its message, with
+/// when it was last logged; at most `per_code` messages per code (so at most 17
 /// codes times that in all; `partial_success` messages go under code 0).
 struct LoggedCauses {
-    seen: HashSet<(i32, String)>,
+    logged: HashMap<(i32, String), Instant>,
     per_code: usize,
 }
 
 impl LoggedCauses {
     fn new(per_code: usize) -> Self {
         LoggedCauses {
-            seen: HashSet::new(),
+            logged: HashMap::new(),
             per_code,
         }
     }
 
-    /// True the first time this cause is seen (and while the bound has room).
+    /// True if this cause is to be logged now: the first time it is seen, or again
+    /// [`CAUSE_RELOG_AFTER`] after it was last logged. A new cause of a code that
+    /// has `per_code` of them takes the place of one logged that long ago, if any.
     fn first(&mut self, code: i32, message: &str) -> bool {
+        self.first_at(code, message, Instant::now())
+    }
+
+    fn first_at(&mut self, code: i32, message: &str, now: Instant) -> bool {
+        let stale = |at: &Instant| now.saturating_duration_since(*at) >= CAUSE_RELOG_AFTER;
         let key = (code, cause_of(message));
-        if self.seen.contains(&key)
-            || self.seen.iter().filter(|(c, _)| *c == code).count() >= self.per_code
-        {
-            return false;
+        if let Some(at) = self.logged.get_mut(&key) {
+            if !stale(at) {
+                return false;
+            }
+            *at = now;
+            return true;
         }
-        self.seen.insert(key)
+        if self.logged.keys().filter(|(c, _)| *c == code).count() >= self.per_code {
+            let Some(old) = self
+                .logged
+                .iter()
+                .find(|((c, _), at)| *c == code && stale(at))
+                .map(|(k, _)| k.clone())
+            else {
+                return false;
+            };
+            self.logged.remove(&old);
+        }
+        self.logged.insert(key, now);
+        true
     }
 }
 
@@ -510,12 +547,21 @@ impl Exporter {
                     log.retrying(&self.endpoint, &status, self.tls, failure);
                     stats.retries.fetch_add(1, Ordering::Relaxed);
                     let jittered = jitter.apply(delay);
-                    let delay = match next {
+                    let mut delay = match next {
                         Next::Wait(_) => jittered.max(delay),
                         _ => jittered,
                     };
+                    let closing = queue.is_closed();
+                    if closing {
+                        delay = delay.min(SHUTDOWN_RETRY_DELAY);
+                    }
                     debug!(?delay, code = ?status.code(), ?failure, "export failed, will retry");
-                    tokio::time::sleep(delay).await;
+                    // Shutdown cuts the sleep short: the last requests are tried
+                    // again while its deadline lasts.
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = queue.closed(), if !closing => {}
+                    }
                 }
                 Next::GiveUp { attempts } => {
                     queue.remove(id);
@@ -564,10 +610,11 @@ impl Retries {
                 self.down_failures = self.down_failures.saturating_add(1);
                 Next::Retry(backoff(self.down_failures))
             }
-            // Up, and it said how long to wait: no backoff of our own on top.
+            // Up, and it said how long to wait: no backoff of our own on top, but no
+            // less than MIN_THROTTLE_DELAY.
             Failure::Throttled(delay) => {
                 self.down_failures = 0;
-                Next::Wait(delay)
+                Next::Wait(delay.max(MIN_THROTTLE_DELAY))
             }
             // The backend answered, so it is up: the outage backoff starts over, and
             // this request's own refusals set its delay, so a backend that refuses
@@ -682,7 +729,7 @@ impl ExportLog {
                     code = ?status.code(),
                     message = %describe(status, tls),
                     max_attempts = MAX_REFUSED_ATTEMPTS,
-                    "OTLP backend unavailable to this request: it answers but refuses it; retrying it with backoff, then giving it up"
+                    "OTLP backend refuses a request: it is up and answers, but not with success; retrying the request with backoff, then giving it up"
                 );
             }
             _ => {}
@@ -1127,6 +1174,40 @@ mod tests {
         }
         r.sent();
         assert_eq!(r.failed(2, Failure::Down), Next::Retry(backoff(1)));
+    }
+
+    /// A backend's wait is kept, but one of zero is no hot loop.
+    #[test]
+    fn throttled_requests_wait_at_least_the_minimum() {
+        let mut r = Retries::default();
+        let long = Duration::from_secs(7);
+        assert_eq!(r.failed(1, Failure::Throttled(long)), Next::Wait(long));
+        for _ in 0..100 {
+            assert_eq!(
+                r.failed(1, Failure::Throttled(Duration::ZERO)),
+                Next::Wait(MIN_THROTTLE_DELAY)
+            );
+        }
+        assert!(MIN_THROTTLE_DELAY >= Duration::from_millis(100));
+    }
+
+    /// A cause logged an hour ago is logged again; one logged a minute ago is not;
+    /// a stale cause makes room for a new one at the per-code bound.
+    #[test]
+    fn causes_are_logged_again_after_a_while() {
+        let mut logged = LoggedCauses::new(2);
+        let code = Code::Unauthenticated as i32;
+        let t0 = Instant::now();
+        assert!(logged.first_at(code, "token expired", t0));
+        assert!(!logged.first_at(code, "token expired", t0 + Duration::from_secs(60)));
+        let later = t0 + CAUSE_RELOG_AFTER;
+        assert!(logged.first_at(code, "token expired", later));
+        assert!(!logged.first_at(code, "token expired", later + Duration::from_secs(1)));
+        // At the bound: no room while both are fresh, room once one is stale.
+        assert!(logged.first_at(code, "bad tenant a", later));
+        assert!(!logged.first_at(code, "bad tenant b", later));
+        assert!(logged.first_at(code, "bad tenant b", later + CAUSE_RELOG_AFTER));
+        assert!(logged.logged.len() <= 2);
     }
 
     /// A cause is its code and its message with digits masked, so sizes and request

@@ -227,6 +227,17 @@ impl<T: Clone> ExportQueue<T> {
         self.notify.notify_one();
     }
 
+    /// Waits until the queue is closed.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.inner.lock().expect("queue lock").closed
     }
@@ -334,5 +345,27 @@ mod tests {
         q.remove(id);
         assert_eq!(q.front().unwrap().1, "b");
         assert_eq!(q.bytes(), 10);
+    }
+
+    /// `closed` waits through pushes and returns once the queue is closed (the
+    /// exporter's backoff sleep ends with it at shutdown).
+    #[tokio::test]
+    async fn closed_returns_at_close_only() {
+        let q = std::sync::Arc::new(ExportQueue::new(10));
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.closed().await }
+        });
+        tokio::task::yield_now().await;
+        q.push("a", 1);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        q.close();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by close")
+            .unwrap();
+        // Closed already: returns at once.
+        q.closed().await;
     }
 }
