@@ -73,8 +73,9 @@ pub enum SamplerError {
          would name as other processes"
     )]
     ForeignPidNamespace,
-    /// The kernel refused a feature we need (BPF ring buffer: Linux 5.8+).
-    #[error("this kernel lacks a BPF feature the sampler needs ({what}); Linux 5.8 or newer with CONFIG_BPF_SYSCALL is required")]
+    /// The kernel refused a feature we need (BPF ring buffer: Linux 5.8; the
+    /// `bpf_loop` helper of the stack walk: Linux 5.17).
+    #[error("this kernel lacks a BPF feature the sampler needs ({what}); Linux 5.17 or newer with CONFIG_BPF_SYSCALL is required")]
     KernelFeature {
         /// The feature, as the kernel reported it.
         what: String,
@@ -236,9 +237,12 @@ impl Sampler {
             sample_program(&mut ebpf).load().map_err(program_error)?;
             Ok(ebpf)
         };
-        // Young processes' mappings need bpf_find_vma and bpf_loop (Linux 5.17): a
-        // kernel that rejects the program with them gets it without them (the
-        // verifier skips the code a zero window turns off), and a warning.
+        // Young processes' mappings need bpf_find_vma (Linux 5.17) and the kernel
+        // struct layout from BTF: a kernel that rejects the program with them (a
+        // layout it does not accept, a security policy on bpf_find_vma) gets it
+        // without them (the verifier skips the code a zero window turns off), and a
+        // warning. A kernel without bpf_loop (before 5.17) refuses both: the stack
+        // walk needs it.
         let (mut ebpf, mappings_problem) = match kernel_offsets {
             Ok(offsets) if offsets.young_process_ns != 0 => match load(&offsets) {
                 Ok(ebpf) => (ebpf, None),
@@ -661,8 +665,13 @@ fn program_error(e: ProgramError) -> SamplerError {
             io_error,
             verifier_log,
         } => {
-            if is_permission(&io_error) && verifier_log.to_string().trim().is_empty() {
+            let log = verifier_log.to_string();
+            if is_permission(&io_error) && log.trim().is_empty() {
                 SamplerError::NotPermitted
+            } else if let Some(helper) = missing_helper(&log) {
+                SamplerError::KernelFeature {
+                    what: format!("the verifier does not know the helper {helper}"),
+                }
             } else {
                 SamplerError::Load(format!("{io_error}\nverifier log:\n{verifier_log}"))
             }
@@ -672,9 +681,33 @@ fn program_error(e: ProgramError) -> SamplerError {
     }
 }
 
+/// The helper a verifier log says the kernel lacks (`unknown func bpf_loop#181`),
+/// as `bpf_loop`.
+fn missing_helper(verifier_log: &str) -> Option<&str> {
+    let rest = verifier_log.split("unknown func ").nth(1)?;
+    let name = rest.split(['#', ' ', '\n']).next()?;
+    (!name.is_empty()).then_some(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel without a helper the program calls gets the helper's name and the
+    /// kernel version needed, not the verifier's whole log.
+    #[test]
+    fn a_missing_helper_is_a_kernel_feature() {
+        let log = "0: R1=ctx() R10=fp0\n; 12: (85) call bpf_loop#181\nunknown func bpf_loop#181\nprocessed 12 insns";
+        assert_eq!(missing_helper(log), Some("bpf_loop"));
+        assert_eq!(missing_helper("invalid mem access 'scalar'"), None);
+        let e = SamplerError::KernelFeature {
+            what: format!(
+                "the verifier does not know the helper {}",
+                missing_helper(log).unwrap()
+            ),
+        };
+        assert!(e.to_string().contains("bpf_loop") && e.to_string().contains("5.17"));
+    }
 
     /// A failed perf_event_open names its likely cause by errno, not always a
     /// missing kernel option.
