@@ -8,7 +8,7 @@ use std::{
     collections::HashSet,
     fmt::Write as _,
     io::IsTerminal as _,
-    sync::atomic::Ordering,
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -447,15 +447,32 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
     let title = title(config, stopped.cpus, elapsed);
     let output_dir = config.output_dir.clone();
     let table = stopped.table;
-    let work = tokio::task::spawn_blocking(move || {
-        let profile = Symbolizer::default().symbolize(&aggregate, &table, meta, &interpreted);
-        let written = export::write_all(&profile, &output_dir, &title);
-        (profile, written, aggregate.stats(), aggregate.len())
+    let publish = Arc::new(export::Publish::default());
+    let mut handle = tokio::task::spawn_blocking({
+        let publish = publish.clone();
+        move || {
+            let profile = Symbolizer::default().symbolize(&aggregate, &table, meta, &interpreted);
+            let written = export::write_all(&profile, &output_dir, &title, &publish);
+            (profile, written, aggregate.stats(), aggregate.len())
+        }
     });
-    // Ctrl-C or SIGTERM now (a second one, or the first after the recording ended)
-    // gives up: the files are renamed into place only when complete, so none is
-    // half-written.
-    let Some(work) = or_interrupt(work).await else {
+    // Ctrl-C or SIGTERM now finishes the files if it is the first (the recording
+    // ran its whole duration: a user who stops it at the end wants it written);
+    // a second one (or the first after one stopped the recording) gives up. The
+    // files are renamed into place only when complete, so none is half-written,
+    // and none appears once we say it was not written.
+    let mut work = match or_interrupt(&mut handle).await {
+        None if !interrupted => {
+            eprintln!("finishing the profile; interrupt again to abandon it");
+            or_interrupt(&mut handle).await
+        }
+        done => done,
+    };
+    if work.is_none() && !publish.abandon() {
+        // Too late to abandon: the files are in place, and the writer is done.
+        work = Some(handle.await);
+    }
+    let Some(work) = work else {
         export::remove_temporaries(&config.output_dir);
         anyhow::bail!("interrupted while symbolizing: the profile was not written");
     };

@@ -261,6 +261,72 @@ fn sigint_stops_early_and_writes_everything() {
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
+/// A recording that ran its whole duration, sent SIGINT `signals` times (50 ms
+/// apart) as soon as it says it is symbolizing: its exit status, stderr, and the
+/// names in `dir` afterwards.
+fn interrupt_while_symbolizing(dir: &Path, signals: usize) -> (bool, String, Vec<String>) {
+    use std::io::{BufRead as _, BufReader, Read as _};
+    let mut child = Command::new(PROFILER)
+        .args(["record", "--duration", "2", "--include-idle", "--output-dir"])
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        text.push_str(&line);
+        if line.starts_with("symbolizing") {
+            for i in 0..signals {
+                if i > 0 {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                // SAFETY: plain kill(2) on our own child, not yet reaped.
+                assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+            }
+            break;
+        }
+    }
+    err.read_to_string(&mut text).unwrap();
+    let ok = child.wait().unwrap().success();
+    let names = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    (ok, text, names)
+}
+
+/// Ctrl-C while a full-length recording is symbolized finishes the files (the user
+/// asked to stop, and the recording is over), saying how to abandon them.
+#[test]
+fn first_interrupt_while_symbolizing_still_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text, mut names) = interrupt_while_symbolizing(dir.path(), 1);
+    assert!(ok, "{text}");
+    assert!(text.contains("finishing the profile"), "signal missed: {text}");
+    names.sort();
+    assert_eq!(
+        names,
+        ["flamegraph.svg", "profile.folded", "profile.pb.gz"],
+        "{text}"
+    );
+}
+
+/// A second Ctrl-C abandons: an error, and no file nor temporary is left.
+#[test]
+fn second_interrupt_while_symbolizing_abandons() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text, names) = interrupt_while_symbolizing(dir.path(), 2);
+    assert!(!ok, "{text}");
+    assert!(text.contains("finishing the profile"), "signal missed: {text}");
+    assert!(text.contains("the profile was not written"), "{text}");
+    assert!(names.is_empty(), "left behind: {names:?}");
+}
+
 /// SIGHUP (a closed terminal) ends a recording early and it is still written.
 #[test]
 fn sighup_ends_a_recording_that_is_still_written() {
