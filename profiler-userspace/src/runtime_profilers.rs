@@ -556,8 +556,9 @@ fn candidate_window(len: usize, generation: u64) -> (usize, usize) {
 }
 
 impl Shared {
-    /// The runtime of each pid (cached by pid and start time), for the enabled
-    /// runtimes only. Blocking: reads /proc.
+    /// The runtime of each pid (cached while pid, start time and executable stay:
+    /// see [`TargetProcess::is_alive`], so a process that execs an interpreter is
+    /// classified again), for the enabled runtimes only. Blocking: reads /proc.
     fn classify(&self, pids: &[u32], wanted: impl Fn(Runtime) -> bool) -> Vec<TargetProcess> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
@@ -1229,6 +1230,44 @@ mod tests {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+
+    /// A shell classified as native that then execs Python (same pid, same start
+    /// time) is classified again and returned as Python, not kept native from the
+    /// cache for as long as it is a candidate.
+    #[test]
+    fn exec_into_python_is_classified_again() {
+        use std::io::Write as _;
+        let p = RuntimeProfilers::new(RuntimeConfig::all(97)).unwrap();
+        let mut sh = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "read go; exec python3 -c 'import time; time.sleep(30)'",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = sh.id();
+        assert!(p.shared.classify(&[pid], |_| true).is_empty());
+        assert_eq!(
+            p.shared.tracked.lock().unwrap()[&pid].process.runtime,
+            None,
+            "sh is native"
+        );
+        writeln!(sh.stdin.as_mut().unwrap(), "go").unwrap();
+        // Each round sees it among the candidates, as --pid targets are.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let found = loop {
+            let found = p.shared.classify(&[pid], |_| true);
+            if !found.is_empty() || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = sh.kill();
+        let _ = sh.wait();
+        assert_eq!(found.len(), 1, "still cached as native");
+        assert_eq!(found[0].runtime, Some(Runtime::Python));
     }
 
     /// A program is found in PATH or by path; a missing one is reported once per

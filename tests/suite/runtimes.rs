@@ -506,6 +506,128 @@ fn agent_exports_python_frames_over_otlp() {
     );
 }
 
+/// A shell the agent already classified as native that then runs
+/// `exec python3 chain.py` keeps its pid and start time: the agent sees the exec,
+/// classifies it again, and its Python frames come from py-spy in later intervals.
+#[test]
+fn shell_that_execs_python_gets_python_frames() {
+    let _cpu = cpu_heavy_lock();
+    let script = format!(
+        "sleep 4; exec '{}' '{}' 60",
+        python_executable().display(),
+        programs_dir().join("chain.py").display()
+    );
+    let target = spawn(Command::new("sh").args(["-c", &script]));
+    let dir = tempfile::tempdir().unwrap();
+    let py_spy = tool("PY_SPY_BIN");
+    let mut agent = Agent::start(&[
+        "--interval",
+        "2",
+        "--pid",
+        &target.pid().to_string(),
+        "--runtimes",
+        "python",
+        "--py-spy",
+        py_spy.to_str().unwrap(),
+        "--output-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    // The first rounds see `sh`; the exec comes 4 s in; then a few intervals of Python.
+    std::thread::sleep(Duration::from_secs(13));
+    let status = agent
+        .terminate(Duration::from_secs(20))
+        .expect("agent exits");
+    assert!(status.success(), "{}", agent.log());
+    let stacks: Vec<FoldedStack> = folded_files(dir.path())
+        .iter()
+        .flat_map(|p| read_folded_file(p))
+        .collect();
+    let chain = ["py_outer_[py]", "py_middle_[py]", "py_inner_[py]"];
+    let python: u64 = stacks
+        .iter()
+        .filter(|s| contains_chain(&s.frames, &chain))
+        .map(|s| s.count)
+        .sum();
+    assert!(
+        python > 50,
+        "{python} samples with the Python chain after the exec:\n{}",
+        agent.log()
+    );
+}
+
+/// PHP end to end, with a stand-in for phpspy: phpspy cannot be installed on this
+/// machine, so a shell script given as `--phpspy` writes phpspy's documented output
+/// format (its README's examples: `DEPTH FUNCTION FILE:LINE` frame lines, innermost
+/// first, a blank line after each sample, `#` comment lines) to its `-o` file for the
+/// `-p` process it was given, after checking that process runs `php`. The target is
+/// the native `chain` program copied under the name `php`, which detection takes for
+/// PHP. Its PHP frames arrive root first, marked `_[php]`, under that process, beside
+/// its native frames. This checks our side (arguments, detection, run, parse,
+/// merge), not phpspy itself.
+#[test]
+fn php_frames_from_a_fake_phpspy() {
+    let dir = tempfile::tempdir().unwrap();
+    let php_dir = dir.path().join("bin");
+    std::fs::create_dir(&php_dir).unwrap();
+    let php = php_dir.join("php");
+    std::fs::copy(program("chain"), &php).unwrap();
+    let target = spawn(Command::new(&php).arg("60"));
+    settle();
+    let phpspy = script_tool(
+        dir.path(),
+        "fake-phpspy",
+        r#"pid= out=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -p) pid=$2; shift 2 ;;
+    -o) out=$2; shift 2 ;;
+    *) shift ;;
+  esac
+done
+case "$(readlink "/proc/$pid/exe")" in
+  */php) ;;
+  *) echo "fake phpspy: pid $pid does not run php" >&2; exit 2 ;;
+esac
+i=0
+while [ $i -lt 120 ]; do
+  printf '0 php_inner /srv/app/chain.php:3\n1 php_middle /srv/app/chain.php:8\n2 Chain::php_outer /srv/app/chain.php:13\n3 <main> /srv/app/chain.php:1\n# trace_ts = 1700000000.%06d\n# pid = %s\n\n' $i "$pid"
+  i=$((i + 1))
+done > "$out"
+printf '0 usleep <internal>:-1\n1 <main> /srv/app/chain.php:1\n\n' >> "$out""#,
+    );
+    let out_dir = dir.path().join("out");
+    let out = Command::new(profiler_bin())
+        .args(["record", "--quiet", "--duration", "3"])
+        .args(["--pid", &target.pid().to_string()])
+        .args(["--runtimes", "php"])
+        .arg("--phpspy")
+        .arg(&phpspy)
+        .arg("--output-dir")
+        .arg(&out_dir)
+        .output()
+        .expect("run profiler record");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "profiler record failed:\n{log}");
+    assert!(!log.contains("last runtime profiler failure"), "{log}");
+    let stacks = read_folded(&out_dir);
+    let chain = [
+        "<main>_[php]",
+        "Chain::php_outer_[php]",
+        "php_middle_[php]",
+        "php_inner_[php]",
+    ];
+    let php_samples = samples_with_chain(&stacks, "php", &chain);
+    assert!(
+        php_samples >= 100,
+        "{php_samples} samples with the PHP chain:\n{log}\n{stacks:?}"
+    );
+    let builtin = samples_with_chain(&stacks, "php", &["<main>_[php]", "usleep_[php]"]);
+    assert!(builtin > 0, "the built-in's sample is missing: {stacks:?}");
+    // The same process's native stacks are there too, unmarked.
+    let native = samples_with_chain(&stacks, "php", &["chain_outer", "chain_middle"]);
+    assert!(native > 50, "{native} native samples of php:\n{log}");
+}
+
 /// Children and threads of process `pid`, read from /proc.
 fn children_and_threads(pid: u32) -> (usize, usize) {
     let mut children = 0;
@@ -521,9 +643,60 @@ fn children_and_threads(pid: u32) -> (usize, usize) {
     (children, threads)
 }
 
+/// The children of process `pid` (listed by each of its threads) with their start
+/// times, so a child can be told from a later process given its pid.
+fn children_of(pid: u32) -> Vec<(u32, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter_map(|child| Some((child, state_and_start(child)?.1)))
+        .collect()
+}
+
+/// State letter and start time (field 22) of process `pid`, from /proc/PID/stat.
+fn state_and_start(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command, which may hold spaces and parentheses: state is
+    // field 3, the start time field 22.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some((
+        fields.first()?.chars().next()?,
+        fields.get(19)?.parse().ok()?,
+    ))
+}
+
+/// Of `children` (pid, start time), those still running, after waiting up to 3 s for
+/// their end to be seen (a zombie waiting for its reaper counts as ended).
+fn still_running(children: &std::collections::HashMap<u32, u64>) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let running: Vec<u32> = children
+            .iter()
+            .filter(|&(&pid, &start)| {
+                state_and_start(pid).is_some_and(|(state, s)| s == start && !"ZX".contains(state))
+            })
+            .map(|(&pid, _)| pid)
+            .collect();
+        if running.is_empty() || std::time::Instant::now() > deadline {
+            return running;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// 200 Python processes at once: the agent never runs more py-spy children than
 /// --max-runtime-children, nor grows threads with them; the targets that do not fit
-/// a round are counted and wait their turn; after SIGTERM no child is left.
+/// a round are counted and wait their turn; after SIGTERM no child it started is
+/// left running, nor after SIGKILL (their PDEATHSIG takes them).
 #[test]
 fn many_python_processes_stay_within_the_child_cap() {
     let _cpu = cpu_heavy_lock();
@@ -563,13 +736,18 @@ fn many_python_processes_stay_within_the_child_cap() {
     let mut agent = Agent::start(&args);
     let agent_pid = agent.child.pid();
     let (mut max_children, mut max_threads) = (0, 0);
+    // Every child seen (pid and start time): checked after the agent is gone, when
+    // its /proc entry no longer lists them.
+    let mut seen = std::collections::HashMap::new();
     let end = std::time::Instant::now() + Duration::from_secs(14);
     while std::time::Instant::now() < end {
         let (c, t) = children_and_threads(agent_pid);
         max_children = max_children.max(c);
         max_threads = max_threads.max(t);
+        seen.extend(children_of(agent_pid));
         std::thread::sleep(Duration::from_millis(20));
     }
+    let at_the_end = children_of(agent_pid).len();
     let status = agent
         .terminate(Duration::from_secs(20))
         .expect("agent exits");
@@ -596,5 +774,36 @@ fn many_python_processes_stay_within_the_child_cap() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(runs >= 4, "{runs} py-spy runs:\n{log}");
-    assert_eq!(children_and_threads(agent_pid).0, 0);
+    assert!(!seen.is_empty(), "no child seen:\n{log}");
+    let left = still_running(&seen);
+    assert!(
+        left.is_empty(),
+        "py-spy children {left:?} outlived the agent's SIGTERM ({} seen, {at_the_end} running at the end)",
+        seen.len()
+    );
+
+    // Again, ended by SIGKILL: no shutdown code runs, the kernel's PDEATHSIG does.
+    let mut agent = Agent::start(&args);
+    let agent_pid = agent.child.pid();
+    let mut seen = std::collections::HashMap::new();
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < end {
+        let now = children_of(agent_pid);
+        let running = !now.is_empty();
+        seen.extend(now);
+        if running && seen.len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!seen.is_empty(), "py-spy never ran:\n{}", agent.log());
+    agent
+        .stop_with(libc::SIGKILL, Duration::from_secs(10))
+        .expect("SIGKILL ends the agent");
+    let left = still_running(&seen);
+    assert!(
+        left.is_empty(),
+        "py-spy children {left:?} outlived the agent's SIGKILL ({} seen)",
+        seen.len()
+    );
 }

@@ -3,8 +3,10 @@
 //! [`detect`] reads `/proc/PID/{stat,status,exe,maps}` and asks [`classify`], which is
 //! pure (it takes the executable path and the mapped file paths) so every rule is
 //! unit-tested without real processes. It also captures what later stages need to
-//! trust files the process writes: its uid, its pid inside its own pid namespace and
-//! its start time (which tells a reused pid from this process).
+//! trust files the process writes: its uid, its pid inside its own pid namespace, its
+//! start time (which tells a reused pid from this process) and the identity of its
+//! executable (which tells an exec: `exec python3 app.py` from a shell keeps the pid
+//! and the start time).
 //!
 //! Must never: panic on a process that vanished or an entry we may not read (both
 //! are typed errors), or keep the mapping list (it is read, classified and dropped).
@@ -17,7 +19,7 @@ use std::{
 use procfs::process::{MMapPath, Process};
 
 use super::{
-    perfmap::{perf_map_stamp, FileStamp},
+    perfmap::{perf_map_stamp, FileStamp, PerfMapError},
     Runtime,
 };
 
@@ -35,15 +37,21 @@ pub struct TargetProcess {
     pub start_time: u64,
     /// Executable path, when readable (kernel threads have none).
     pub exe: Option<PathBuf>,
+    /// Device and inode of the executable, through `/proc/PID/exe` (`None` when
+    /// unreadable): an exec changes them while pid and start time stay.
+    pub exe_id: Option<(u64, u64)>,
     /// The runtime, or `None` for native code.
     pub runtime: Option<Runtime>,
 }
 
 impl TargetProcess {
-    /// Whether `pid` still belongs to this process (it did not exit, or exit and have its
-    /// pid reused).
+    /// Whether `pid` still belongs to this process running the same executable: it did
+    /// not exit (or exit and have its pid reused), nor exec another program (a shell
+    /// that runs `exec python3 app.py` becomes another runtime under the same pid and
+    /// start time). A runtime library loaded later (a `dlopen` of libpython) is not
+    /// seen: such a process stays what it was first classified as.
     pub fn is_alive(&self) -> bool {
-        start_time(self.pid).is_ok_and(|t| t == self.start_time)
+        start_time(self.pid).is_ok_and(|t| t == self.start_time) && exe_id(self.pid) == self.exe_id
     }
 }
 
@@ -63,8 +71,26 @@ pub enum DetectError {
     },
 }
 
-/// Looks at process `pid`: its runtime, uid, namespace pid and start time.
+/// Times [`detect`] reads a process again that exec'd while it was read.
+const DETECT_ATTEMPTS: usize = 3;
+
+/// Looks at process `pid`: its runtime, uid, namespace pid, start time and executable.
 pub fn detect(pid: u32) -> Result<TargetProcess, DetectError> {
+    // A process that execs while it is read (a shim, such as pyenv's, execs the
+    // interpreter right after it starts) is read again.
+    for _ in 0..DETECT_ATTEMPTS {
+        if let Some(target) = detect_once(pid)? {
+            return Ok(target);
+        }
+    }
+    Err(DetectError::Gone { pid })
+}
+
+/// [`detect`] once; `None`: the process exec'd meanwhile.
+fn detect_once(pid: u32) -> Result<Option<TargetProcess>, DetectError> {
+    // First: everything read after it describes this executable or a later one, which
+    // the check at the end tells.
+    let exe_id = exe_id(pid);
     let error = |entry: &'static str| {
         move |e: procfs::ProcError| match e {
             procfs::ProcError::NotFound(_) => DetectError::Gone { pid },
@@ -80,8 +106,12 @@ pub fn detect(pid: u32) -> Result<TargetProcess, DetectError> {
     let exe = process.exe().ok();
     let maps = process.maps().map_err(error("maps"))?;
     let ns_pid = ns_pid_of(&status, pid);
-    // Through the same no-symlink path the reader uses; any refusal means "none".
-    let has_perf_map = matches!(perf_map_stamp(pid, ns_pid), Ok(Some(_)));
+    // Through the same no-symlink path and owner check the reader uses; any refusal
+    // means "none" (a map anyone could plant in /tmp must not make a process Node).
+    let has_perf_map = matches!(
+        perf_map_stamp(pid, ns_pid, || Some(status.euid)),
+        Ok(Some(_))
+    );
     let paths = maps.iter().filter_map(|m| match &m.pathname {
         MMapPath::Path(p) => Some(p.as_path()),
         _ => None,
@@ -93,23 +123,49 @@ pub fn detect(pid: u32) -> Result<TargetProcess, DetectError> {
         uid: status.euid,
         start_time: stat.starttime,
         exe,
+        exe_id,
         runtime,
     };
     // Everything above must describe one process: if the pid was reused meanwhile,
-    // report the one we started with as gone.
-    if !target.is_alive() {
+    // report the one we started with as gone; if it exec'd, read it again.
+    if start_time(pid)? != target.start_time {
         return Err(DetectError::Gone { pid });
     }
-    Ok(target)
+    Ok(target.is_alive().then_some(target))
+}
+
+/// Device and inode of process `pid`'s executable: a stat through `/proc/PID/exe`
+/// (cheap: no path is resolved). `None` for kernel threads, zombies, and processes
+/// we may not look into.
+fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    Some((meta.dev(), meta.ino()))
 }
 
 /// The stamp of process `pid`'s `/tmp/perf-PID.map` (`None`: it has none), for a
 /// fraction of what [`detect`] costs: it finds the namespace pid (see `ns_pid`) and
 /// looks the file up through the no-symlink path the reader uses, but reads neither
-/// the mappings (thousands of lines for a JVM) nor the map. A process that is gone or
-/// unreadable has none.
-pub fn perf_map_of(pid: u32) -> Option<FileStamp> {
-    perf_map_stamp(pid, ns_pid(pid)?).ok().flatten()
+/// the mappings (thousands of lines for a JVM) nor the map. A map that is not a
+/// regular file with one link owned by the process's effective uid is refused here
+/// (anyone may create `/tmp/perf-PID.map` for someone else's pid). A process that is
+/// gone is [`PerfMapError::Gone`].
+pub fn perf_map_of(pid: u32) -> Result<Option<FileStamp>, PerfMapError> {
+    let ns_pid = ns_pid(pid).ok_or(PerfMapError::Gone { pid })?;
+    // Most processes have no map: the owner is looked up only when there is one.
+    perf_map_stamp(pid, ns_pid, || euid(pid))
+}
+
+/// Effective uid of process `pid`. The owner of /proc/PID is that uid, except for
+/// a process made non-dumpable (it is root then): that case reads
+/// /proc/PID/status.
+fn euid(pid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let owner = std::fs::metadata(format!("/proc/{pid}")).ok()?.uid();
+    if owner != 0 {
+        return Some(owner);
+    }
+    Some(Process::new(pid_arg(pid)?).ok()?.status().ok()?.euid)
 }
 
 /// The pid of `pid` inside its own pid namespace. A process in our namespace (most of
@@ -393,14 +449,76 @@ mod tests {
     fn perf_map_of_looks_up_the_file() {
         let sleep = Spawned(Command::new("sleep").arg("5").spawn().unwrap());
         let pid = sleep.0.id();
-        assert!(perf_map_of(pid).is_none());
+        assert!(matches!(perf_map_of(pid), Ok(None)));
         let path = format!("/tmp/perf-{pid}.map");
         std::fs::write(&path, "7f0000001000 10 jitted\n").unwrap();
         let found = perf_map_of(pid);
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(found.map(|stamp| stamp.size), Some(23));
-        assert!(perf_map_of(0x3fff_fff0).is_none());
-        assert!(perf_map_of(0).is_none());
+        assert_eq!(found.unwrap().map(|stamp| stamp.size), Some(23));
+        assert!(matches!(
+            perf_map_of(0x3fff_fff0),
+            Err(PerfMapError::Gone { .. })
+        ));
+        assert!(matches!(perf_map_of(0), Err(PerfMapError::Gone { .. })));
+    }
+
+    /// A map planted for someone else's pid (owned by another uid, as any user can
+    /// create `/tmp/perf-PID.map`) neither makes the process Node nor gives a stamp
+    /// (which would have its map looked at every interval); its own map does.
+    #[test]
+    fn planted_perf_map_is_ignored() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: chown needs root");
+            return;
+        }
+        let sleep = Spawned(Command::new("sleep").arg("5").spawn().unwrap());
+        let pid = sleep.0.id();
+        let path = format!("/tmp/perf-{pid}.map");
+        std::fs::write(&path, "7f0000001000 10 jitted\n").unwrap();
+        let own = (detect(pid).unwrap().runtime, perf_map_of(pid));
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let planted = (detect(pid).unwrap().runtime, perf_map_of(pid));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(own.0, Some(Runtime::Node));
+        assert!(matches!(own.1, Ok(Some(_))), "{:?}", own.1);
+        assert_eq!(planted.0, None, "a planted map made it Node");
+        assert!(
+            matches!(
+                planted.1,
+                Err(PerfMapError::WrongOwner { owner: 65534, .. })
+            ),
+            "{:?}",
+            planted.1
+        );
+    }
+
+    /// A process that execs another program is no longer the one detected, although
+    /// its pid and start time stay; detecting it again sees the new executable.
+    #[test]
+    fn exec_is_noticed() {
+        use std::io::Write as _;
+        let mut sh = Spawned(
+            Command::new("sh")
+                .args(["-c", "read go; exec sleep 5"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = sh.0.id();
+        let before = detect(pid).unwrap();
+        assert!(before.is_alive());
+        assert!(before.exe_id.is_some(), "{before:?}");
+        writeln!(sh.0.stdin.as_mut().unwrap(), "go").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while before.is_alive() {
+            assert!(Instant::now() < deadline, "the exec was never noticed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after = detect(pid).unwrap();
+        assert_eq!(after.start_time, before.start_time);
+        assert_ne!(after.exe_id, before.exe_id);
+        assert!(after.exe.unwrap().ends_with("sleep"));
     }
 
     /// A process in another pid namespace is looked up by the pid it has there: a
@@ -436,14 +554,14 @@ mod tests {
         assert_eq!(detect(child).unwrap().ns_pid, 1);
         let host_named = format!("/tmp/perf-{child}.map");
         std::fs::write(&host_named, "7f0000001000 10 jitted\n").unwrap();
-        let by_host_pid = perf_map_of(child).is_some();
+        let by_host_pid = matches!(perf_map_of(child), Ok(Some(_)));
         std::fs::remove_file(&host_named).unwrap();
         assert!(
             !by_host_pid,
             "the map named by the host pid is not the process's"
         );
         std::fs::write("/tmp/perf-1.map", "7f0000001000 10 jitted\n").unwrap();
-        let by_ns_pid = perf_map_of(child).is_some();
+        let by_ns_pid = matches!(perf_map_of(child), Ok(Some(_)));
         std::fs::remove_file("/tmp/perf-1.map").unwrap();
         assert!(by_ns_pid);
     }

@@ -196,7 +196,7 @@ impl JitSnapshot {
                 code_bytes = code_bytes.saturating_add(map.address.1.saturating_sub(map.address.0));
             }
         }
-        let perf_map = perf_map_stamp(pid, target.ns_pid)?;
+        let perf_map = perf_map_stamp(pid, target.ns_pid, || Some(target.uid))?;
         if !target.is_alive() {
             return Err(DetectError::Gone { pid }.into());
         }

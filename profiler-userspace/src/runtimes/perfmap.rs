@@ -8,9 +8,15 @@
 //! `/proc/PID/root/tmp/perf-NSPID.map` (the process's own /tmp and its own pid number,
 //! so containers work) one component at a time with `O_NOFOLLOW` (an absolute symlink
 //! planted in a container would otherwise resolve against *our* root), must be a
-//! regular file (`O_NONBLOCK`, so a FIFO cannot hang us) owned by the target's uid
-//! (checked with fstat on the opened file, so nothing can be swapped in between), and
-//! at most [`MAX_PERF_MAP_BYTES`] are read.
+//! regular file with a single link (a hard link could name another user's file)
+//! owned by the target's effective uid, and at most [`MAX_PERF_MAP_BYTES`] are read.
+//! Type, links and owner are checked on the name (`lstat`) before it is opened, so a
+//! FIFO or device node is never opened, and again with fstat on the opened file
+//! (opened `O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC`, and required to be the
+//! inode the name showed), so nothing can be swapped in between. [`perf_map_stamp`],
+//! which detection and every interval's naming look at first, applies the same checks
+//! to the name: a map planted for someone else's pid neither makes a process Node nor
+//! costs a read each interval.
 //!
 //! Lines are `START SIZE NAME`, START and SIZE hex with or without `0x`:
 //!
@@ -32,7 +38,7 @@ use std::{
     mem::MaybeUninit,
     os::{
         fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
-        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+        unix::fs::OpenOptionsExt as _,
     },
     path::{Path, PathBuf},
 };
@@ -63,6 +69,10 @@ pub enum PerfMapError {
     /// The path is not a regular file (a FIFO, device, socket or directory).
     #[error("refusing {}: not a regular file", path.display())]
     NotRegularFile { path: PathBuf },
+    /// The file has more than one link: a hard link in /tmp may name a file of another
+    /// user (the target's own map is created with one).
+    #[error("refusing {}: it has {links} hard links", path.display())]
+    HardLinked { path: PathBuf, links: libc::nlink_t },
     /// The file is owned by another uid than the process: someone else planted it.
     #[error("refusing {}: owned by uid {owner}, the process runs as uid {expected}", path.display())]
     WrongOwner {
@@ -437,8 +447,14 @@ pub struct FileStamp {
 }
 
 /// The perf map's stamp without reading it (`None`: there is none), through the same
-/// no-symlink path as [`lookup_perf_map`]. The owner is reported, not checked.
-pub fn perf_map_stamp(pid: u32, ns_pid: u32) -> Result<Option<FileStamp>, PerfMapError> {
+/// no-symlink path and with the same checks on the name as [`lookup_perf_map`]: a
+/// regular file with one link, owned by `owner_uid()` (the process's effective uid,
+/// asked only when there is a file; `None`: the process is gone).
+pub fn perf_map_stamp(
+    pid: u32,
+    ns_pid: u32,
+    owner_uid: impl FnOnce() -> Option<u32>,
+) -> Result<Option<FileStamp>, PerfMapError> {
     let root = open_root(pid)?;
     let name = perf_map_name(ns_pid);
     let path = PathBuf::from(format!("/proc/{pid}/root/tmp/{name}"));
@@ -448,16 +464,38 @@ pub fn perf_map_stamp(pid: u32, ns_pid: u32) -> Result<Option<FileStamp>, PerfMa
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(PerfMapError::Open { path, source }),
     };
+    let owner = owner_uid().ok_or(PerfMapError::Gone { pid })?;
+    check_stat(&st, path, owner)?;
+    Ok(Some(FileStamp {
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+        ino: st.st_ino,
+        uid: st.st_uid,
+    }))
+}
+
+/// What a perf map must be: a regular file (not a symlink, FIFO, device, socket or
+/// directory) with a single link, owned by `owner_uid`.
+fn check_stat(st: &libc::stat, path: PathBuf, owner_uid: u32) -> Result<(), PerfMapError> {
     match st.st_mode & libc::S_IFMT {
-        libc::S_IFREG => Ok(Some(FileStamp {
-            size: u64::try_from(st.st_size).unwrap_or(0),
-            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
-            ino: st.st_ino,
-            uid: st.st_uid,
-        })),
-        libc::S_IFLNK => Err(PerfMapError::Symlink { path }),
-        _ => Err(PerfMapError::NotRegularFile { path }),
+        libc::S_IFREG => {}
+        libc::S_IFLNK => return Err(PerfMapError::Symlink { path }),
+        _ => return Err(PerfMapError::NotRegularFile { path }),
     }
+    if st.st_nlink != 1 {
+        return Err(PerfMapError::HardLinked {
+            path,
+            links: st.st_nlink,
+        });
+    }
+    if st.st_uid != owner_uid {
+        return Err(PerfMapError::WrongOwner {
+            path,
+            owner: st.st_uid,
+            expected: owner_uid,
+        });
+    }
+    Ok(())
 }
 
 /// Names `addrs` from `dir/file_name` (following `dir`, which the caller trusts, but
@@ -575,8 +613,10 @@ fn scan_file_at(
         .map_err(|source| PerfMapError::Read { path, source })
 }
 
-/// Opens `name` in `dir` without following it, and checks type and owner on the
-/// opened file; returns it with its size.
+/// Opens `name` in `dir` without following it, once its name passed [`check_stat`]
+/// (nothing but a regular file is ever opened: opening a FIFO or a device can block
+/// or act on it), and checks the opened file again (the same inode, still passing);
+/// returns it with its size.
 fn open_file_at(
     dir: BorrowedFd<'_>,
     name: &str,
@@ -584,16 +624,14 @@ fn open_file_at(
     owner_uid: u32,
 ) -> Result<(File, u64), PerfMapError> {
     let c = c_name(name, &path)?;
-    match lstat_at(dir, &c) {
-        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
-            return Err(PerfMapError::Symlink { path })
-        }
-        Ok(_) => {}
+    let named = match lstat_at(dir, &c) {
+        Ok(st) => st,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(PerfMapError::NotFound { path })
         }
         Err(source) => return Err(PerfMapError::Open { path, source }),
-    }
+    };
+    check_stat(&named, path.clone(), owner_uid)?;
     let fd = open_at(
         dir,
         &c,
@@ -607,22 +645,21 @@ fn open_file_at(
             source,
         },
     })?;
-    let file = File::from(fd);
-    let meta = file.metadata().map_err(|source| PerfMapError::Read {
+    let opened = fstat(fd.as_fd()).map_err(|source| PerfMapError::Read {
         path: path.clone(),
         source,
     })?;
-    if !meta.file_type().is_file() {
-        return Err(PerfMapError::NotRegularFile { path });
-    }
-    if meta.uid() != owner_uid {
-        return Err(PerfMapError::WrongOwner {
+    // Replaced between the lstat and the open: whatever it is now, it is not what
+    // was checked.
+    if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino) {
+        return Err(PerfMapError::Open {
             path,
-            owner: meta.uid(),
-            expected: owner_uid,
+            source: io::Error::other("replaced while it was opened"),
         });
     }
-    Ok((file, meta.len()))
+    check_stat(&opened, path, owner_uid)?;
+    let size = u64::try_from(opened.st_size).unwrap_or(0);
+    Ok((File::from(fd), size))
 }
 
 /// Scans at most `cap` bytes of `file` (`size` bytes long) for `addrs`: the whole
@@ -667,6 +704,18 @@ fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<O
     }
     // SAFETY: `fd` was just returned by openat, is valid and owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fstat(fd)`: what an opened file is.
+fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `fd` is open for the call and `st` points to writable memory the size
+    // of a `stat`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat returned 0, so it filled `st`.
+    Ok(unsafe { st.assume_init() })
 }
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`: what `name` is, without following it.
@@ -947,16 +996,153 @@ mod tests {
         assert!(matches!(err, PerfMapError::NotRegularFile { .. }), "{err}");
     }
 
+    /// A FIFO is refused from its name, never opened: a writer blocked until a
+    /// reader opens it stays blocked (it would be let through by even a non-blocking
+    /// open, which a FIFO planted in a container's /tmp must not get from root).
+    #[test]
+    fn fifo_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("perf-1.map");
+        let c_path = CString::new(path.clone().into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: `c_path` is NUL-terminated and outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                // Blocks until someone opens the FIFO for reading.
+                let opened = OpenOptions::new().write(true).open(&path).is_ok();
+                let _ = tx.send(opened);
+            })
+        };
+        // Let the writer reach its open.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let err =
+            lookup_perf_map_in(dir.path(), "perf-1.map", root_uid(), &JVM_STARTS).unwrap_err();
+        let reached = rx
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_ok();
+        // Release the writer whatever happened.
+        let _release = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        writer.join().unwrap();
+        assert!(matches!(err, PerfMapError::NotRegularFile { .. }), "{err}");
+        assert!(!reached, "the FIFO was opened");
+    }
+
+    /// A device node (a copy of /dev/null's numbers) is refused before any open.
+    #[test]
+    fn device_node_refused() {
+        if root_uid() != 0 {
+            eprintln!("skipped: mknod needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let c_path = CString::new(
+            dir.path()
+                .join("perf-1.map")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: `c_path` is NUL-terminated and outlives the call.
+        let rc =
+            unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let err =
+            lookup_perf_map_in(dir.path(), "perf-1.map", root_uid(), &JVM_STARTS).unwrap_err();
+        assert!(matches!(err, PerfMapError::NotRegularFile { .. }), "{err}");
+    }
+
+    /// A hard link to a good map is refused: in a shared /tmp it may name another
+    /// user's file (same owner or not); the file itself, with one link, reads.
+    #[test]
+    fn hard_link_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("real.map"), JVM).unwrap();
+        std::fs::hard_link(dir.path().join("real.map"), dir.path().join("perf-1.map")).unwrap();
+        let err =
+            lookup_perf_map_in(dir.path(), "perf-1.map", root_uid(), &JVM_STARTS).unwrap_err();
+        assert!(
+            matches!(err, PerfMapError::HardLinked { links: 2, .. }),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("real.map")).unwrap();
+        let names = lookup_perf_map_in(dir.path(), "perf-1.map", root_uid(), &JVM_STARTS).unwrap();
+        assert_eq!(names.named(), 2);
+    }
+
     /// Our own process has no perf map: not found, and no stamp; a pid that cannot
     /// exist is gone.
     #[test]
     fn own_process_has_no_map() {
         let pid = std::process::id();
-        assert!(matches!(perf_map_stamp(pid, pid), Ok(None)));
         assert!(matches!(
-            perf_map_stamp(0x3fff_fff0, 1),
+            perf_map_stamp(pid, pid, || Some(root_uid())),
+            Ok(None)
+        ));
+        assert!(matches!(
+            perf_map_stamp(0x3fff_fff0, 1, || Some(root_uid())),
             Err(PerfMapError::Gone { .. })
         ));
+    }
+
+    /// The stamp checks the name as the reader does: a map owned by another uid than
+    /// the process, hard-linked or not a regular file gives no stamp but a refusal.
+    #[test]
+    fn stamp_checks_owner_links_and_type() {
+        if root_uid() != 0 {
+            eprintln!("skipped: chown needs root");
+            return;
+        }
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let path = format!("/tmp/perf-{pid}.map");
+        let stamp = |path: &str, setup: &dyn Fn(&str)| {
+            std::fs::write(path, "7f0000001000 100 JS:*work /srv/app.js:1:1\n").unwrap();
+            setup(path);
+            let stamp = perf_map_stamp(pid, pid, || Some(0));
+            let _ = std::fs::remove_file(path);
+            stamp
+        };
+        let own = stamp(&path, &|_| {});
+        let foreign = stamp(&path, &|p| {
+            std::os::unix::fs::chown(p, Some(65534), None).unwrap()
+        });
+        let linked_to = format!("/tmp/perf-{pid}.other");
+        let linked = stamp(&path, &|p| std::fs::hard_link(p, &linked_to).unwrap());
+        let _ = std::fs::remove_file(&linked_to);
+        std::fs::create_dir(&path).unwrap();
+        let directory = perf_map_stamp(pid, pid, || Some(0));
+        std::fs::remove_dir(&path).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(own.unwrap().map(|s| s.uid), Some(0));
+        assert!(
+            matches!(
+                foreign,
+                Err(PerfMapError::WrongOwner {
+                    owner: 65534,
+                    expected: 0,
+                    ..
+                })
+            ),
+            "{foreign:?}"
+        );
+        assert!(
+            matches!(linked, Err(PerfMapError::HardLinked { links: 2, .. })),
+            "{linked:?}"
+        );
+        assert!(
+            matches!(directory, Err(PerfMapError::NotRegularFile { .. })),
+            "{directory:?}"
+        );
     }
 
     /// Hands out at most `step` bytes per read, so lines cross every boundary.

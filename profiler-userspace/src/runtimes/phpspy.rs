@@ -1,7 +1,9 @@
 //! phpspy: its arguments and a parser of its default output.
 //!
-//! phpspy (0.8.0, observed on Debian's PHP 8.2; it cannot be installed here, so this
-//! follows the observed format in TOOLCHAIN.md) writes one sample per block,
+//! phpspy cannot be installed here, so this follows its documented format, not an
+//! observed run: the examples in phpspy's README (<https://github.com/adsr/phpspy>,
+//! "Example (cli child)", "Example (httpd)") and its source (`event_fout.c`, which
+//! ends each frame line and each sample with a newline). One sample per block,
 //! innermost frame first, `DEPTH [Class::]function FILE:LINE`, the block ended by an
 //! empty line:
 //!
@@ -13,11 +15,13 @@
 //!
 //! ```
 //!
-//! LINE is where the function is declared. Built-ins are `0 sleep <internal>:-1`, code
-//! from `php -r` is `Command line code:1`. `-d pt` adds `# trace_ts = ...` and
-//! `# pid = ...` lines after the frames; comment lines are ignored. With `-1`
-//! (`--single-line`) a sample is one line of tab-separated frames with a trailing tab;
-//! that form is read too. Identical samples are aggregated and reversed to root first.
+//! Built-ins are `0 sleep <internal>:-1`. Lines starting with `#` (the README's
+//! `# - - - - -`, request info, `-d` verbose fields such as `# trace_ts = ...` and
+//! `# pid = ...`, varpeeks) are ignored. With `-1` (`--single-line`) a sample is one
+//! line of tab-separated frames with a trailing tab; that form is read too. Identical
+//! samples are aggregated and reversed to root first. The parser is tested against
+//! that format and a fake phpspy writing it (`php_frames_from_a_fake_phpspy` in the
+//! integration tests), never against a real phpspy run.
 
 use std::{ffi::OsString, path::Path};
 
@@ -260,8 +264,9 @@ fn frame_line(text: &str) -> Option<(usize, InterpFrame)> {
 mod tests {
     use super::*;
 
-    /// The observed phpspy 0.8.0 output from TOOLCHAIN.md, three identical samples of
-    /// the chain, one in a built-in with `-d pt` comment lines, one from `php -r`.
+    /// Output in phpspy's documented format (its README's examples, its source's
+    /// comment lines), not captured from a run: three identical samples of the chain,
+    /// one in a built-in with `-d pt` comment lines, one from `php -r`.
     const OUTPUT: &str = "\
 0 inner /srv/app/chain.php:2
 1 outer /srv/app/chain.php:9

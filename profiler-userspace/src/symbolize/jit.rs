@@ -36,8 +36,8 @@ pub struct JitCounts {
     pub maps_read: u64,
     /// Perf map lines skipped as malformed, over all maps read.
     pub malformed_lines: u64,
-    /// Perf maps refused (symlink, wrong owner, not a regular file, last written
-    /// before the process started) or unreadable.
+    /// Perf maps refused (symlink, wrong owner, hard link, not a regular file, last
+    /// written before the process started) or unreadable.
     pub maps_refused: u64,
     /// Processes whose frames were all named from names kept since an earlier
     /// interval (their map had not changed): no read.
@@ -117,10 +117,22 @@ impl JitNamer {
         for (pid, frames) in by_pid {
             // A process without a perf map keeps its frames unknown. Most candidates
             // are native code whose frame-pointer walk ran into garbage: one stat
-            // tells, without reading their mappings.
-            let Some(stamp) = perf_map_of(pid) else {
-                self.kept.remove(&pid);
-                continue;
+            // tells, without reading their mappings. A map refused from its name
+            // (another owner, a hard link, not a regular file) is counted and costs
+            // nothing more: no detection, no read.
+            let stamp = match perf_map_of(pid) {
+                Ok(Some(stamp)) => stamp,
+                Ok(None) => {
+                    self.kept.remove(&pid);
+                    continue;
+                }
+                Err(e) => {
+                    if refused(&e) {
+                        counts.maps_refused += 1;
+                    }
+                    self.kept.remove(&pid);
+                    continue;
+                }
             };
             if self.kept.get(&pid).is_some_and(|k| k.stamp != stamp) {
                 self.kept.remove(&pid);
@@ -155,7 +167,7 @@ impl JitNamer {
                 let names = match lookup_perf_map(&kept.target, &addrs) {
                     Ok(names) => names,
                     Err(e) => {
-                        if !matches!(e, PerfMapError::NotFound { .. } | PerfMapError::Gone { .. }) {
+                        if refused(&e) {
                             counts.maps_refused += 1;
                         }
                         self.kept.remove(&pid);
@@ -202,6 +214,11 @@ impl JitNamer {
         }
         counts
     }
+}
+
+/// Whether `e` refused a map (or failed to read one), rather than found none.
+fn refused(e: &PerfMapError) -> bool {
+    !matches!(e, PerfMapError::NotFound { .. } | PerfMapError::Gone { .. })
 }
 
 /// The address of a frame that may be JIT code: unnamed, in anonymous memory or in
@@ -299,6 +316,46 @@ mod tests {
         let (named, third) = interval();
         assert_eq!(named, [Some("second".to_string()), None]);
         assert_eq!(third.maps_read, 1);
+    }
+
+    /// A map owned by another uid than its process (planted: anyone may create
+    /// `/tmp/perf-PID.map`) is refused from its stamp each interval, counted, and
+    /// neither read nor kept.
+    #[test]
+    fn planted_map_is_refused_without_a_read() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: chown needs root");
+            return;
+        }
+        let target = WithMap::new("7f0000001000 100 planted\n");
+        std::os::unix::fs::chown(&target.path, Some(65534), None).unwrap();
+        let mut namer = JitNamer::default();
+        for _ in 0..2 {
+            let mut refs = vec![unknown(A)];
+            let counts = namer.name_frames(&mut refs, &[target.pid()]);
+            assert_eq!(names(&refs), [None]);
+            assert_eq!(
+                (counts.maps_refused, counts.maps_read, counts.named),
+                (1, 0, 0)
+            );
+            assert!(namer.kept.is_empty());
+        }
+    }
+
+    /// A map with a second link (which may be another user's file, though owned by
+    /// the process's uid) names nothing and is counted as refused.
+    #[test]
+    fn hard_linked_map_names_nothing() {
+        let target = WithMap::new("7f0000001000 100 linked\n");
+        let other = format!("{}.link", target.path);
+        std::fs::hard_link(&target.path, &other).unwrap();
+        let mut namer = JitNamer::default();
+        let mut refs = vec![unknown(A)];
+        let counts = namer.name_frames(&mut refs, &[target.pid()]);
+        std::fs::remove_file(&other).unwrap();
+        assert_eq!(names(&refs), [None]);
+        assert_eq!((counts.maps_refused, counts.named), (1, 0));
     }
 
     /// One process past MAX_JIT_PROCESSES forgets the one used longest ago.
