@@ -674,6 +674,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     perf_maps_read = done.jit.maps_read,
                     perf_maps_unchanged = done.jit.maps_unchanged,
                     perf_maps_refused = done.jit.maps_refused,
+                    perf_map_malformed_lines = done.jit.malformed_lines,
                     "cycle done"
                 );
                 match kernel_losses.update(collector.kernel_counters().lost()) {
@@ -807,6 +808,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         runtime_runs_failed = profilers.stats().runs_failed.load(Ordering::Relaxed),
         runtime_runs_stopped = profilers.stats().runs_stopped.load(Ordering::Relaxed),
         runtime_runs_abandoned = profilers.stats().runs_abandoned.load(Ordering::Relaxed),
+        runtime_runs_refused = profilers.stats().runs_refused.load(Ordering::Relaxed),
+        runtime_output_malformed_lines = profilers.stats().malformed_lines.load(Ordering::Relaxed),
+        runtime_samples_dropped = profilers.stats().samples_dropped.load(Ordering::Relaxed),
         runtime_orphans_killed = profilers.orphans_killed(),
         runtime_rounds_missed = profilers.stats().rounds_missed.load(Ordering::Relaxed),
         runtime_targets_deferred = profilers.stats().targets_deferred.load(Ordering::Relaxed),

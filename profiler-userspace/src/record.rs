@@ -97,6 +97,13 @@ pub struct RuntimeSummary {
     pub runs_stopped: u64,
     /// Runs whose child did not end even after SIGKILL; the recording went on.
     pub runs_abandoned: u64,
+    /// Runs the supervisor refused (target still busy, backing off after failures,
+    /// no slot): skipped, not failed.
+    pub runs_refused: u64,
+    /// Lines of tool output skipped as malformed, and the samples they (or the
+    /// stack bound) cost.
+    pub malformed_lines: u64,
+    pub samples_dropped: u64,
     /// The latest failed run, described (tool, pid, how it ended, its last line).
     pub last_failure: Option<String>,
     /// Samples from the runtime profilers, merged into the profile.
@@ -267,7 +274,8 @@ impl RecordSummary {
                 rt.runs_failed,
                 [
                     (rt.runs_stopped, "stopped early"),
-                    (rt.runs_abandoned, "abandoned, their child unkillable")
+                    (rt.runs_abandoned, "abandoned, their child unkillable"),
+                    (rt.runs_refused, "skipped, their target busy or backing off")
                 ]
                 .iter()
                 .filter(|(n, _)| *n > 0)
@@ -291,6 +299,13 @@ impl RecordSummary {
                 "  {} processes not looked at for an interpreter: at most {} are (the newest first); name targets with --pid",
                 rt.candidates_skipped,
                 crate::runtime_profilers::MAX_CANDIDATES_PER_ROUND
+            );
+        }
+        if rt.malformed_lines > 0 || rt.samples_dropped > 0 {
+            let _ = writeln!(
+                s,
+                "  runtime profiler output: {} malformed lines skipped, {} samples dropped (malformed or past the stack bound)",
+                rt.malformed_lines, rt.samples_dropped
             );
         }
         if let Some(why) = &rt.last_failure {
@@ -421,6 +436,9 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         runs_failed: rt_stats.runs_failed.load(Ordering::Relaxed),
         runs_stopped: rt_stats.runs_stopped.load(Ordering::Relaxed),
         runs_abandoned: rt_stats.runs_abandoned.load(Ordering::Relaxed),
+        runs_refused: rt_stats.runs_refused.load(Ordering::Relaxed),
+        malformed_lines: rt_stats.malformed_lines.load(Ordering::Relaxed),
+        samples_dropped: rt_stats.samples_dropped.load(Ordering::Relaxed),
         last_failure: rt_stats.last_failure(),
         samples: interpreted
             .iter()

@@ -417,6 +417,38 @@ fn failing_tool_is_reported_with_its_last_line() {
     assert!(stacks.iter().any(|s| s.frames[0] == "python3"));
 }
 
+/// Garbage in a tool's output is skipped and counted in the summary, and the good
+/// lines around it still arrive.
+#[test]
+fn garbage_tool_output_is_counted_and_skipped() {
+    let target = python_chain(30);
+    let dir = tempfile::tempdir().unwrap();
+    let tool = script_tool(
+        dir.path(),
+        "garbage-py-spy",
+        r#"while [ $# -gt 0 ]; do [ "$1" = "-o" ] && out=$2; shift; done
+printf 'not a stack at all\n\001\002 x\nmain (chain.py:3);garbage_leaf (chain.py:9) 4\n' > "$out""#,
+    );
+    let out_dir = dir.path().join("out");
+    let out = record_python_with(target.pid(), 2, &out_dir, &tool)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("runtime profiler output: 2 malformed lines skipped"),
+        "{stderr}"
+    );
+    let stacks = read_folded(&out_dir);
+    assert!(
+        stacks.iter().any(|s| s
+            .frames
+            .last()
+            .is_some_and(|f| f.starts_with("garbage_leaf"))),
+        "{stacks:#?}"
+    );
+}
+
 /// Ctrl-C while `record` waits for a runtime profiler that will not finish stops
 /// it and writes what was recorded, instead of waiting for the tool's deadline.
 #[test]
