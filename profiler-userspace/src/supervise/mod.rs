@@ -5,9 +5,10 @@
 //! busy or backing off, the tool is missing, or `max_concurrent` children are alive.
 //! A started child is owned by one tokio task (see `run.rs`) that drains its output
 //! into bounded tails, enforces its deadline on its whole process group, reaps it and
-//! closes its pipes on every path; the caller only holds a [`ChildHandle`] to await
-//! the [`ChildOutcome`], and may drop it. Keys that keep failing back off
-//! exponentially. [`Supervisor::shutdown`] kills everything and waits, with a deadline.
+//! closes its pipes on every path (and signals the group only while the child is
+//! unreaped: after the reap its id may be anyone's, see `run.rs`); the caller only
+//! holds a [`ChildHandle`] to await the [`ChildOutcome`], and may drop it. Keys that
+//! keep failing back off exponentially. [`Supervisor::shutdown`] kills everything and waits, with a deadline.
 //!
 //! Must never: create a thread per child, hold a child's pipe or status past its run,
 //! let a child's output grow memory, or block the runtime thread (the only blocking
@@ -41,8 +42,8 @@ pub use run::READ_CHUNK;
 pub use stats::{StatsSnapshot, SupervisorStats};
 
 /// Default most children alive at once. Each costs a process (at niceness
-/// [`DEFAULT_NICE`]), three fds (two pipes and a pidfd), a task, and in the agent
-/// 2 x [`READ_CHUNK`] + 2 x `capture_bytes` (24 KiB at the defaults).
+/// [`DEFAULT_NICE`]), four fds (two pipes, tokio's pidfd and ours), a task, and in
+/// the agent 2 x [`READ_CHUNK`] + 2 x `capture_bytes` (24 KiB at the defaults).
 pub const DEFAULT_MAX_CONCURRENT: usize = 2;
 
 /// Default time between SIGTERM and SIGKILL. A child that ignores SIGTERM keeps its
@@ -529,21 +530,18 @@ impl Supervisor {
             shared: Arc::clone(&self.shared),
             key: spec.key.clone(),
             pgid: pid as libc::pid_t,
-            reaped: false,
+            child: Some(child),
             released: false,
         };
-        runtime.spawn(run::supervise(
-            child,
-            run::Run {
-                slot,
-                started,
-                deadline: spec.deadline,
-                kill_grace: self.config.kill_grace,
-                capture_bytes: self.config.capture_bytes,
-                shutdown,
-                done: done_tx,
-            },
-        ));
+        runtime.spawn(run::supervise(run::Run {
+            slot,
+            started,
+            deadline: spec.deadline,
+            kill_grace: self.config.kill_grace,
+            capture_bytes: self.config.capture_bytes,
+            shutdown,
+            done: done_tx,
+        }));
         Ok(ChildHandle {
             key: spec.key,
             pid,

@@ -9,17 +9,46 @@
 //! shutdown, or the caller dropping its handle. If the task itself is dropped (the
 //! runtime shuts down first) the [`Slot`] guard SIGKILLs the group and tokio's orphan
 //! queue reaps it. It never blocks the thread and creates no threads.
+//!
+//! # Which group we may signal
+//!
+//! The child leads its own process group, whose id is the child's pid. That id is
+//! ours only while the child is unreaped: the kernel gives a pid to a new process (or
+//! group) only once no process, zombies included, has it as pid or group id. Open
+//! pipes prove nothing: a descendant that called `setsid` may hold one after every
+//! member of the group has exited, and its id may then be reused by anyone who
+//! becomes a group leader (as root, we would SIGKILL that). So the reap comes last:
+//!
+//! - the task learns that the child exited from a pidfd (polled if there is none),
+//!   without reaping it: the zombie keeps the group id ours;
+//! - while a pipe is still open it keeps draining, and when the grace has passed it
+//!   SIGKILLs the group (what is left of it) and drops the pipes;
+//! - only then it reaps, and never signals the group again.
+//!
+//! [`signal_group`] checks the rule itself: it sends nothing unless the kernel says
+//! (`waitid` with `WNOWAIT`) that the leader is still our unreaped child.
+//!
+//! A `setsid` descendant escapes the group kill. It cannot keep a run alive: its
+//! pipes are dropped when the grace has passed, and where orphans are adopted it
+//! became our child when the child exited, which the sweep at the run's end SIGKILLs
+//! and reaps (`orphans.rs`: it signals only its own unreaped children, by pid).
 
 use std::{
     io,
-    os::unix::process::ExitStatusExt,
+    os::{
+        fd::{FromRawFd, OwnedFd, RawFd},
+        unix::process::ExitStatusExt,
+    },
     process::{ExitStatus, Stdio},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt},
+    io::{unix::AsyncFd, AsyncRead, AsyncReadExt, Interest},
     process::{Child, Command},
     sync::{oneshot, watch},
 };
@@ -28,6 +57,14 @@ use super::{after, tail::Tail, ChildOutcome, ChildSpec, Exit, RunEnd, Shared};
 
 /// Bytes read from a pipe per read call (one buffer per stream per live child).
 pub const READ_CHUNK: usize = 8 * 1024;
+
+/// How often a child's exit is looked for when no pidfd could be opened.
+const EXIT_POLL: Duration = Duration::from_millis(50);
+
+/// Group signals [`signal_group`] did not send because the leader was not (or no
+/// longer) our unreaped child. Zero unless something reaps our children behind our
+/// back, or a bug signals after the reap.
+pub(super) static GROUP_SIGNALS_REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Starts `spec` as the leader of its own process group, at niceness `nice` or the
 /// agent's own if that is lower priority, with stdin closed and both outputs piped.
@@ -75,11 +112,46 @@ fn spawn_unregistered(spec: &ChildSpec, nice: i32) -> io::Result<Child> {
     cmd.spawn()
 }
 
-/// Sends `sig` to every process of the group led by `pgid`. Only called while the
-/// leader is unreaped (its pid, hence the group id, cannot be reused), or while its
-/// pipes show that members remain. A group already gone is not an error.
+/// Child `pid`'s state as its parent sees it, without reaping it: `Some(true)` if it
+/// has exited (a zombie until reaped), `Some(false)` if it runs or is stopped, `None`
+/// if it is not our unreaped child (reaped already, or never ours).
+pub(super) fn exit_state(pid: libc::pid_t) -> Option<bool> {
+    // SAFETY: siginfo_t is plain data, valid when zeroed.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes only into `info`, which we own. WNOWAIT leaves an exited
+    // child unreaped; WNOHANG never blocks; P_PID never touches other children.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: waitid succeeded; si_pid is set if a child exited, left 0 otherwise.
+    Some(unsafe { info.si_pid() } != 0)
+}
+
+/// Sends `sig` to every process of the group led by our child `pgid`, but only if
+/// the kernel confirms that the child is still ours and unreaped (running, stopped or
+/// a zombie), so that no other process can have `pgid` as its group id; otherwise
+/// nothing is sent (counted in [`GROUP_SIGNALS_REFUSED`]). A group already gone is
+/// not an error.
 pub(super) fn signal_group(pgid: libc::pid_t, sig: libc::c_int) {
-    // SAFETY: kill has no memory-safety preconditions.
+    if exit_state(pgid).is_none() {
+        GROUP_SIGNALS_REFUSED.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            pgid,
+            sig,
+            "not signalling a process group whose leader was reaped"
+        );
+        return;
+    }
+    // SAFETY: kill has no memory-safety preconditions. Nothing reaps the leader
+    // between the check and here: only its run's task does, and not concurrently.
     if unsafe { libc::kill(-pgid, sig) } != 0 {
         let err = io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::ESRCH) {
@@ -94,13 +166,66 @@ fn terminate(pgid: libc::pid_t) {
     signal_group(pgid, libc::SIGCONT);
 }
 
+/// Wakes the task when its child exits, without reaping it.
+enum ExitWatch {
+    /// The child's pidfd: readable once it has exited.
+    Pidfd(AsyncFd<OwnedFd>),
+    /// No pidfd (none left, or a kernel without pidfd_open): the state is polled.
+    Poll,
+}
+
+impl ExitWatch {
+    /// For our unreaped child `pid`.
+    fn new(pid: libc::pid_t) -> ExitWatch {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return ExitWatch::Poll;
+        }
+        // SAFETY: a new fd (close-on-exec) that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        // SAFETY: an OwnedFd keeps its fd open, and the same, until the AsyncFd drops it.
+        match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+            Ok(fd) => ExitWatch::Pidfd(fd),
+            Err(_) => ExitWatch::Poll,
+        }
+    }
+
+    /// Returns once child `pid` has exited: true while it is still ours to reap (a
+    /// zombie), false if something else reaped it.
+    async fn exited(&self, pid: libc::pid_t) -> bool {
+        loop {
+            match exit_state(pid) {
+                Some(true) => return true,
+                None => return false,
+                Some(false) => {}
+            }
+            match self {
+                ExitWatch::Pidfd(fd) => match fd.readable().await {
+                    // Readable means it exited; should a look say otherwise, wait
+                    // for the next wake-up rather than spin.
+                    Ok(mut ready) => {
+                        if exit_state(pid) == Some(false) {
+                            ready.clear_ready();
+                        }
+                    }
+                    Err(_) => tokio::time::sleep(EXIT_POLL).await,
+                },
+                ExitWatch::Poll => tokio::time::sleep(EXIT_POLL).await,
+            }
+        }
+    }
+}
+
 /// A run's place in the supervisor: released exactly once, by [`Slot::finish`] on
-/// every normal path, or by `Drop` if the task is dropped before the child is reaped.
+/// every normal path, or by `Drop` if the task is dropped before the end.
 pub(super) struct Slot {
     pub shared: Arc<Shared>,
     pub key: String,
     pub pgid: libc::pid_t,
-    pub reaped: bool,
+    /// The child, leader of the group `pgid`, until it is reaped (then `None`): held
+    /// unreaped, even as a zombie, it keeps `pgid` ours.
+    pub child: Option<Child>,
     pub released: bool,
 }
 
@@ -116,20 +241,21 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if !self.reaped {
+        let unreaped = self.child.is_some();
+        if let Some(child) = self.child.take() {
+            // Still unreaped, so the group is ours: killed before the child goes to
+            // tokio's orphan queue (kill_on_drop), which reaps it.
             signal_group(self.pgid, libc::SIGKILL);
+            drop(child);
         }
         if !self.released {
             super::orphans::ended(self.pgid);
-        }
-        if !self.released {
-            self.shared
-                .finish(&self.key, RunEnd::Cancelled, !self.reaped);
+            self.shared.finish(&self.key, RunEnd::Cancelled, unreaped);
         }
     }
 }
 
-/// What the task needs besides the child.
+/// What the task needs besides the child (which is in the slot).
 pub(super) struct Run {
     pub slot: Slot,
     pub started: Instant,
@@ -148,10 +274,11 @@ enum Phase {
     Running,
     /// SIGTERM sent; the timer is when SIGKILL follows.
     Terminating,
-    /// SIGKILL sent; only the reap is awaited.
+    /// SIGKILL sent; only the exit is awaited.
     Killed,
-    /// Reaped, but a pipe is still open (a descendant holds it); the timer is when
-    /// the group is SIGKILLed and the pipes closed.
+    /// Exited (not reaped yet, so the group is still ours), but a pipe is still open
+    /// (a descendant holds it); the timer is when the group is SIGKILLed and the
+    /// pipes closed.
     Lingering,
 }
 
@@ -164,8 +291,8 @@ async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -
     }
 }
 
-/// Owns `child` until it is reaped and its pipes closed; reports the outcome.
-pub(super) async fn supervise(mut child: Child, run: Run) {
+/// Owns the slot's child until it is reaped and its pipes closed; reports the outcome.
+pub(super) async fn supervise(run: Run) {
     let Run {
         mut slot,
         started,
@@ -176,28 +303,38 @@ pub(super) async fn supervise(mut child: Child, run: Run) {
         done,
     } = run;
     let pgid = slot.pgid;
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let (mut stdout, mut stderr) = match slot.child.as_mut() {
+        Some(child) => (child.stdout.take(), child.stderr.take()),
+        None => (None, None),
+    };
     let (mut out_tail, mut err_tail) = (Tail::new(capture_bytes), Tail::new(capture_bytes));
     let (mut out_buf, mut err_buf) = (vec![0u8; READ_CHUNK], vec![0u8; READ_CHUNK]);
 
     let timer = tokio::time::sleep_until(after(started, deadline).into());
     tokio::pin!(timer);
+    let watch = ExitWatch::new(pgid);
+    let exit = watch.exited(pgid);
+    tokio::pin!(exit);
     let mut phase = Phase::Running;
-    let mut status: Option<ExitStatus> = None;
+    // Whether the child has exited; and whether something else reaped it (then its
+    // status is lost and the group id is no longer ours).
+    let (mut exited, mut lost) = (false, false);
     let (mut timed_out, mut cancelled, mut killed) = (false, false, false);
     let mut watching_shutdown = true;
 
-    while status.is_none() || stdout.is_some() || stderr.is_some() {
+    while !exited || stdout.is_some() || stderr.is_some() {
         tokio::select! {
-            res = child.wait(), if status.is_none() => {
-                status = Some(res.unwrap_or_else(|err| {
-                    // Only if someone else reaped it: the status is lost.
-                    tracing::error!(pid = pgid, %err, "could not wait for child");
-                    signal_group(pgid, libc::SIGKILL);
-                    ExitStatus::from_raw(libc::SIGKILL)
-                }));
-                slot.reaped = true;
+            ours = &mut exit, if !exited => {
+                exited = true;
+                if !ours {
+                    // Something else reaped it: its status is lost, and its pid and
+                    // group id may be anyone's. Not signalled again, not even by
+                    // kill_on_drop: the Child is forgotten (its few bytes and
+                    // tokio's pidfd), in a case that is a bug elsewhere.
+                    tracing::error!(pid = pgid, "child reaped by someone else");
+                    lost = true;
+                    std::mem::forget(slot.child.take());
+                }
                 if stdout.is_some() || stderr.is_some() {
                     phase = Phase::Lingering;
                     timer.as_mut().reset(after(Instant::now(), kill_grace).into());
@@ -224,7 +361,9 @@ pub(super) async fn supervise(mut child: Child, run: Run) {
                     phase = Phase::Killed;
                 }
                 Phase::Lingering => {
-                    signal_group(pgid, libc::SIGKILL);
+                    if !lost {
+                        signal_group(pgid, libc::SIGKILL);
+                    }
                     (stdout, stderr) = (None, None);
                 }
                 Phase::Killed => {}
@@ -249,7 +388,9 @@ pub(super) async fn supervise(mut child: Child, run: Run) {
                         }
                     }
                     Phase::Lingering => {
-                        signal_group(pgid, libc::SIGKILL);
+                        if !lost {
+                            signal_group(pgid, libc::SIGKILL);
+                        }
                         (stdout, stderr) = (None, None);
                     }
                     Phase::Killed => {}
@@ -257,8 +398,21 @@ pub(super) async fn supervise(mut child: Child, run: Run) {
             }
         }
     }
-    // Reaped (the loop ends only then) and both pipes dropped.
-    let status = status.expect("loop ends after the reap");
+    // Exited and both pipes dropped: the group is done with, so now the reap. From
+    // here on `pgid` may be anyone's.
+    let reaped = match slot.child.as_mut() {
+        Some(child) => child.wait().await.ok(),
+        None => None,
+    };
+    let child = slot.child.take();
+    let status = match reaped {
+        Some(status) => status,
+        None => {
+            // Lost (see above), or reaped elsewhere since: forgotten likewise.
+            std::mem::forget(child);
+            ExitStatus::from_raw(libc::SIGKILL)
+        }
+    };
     let exit = match status.code() {
         Some(code) => Exit::Code(code),
         None => Exit::Signal(status.signal().unwrap_or(libc::SIGKILL)),

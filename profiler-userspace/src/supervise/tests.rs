@@ -1,6 +1,9 @@
 //! Unit tests of the supervisor against real children (sh, sleep, head, yes).
 
-use std::{ffi::OsString, path::Path, time::Duration};
+use std::{
+    ffi::OsString, os::unix::process::CommandExt, path::Path, sync::atomic::Ordering,
+    time::Duration,
+};
 
 use super::*;
 
@@ -49,6 +52,19 @@ fn not_running(pid: u32) -> bool {
             .rsplit_once(") ")
             .is_some_and(|(_, rest)| rest.starts_with('Z')),
     }
+}
+
+/// The process `pid` is a zombie whose parent is us: exited, and not reaped yet.
+fn unreaped_zombie_of_ours(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    let mut fields = rest.split(' ');
+    let (state, ppid) = (fields.next(), fields.next());
+    state == Some("Z") && ppid == Some(std::process::id().to_string().as_str())
 }
 
 /// Polls `cond` every 10 ms for up to 5 s.
@@ -319,6 +335,70 @@ async fn descendant_holding_pipe_is_killed() {
         .parse()
         .unwrap();
     assert!(eventually(|| not_running(grandchild)).await);
+}
+
+/// A child that exits while a descendant that left its group (setsid) holds its
+/// pipes: the group may then be empty, and its id free for anyone once the child is
+/// reaped. So the child is kept unreaped (a zombie of ours, which keeps the id ours)
+/// while the run drains on; when the grace has passed the group (the zombie alone)
+/// is SIGKILLed, the pipes dropped, and only then the child reaped. No group signal
+/// is ever attempted after the reap. (Before, the child was reaped at once and the
+/// group id SIGKILLed after the grace, when it could have been anyone's.)
+#[tokio::test]
+async fn lingering_run_keeps_its_child_unreaped_until_the_end() {
+    let sup = Supervisor::new(config());
+    let h = sup
+        .start(sh("k", "setsid sleep 5 & echo $!", ms(60_000)))
+        .unwrap();
+    let pid = h.pid();
+    assert!(
+        eventually(|| unreaped_zombie_of_ours(pid)).await,
+        "the exited child was not kept unreaped"
+    );
+    let o = h.wait().await;
+    assert_eq!(o.exit, Exit::Code(0));
+    assert!(!o.timed_out);
+    assert!(o.elapsed >= ms(300) && o.elapsed < ms(4000), "{o:?}");
+    assert!(reaped(pid));
+    let escaped: i32 = String::from_utf8(o.stdout_tail)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Out of the group, so not killed with it: here (no orphans adopted) it keeps
+    // running, its pipes closed; where orphans are adopted the sweep kills it (see
+    // the integration tests).
+    assert!(!not_running(escaped as u32));
+    // SAFETY: kill has no memory-safety preconditions; `escaped` was running above.
+    unsafe { libc::kill(escaped, libc::SIGKILL) };
+    assert_eq!(run::GROUP_SIGNALS_REFUSED.load(Ordering::Relaxed), 0);
+    let s = sup.stats().snapshot();
+    assert_eq!((s.succeeded, s.killed, s.live), (1, 0, 0));
+}
+
+/// What `signal_group` checks before it signals: a child of ours is unreaped while it
+/// runs and once it has exited (a zombie), and not after the reap, when its pid and
+/// group id may be anyone's.
+#[test]
+fn exit_state_tells_unreaped_from_reaped() {
+    let mut child = std::process::Command::new("sleep")
+        .arg("100")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    assert_eq!(run::exit_state(pid), Some(false));
+    child.kill().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run::exit_state(pid) == Some(false) && Instant::now() < deadline {
+        std::thread::sleep(ms(5));
+    }
+    assert_eq!(run::exit_state(pid), Some(true), "exited, still unreaped");
+    assert!(unreaped_zombie_of_ours(pid as u32));
+    child.wait().unwrap();
+    assert_eq!(run::exit_state(pid), None);
+    // Not our child at all.
+    assert_eq!(run::exit_state(1), None);
 }
 
 /// Children run in their own process group at lower priority than the agent.
