@@ -267,7 +267,13 @@ fn sigint_stops_early_and_writes_everything() {
 fn interrupt_while_symbolizing(dir: &Path, signals: usize) -> (bool, String, Vec<String>) {
     use std::io::{BufRead as _, BufReader, Read as _};
     let mut child = Command::new(PROFILER)
-        .args(["record", "--duration", "2", "--include-idle", "--output-dir"])
+        .args([
+            "record",
+            "--duration",
+            "2",
+            "--include-idle",
+            "--output-dir",
+        ])
         .arg(dir)
         .stderr(Stdio::piped())
         .spawn()
@@ -307,7 +313,10 @@ fn first_interrupt_while_symbolizing_still_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (ok, text, mut names) = interrupt_while_symbolizing(dir.path(), 1);
     assert!(ok, "{text}");
-    assert!(text.contains("finishing the profile"), "signal missed: {text}");
+    assert!(
+        text.contains("finishing the profile"),
+        "signal missed: {text}"
+    );
     names.sort();
     assert_eq!(
         names,
@@ -322,7 +331,10 @@ fn second_interrupt_while_symbolizing_abandons() {
     let dir = tempfile::tempdir().unwrap();
     let (ok, text, names) = interrupt_while_symbolizing(dir.path(), 2);
     assert!(!ok, "{text}");
-    assert!(text.contains("finishing the profile"), "signal missed: {text}");
+    assert!(
+        text.contains("finishing the profile"),
+        "signal missed: {text}"
+    );
     assert!(text.contains("the profile was not written"), "{text}");
     assert!(names.is_empty(), "left behind: {names:?}");
 }
