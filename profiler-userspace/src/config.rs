@@ -72,6 +72,22 @@ pub enum ConfigError {
          and set OTEL_EXPORTER_OTLP_PROFILES_PROTOCOL=grpc"
     )]
     Protocol { variable: String, value: String },
+    /// The endpoint is on OTLP/HTTP's port and no protocol was named.
+    #[error(
+        "OTLP endpoint {0:?} is on port 4318, OTLP/HTTP's; the agent speaks OTLP over \
+         gRPC only (port 4317 by default): point it at a gRPC endpoint, or set \
+         OTEL_EXPORTER_OTLP_PROFILES_PROTOCOL=grpc if this port does serve gRPC"
+    )]
+    HttpPort(String),
+    /// A TLS flag with a plaintext (`http://`) endpoint: it would be ignored.
+    #[error(
+        "{flag} needs TLS, but the OTLP endpoint {endpoint:?} is plaintext: use https://, \
+         or drop {flag}"
+    )]
+    TlsOnPlaintext {
+        flag: &'static str,
+        endpoint: String,
+    },
     /// The endpoint has a path, which gRPC does not use.
     #[error(
         "OTLP endpoint {0:?} has a path, which gRPC ignores (the service path is fixed): \
@@ -127,6 +143,27 @@ pub struct RecordConfig {
     /// Runtime profilers (py-spy, rbspy, phpspy, jattach); all by default
     /// (`--runtimes`).
     pub runtimes: RuntimeConfig,
+    /// The outermost directory [`RecordConfig::new`] created for `output_dir`
+    /// (`None`: it existed), so that a run that fails before writing leaves none.
+    pub created_dir: Option<PathBuf>,
+}
+
+impl RecordConfig {
+    /// Removes the directories [`RecordConfig::new`] created, if they are still
+    /// empty: after a failure, nothing is left behind.
+    pub fn remove_created_dirs(&self) {
+        let Some(top) = &self.created_dir else { return };
+        let mut dir = self.output_dir.as_path();
+        loop {
+            if std::fs::remove_dir(dir).is_err() || dir == top.as_path() {
+                return;
+            }
+            match dir.parent() {
+                Some(parent) => dir = parent,
+                None => return,
+            }
+        }
+    }
 }
 
 /// Raw runtime profiler flags, shared by `record` and `agent`.
@@ -202,9 +239,10 @@ impl RecordConfig {
             return Err(ConfigError::Duration);
         }
         check_pids(&pids)?;
-        check_output_dir(&output_dir)?;
+        let created_dir = check_output_dir(&output_dir)?;
         // Absolute, so the summary says exactly where the files are.
         let output_dir = output_dir.canonicalize().unwrap_or(output_dir);
+        let created_dir = created_dir.map(|d| d.canonicalize().unwrap_or(d));
         Ok(RecordConfig {
             duration: Duration::from_secs(duration_secs),
             frequency_hz,
@@ -214,6 +252,7 @@ impl RecordConfig {
             progress,
             ring_buffer_bytes: None,
             runtimes: RuntimeConfig::none(),
+            created_dir,
         })
     }
 }
@@ -259,8 +298,9 @@ fn thread_group_of(pid: u32) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Creates the directory and proves we can write into it.
-pub(crate) fn check_output_dir(dir: &Path) -> Result<(), ConfigError> {
+/// Creates the directory and proves we can write into it. Returns the outermost
+/// directory it created (`None`: `dir` existed).
+pub(crate) fn check_output_dir(dir: &Path) -> Result<Option<PathBuf>, ConfigError> {
     let err = |reason: String| ConfigError::OutputDir {
         path: dir.to_path_buf(),
         reason,
@@ -268,16 +308,46 @@ pub(crate) fn check_output_dir(dir: &Path) -> Result<(), ConfigError> {
     if dir.exists() && !dir.is_dir() {
         return Err(err("exists and is not a directory".into()));
     }
+    let created = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .last()
+        .map(Path::to_path_buf);
     std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create it: {e}")))?;
     let probe = dir.join(format!(".write-test.{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(|e| err(format!("cannot write into it: {e}")))?;
     let _ = std::fs::remove_file(probe);
-    Ok(())
+    Ok(created)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The directories a record created are removed after a failure if empty; one
+    /// that existed, or holds files, stays.
+    #[test]
+    fn created_output_dirs_are_removed_when_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("a/b");
+        let config = RecordConfig::new(1, 97, vec![], out.clone(), false, false).unwrap();
+        assert!(out.is_dir());
+        assert_eq!(
+            config.created_dir.as_deref(),
+            Some(tmp.path().join("a").canonicalize().unwrap().as_path())
+        );
+        config.remove_created_dirs();
+        assert!(!tmp.path().join("a").exists());
+        assert!(tmp.path().exists());
+
+        let config = RecordConfig::new(1, 97, vec![], out.clone(), false, false).unwrap();
+        std::fs::write(out.join("keep"), b"x").unwrap();
+        config.remove_created_dirs();
+        assert!(out.join("keep").is_file());
+
+        let existing = RecordConfig::new(1, 97, vec![], out.clone(), false, false).unwrap();
+        assert_eq!(existing.created_dir, None);
+    }
 
     /// A thread id is refused, naming its process; the process id itself passes.
     #[test]

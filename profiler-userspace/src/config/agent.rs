@@ -95,6 +95,18 @@ fn otel_named(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<(Strin
 /// Refuses an endpoint with a path: tonic keeps only scheme and authority, so a
 /// path (an HTTP exporter's `/v1development/profiles`, a proxy prefix) would be
 /// dropped without a word. A bare `/` is fine.
+/// The port of `scheme://host:port` (or `host:port`), if given.
+fn endpoint_port(endpoint: &str) -> Option<u16> {
+    let authority = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .split('/')
+        .next()?;
+    // After the last ':' outside an IPv6 literal's brackets.
+    let (_, port) = authority.rsplit_once(':')?;
+    port.parse().ok()
+}
+
 fn check_endpoint_path(endpoint: &str) -> Result<(), ConfigError> {
     let after_scheme = endpoint
         .split_once("://")
@@ -255,10 +267,17 @@ impl AgentConfig {
                 None
             }
             Some(endpoint) => {
-                if let Some((variable, value)) = otel_named(env, "PROTOCOL") {
-                    if value.trim() != "grpc" {
+                match otel_named(env, "PROTOCOL") {
+                    Some((variable, value)) if value.trim() != "grpc" => {
                         return Err(ConfigError::Protocol { variable, value });
                     }
+                    Some(_) => {}
+                    // SDKs default to http/protobuf, on port 4318: an endpoint there
+                    // shared with them would be retried for ever as "down".
+                    None if endpoint_port(&endpoint) == Some(4318) => {
+                        return Err(ConfigError::HttpPort(endpoint));
+                    }
+                    None => {}
                 }
                 check_endpoint_path(&endpoint)?;
                 let endpoint = if endpoint.contains("://") {
@@ -292,6 +311,22 @@ impl AgentConfig {
                     (None, None) => None,
                     _ => return Err(ConfigError::ClientCert),
                 };
+                // A TLS flag with a plaintext endpoint is a mistake worth saying (the
+                // same settings from the environment apply to secure endpoints only,
+                // as OTel SDKs read them, and are left alone).
+                if endpoint.starts_with("http://") {
+                    let tls_flags = [
+                        ("--ca-file", args.ca_file.is_some()),
+                        ("--client-cert", args.client_cert.is_some()),
+                        ("--client-key", args.client_key.is_some()),
+                    ];
+                    if let Some((flag, _)) = tls_flags.iter().find(|(_, given)| *given) {
+                        return Err(ConfigError::TlsOnPlaintext {
+                            flag,
+                            endpoint: endpoint.clone(),
+                        });
+                    }
+                }
                 for path in ca_file
                     .iter()
                     .chain(client_cert.iter().flat_map(|(c, k)| [c, k]))
@@ -544,8 +579,9 @@ mod tests {
         ));
         let mut a = args();
         a.ca_file = Some("/nonexistent.pem".into());
+        let tls = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317")]);
         assert!(matches!(
-            AgentConfig::new(a, &e),
+            AgentConfig::new(a, &tls),
             Err(ConfigError::MissingFile(_))
         ));
         let e2 = env(&[
@@ -615,6 +651,48 @@ mod tests {
         assert!(files.is_ok());
     }
 
+    /// OTLP/HTTP's port without a protocol named is refused (SDKs default to
+    /// http/protobuf there); naming grpc allows it.
+    #[test]
+    fn http_port_needs_grpc_named() {
+        for endpoint in ["http://c:4318", "c:4318", "https://[::1]:4318/"] {
+            let r = AgentConfig::new(args(), &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)]));
+            assert!(
+                matches!(r, Err(ConfigError::HttpPort(_))),
+                "{endpoint}: {r:?}"
+            );
+        }
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ]);
+        assert!(AgentConfig::new(args(), &e).is_ok());
+        assert_eq!(endpoint_port("http://c:4317"), Some(4317));
+        assert_eq!(endpoint_port("http://[::1]:4318"), Some(4318));
+        assert_eq!(endpoint_port("http://c"), None);
+    }
+
+    /// A TLS flag with a plaintext endpoint is refused by name, not ignored; the
+    /// same setting from the environment is left to secure endpoints.
+    #[test]
+    fn tls_flags_need_https() {
+        let e = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")]);
+        let mut a = args();
+        a.ca_file = Some("/etc/hostname".into());
+        assert!(matches!(
+            AgentConfig::new(a, &e),
+            Err(ConfigError::TlsOnPlaintext {
+                flag: "--ca-file",
+                ..
+            })
+        ));
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/hostname"),
+        ]);
+        assert!(AgentConfig::new(args(), &e).is_ok());
+    }
+
     /// An endpoint with a path is refused; a trailing slash is not a path.
     #[test]
     fn endpoint_path_is_refused() {
@@ -622,7 +700,7 @@ mod tests {
             ("http://c:4317", true),
             ("http://c:4317/", true),
             ("c:4317", true),
-            ("http://c:4318/v1development/profiles", false),
+            ("http://c:4317/v1development/profiles", false),
             ("c:4317/prefix", false),
         ] {
             let r = AgentConfig::new(args(), &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)]));
