@@ -53,7 +53,7 @@ const MAX_NAME_OFFSETS: usize = 16;
 /// Why a field offset could not be found.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("cannot read the kernel's BTF: {0}")]
+    #[error("cannot read the kernel's BTF, /sys/kernel/btf/vmlinux (a kernel built without CONFIG_DEBUG_INFO_BTF has none): {0}")]
     Read(#[from] std::io::Error),
     #[error("malformed BTF: {0}")]
     Malformed(&'static str),

@@ -245,6 +245,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let result = runtime.block_on(record::run(&config));
             // Do not wait for a symbolization abandoned at Ctrl-C.
             runtime.shutdown_background();
+            if result.is_err() {
+                // A failure before anything was written (the eBPF program did not
+                // load, say) leaves no empty directory of ours behind.
+                config.remove_created_dirs();
+            }
             let summary = result?;
             eprint!("{}", summary.render());
             Ok(())
