@@ -2,8 +2,9 @@
 //! types.
 //!
 //! The eBPF crate is compiled by Debian's Rust 1.96 (`/usr/bin/cargo`, selected with
-//! `rustup run /usr`) with `-Z build-std=core` and linked by bpf-linker; see
-//! ../shared/TOOLCHAIN.md. `cargo xtask setup` installs both.
+//! `rustup run /usr`) with `-Z build-std=core` and linked by bpf-linker (README.md,
+//! "Two commands", says why these and what is installed). `cargo xtask setup`
+//! installs both.
 
 use std::{env, path::Path};
 

@@ -15,7 +15,8 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{cargo, cargo_home, run};
 
-/// The bpf-linker release that builds against LLVM 22 (see ../shared/TOOLCHAIN.md).
+/// The bpf-linker release that builds against LLVM 22 (`llvm-22` feature) with the
+/// Rust this machine kind has; pinned, so a new release cannot break a fresh setup.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// `cargo install` flags of bpf-linker beside its name: built against LLVM 22.
 const BPF_LINKER_INSTALL_FLAGS: [&str; 4] =
@@ -141,10 +142,19 @@ pub fn ensure_packages(groups: &[PackageGroup]) -> Result<()> {
         return Ok(());
     }
     if !is_debian_bookworm() {
+        // Some of these names are Debian 12's own (rustc-web): say what they
+        // provide too, in plain terms, for a release that names them otherwise.
+        let needs: Vec<String> = groups
+            .iter()
+            .filter(|g| g.packages.iter().any(|p| missing.contains(p)))
+            .map(|g| format!("  {} ({})", g.requires, g.purpose))
+            .collect();
         bail!(
             "missing Debian packages; this is not Debian 12, so install them (or their equivalents) yourself:\n{}\n\
+             that is:\n{}\n\
              and bpf-linker {BPF_LINKER_VERSION}: {}",
             purposes.join("\n"),
+            needs.join("\n"),
             bpf_linker_install_line()
         );
     }
