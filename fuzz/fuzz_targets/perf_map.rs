@@ -2,7 +2,8 @@
 //! overlaps, within its entry limit, finds every symbol at its own start, and its
 //! normalized text parses back to the same symbols. Scanning the same bytes for the
 //! symbols' addresses names them as the parsed map does whenever the parse kept every
-//! line (no overlaps, none over the limit, no line past the scan's line limit).
+//! line (no overlaps, none over the limit, no line past the scan's line limit); one
+//! starting mid-line names what one of the bytes after the first newline does.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -44,4 +45,15 @@ fuzz_target!(|data: &[u8]| {
     let again = PerfMap::parse_with_limit(text.as_bytes(), 16);
     assert_eq!(again.symbols().collect::<Vec<_>>(), symbols);
     assert_eq!(again.stats().malformed_lines, 0);
+    // A scan that starts mid-line (a map read from an offset) names what a scan of
+    // the bytes after the first newline names.
+    let rest = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => &data[i + 1..],
+        None => &[][..],
+    };
+    let mid = scan_perf_map(data, &addrs, Start::MidLine).expect("reading a slice");
+    let after = scan_perf_map(rest, &addrs, Start::LineStart).expect("reading a slice");
+    for a in &addrs {
+        assert_eq!(mid.get(*a), after.get(*a), "{a:#x}");
+    }
 });
