@@ -519,6 +519,11 @@ impl Supervisor {
                         reason,
                     });
                 }
+                // tokio can fail after the fork and exec succeeded (registering the
+                // child's pidfd or SIGCHLD handler): that child is ours but no run's;
+                // the sweep kills it now rather than at the next spawn.
+                drop(state);
+                self.shared.stats.add_swept(orphans::sweep());
                 return Err(Refused::Spawn(err));
             }
         };
