@@ -278,8 +278,12 @@ struct Shared {
     /// jattach's children, apart (see [`JATTACH_MAX_CONCURRENT`]).
     jit_supervisor: Supervisor,
     tracked: Mutex<HashMap<u32, Tracked>>,
-    /// Classifications so far.
+    /// Classifications so far (what `Tracked::seen` counts in).
     generation: AtomicU64,
+    /// Classifications by each consumer, which move its own candidate window: shared
+    /// with the other, a window would move on twice per interval, and with an even
+    /// number of windows each consumer would see the same half for ever.
+    windows: [AtomicU64; 2],
     stats: Arc<RuntimeStats>,
     /// Where runs write their output: private to this agent, removed on drop.
     scratch: tempfile::TempDir,
@@ -393,6 +397,7 @@ impl RuntimeProfilers {
                 jit_supervisor,
                 tracked: Mutex::new(HashMap::new()),
                 generation: AtomicU64::new(0),
+                windows: Default::default(),
                 stats: Arc::new(RuntimeStats::default()),
                 scratch,
                 seq: AtomicU64::new(0),
@@ -555,15 +560,30 @@ fn candidate_window(len: usize, generation: u64) -> (usize, usize) {
     (start, MAX_CANDIDATES_PER_ROUND)
 }
 
+/// Who classifies: each moves its own candidate window.
+#[derive(Clone, Copy, Debug)]
+enum Classifier {
+    /// A round of interpreted-runtime profilers.
+    Round = 0,
+    /// A JIT (JVM perf map) refresh.
+    Jit = 1,
+}
+
 impl Shared {
     /// The runtime of each pid (cached while pid, start time and executable stay:
     /// see [`TargetProcess::is_alive`], so a process that execs an interpreter is
     /// classified again), for the enabled runtimes only. Blocking: reads /proc.
-    fn classify(&self, pids: &[u32], wanted: impl Fn(Runtime) -> bool) -> Vec<TargetProcess> {
+    fn classify(
+        &self,
+        by: Classifier,
+        pids: &[u32],
+        wanted: impl Fn(Runtime) -> bool,
+    ) -> Vec<TargetProcess> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let window = self.windows[by as usize].fetch_add(1, Ordering::Relaxed) + 1;
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
-        let (start, count) = candidate_window(pids.len(), generation);
+        let (start, count) = candidate_window(pids.len(), window);
         self.stats
             .candidates_skipped
             .fetch_add((pids.len() - count) as u64, Ordering::Relaxed);
@@ -894,7 +914,7 @@ async fn round(
 ) -> Vec<InterpretedSamples> {
     let classify = shared.clone();
     let Ok(mut targets) = tokio::task::spawn_blocking(move || {
-        classify.classify(&pids, |r| {
+        classify.classify(Classifier::Round, &pids, |r| {
             matches!(r, Runtime::Python | Runtime::Ruby | Runtime::Php)
         })
     })
@@ -992,7 +1012,7 @@ async fn refresh_jit(shared: Arc<Shared>, pids: Vec<u32>) {
     let classify = shared.clone();
     let Ok(jvms) = tokio::task::spawn_blocking(move || {
         classify
-            .classify(&pids, |r| r == Runtime::Java)
+            .classify(Classifier::Jit, &pids, |r| r == Runtime::Java)
             .into_iter()
             .filter_map(|jvm| {
                 // A JVM that is never asked costs no read of its mappings.
@@ -1138,6 +1158,35 @@ mod tests {
         assert!(seen.iter().all(|&n| n >= 1), "someone never had a turn");
     }
 
+    /// Rounds and JIT refreshes move their windows apart: a round alternating with
+    /// refreshes still reaches a candidate in its second window on its second call.
+    #[test]
+    fn each_classifier_moves_its_own_window() {
+        let p = RuntimeProfilers::new(RuntimeConfig::all(97)).unwrap();
+        let mut sleep = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = sleep.id();
+        // Two windows' worth of pids that do not exist, with a live process first in
+        // the second.
+        let mut pids: Vec<u32> = (0..2 * MAX_CANDIDATES_PER_ROUND as u32)
+            .map(|i| 0x3f00_0000 + i)
+            .collect();
+        pids[MAX_CANDIDATES_PER_ROUND] = me;
+        let looked_at_me =
+            |p: &RuntimeProfilers| p.shared.tracked.lock().unwrap().contains_key(&me);
+        p.shared.classify(Classifier::Round, &pids, |_| true);
+        assert!(!looked_at_me(&p), "first window");
+        p.shared.classify(Classifier::Jit, &pids, |_| true);
+        p.shared.tracked.lock().unwrap().clear();
+        p.shared.classify(Classifier::Round, &pids, |_| true);
+        let reached = looked_at_me(&p);
+        let _ = sleep.kill();
+        let _ = sleep.wait();
+        assert!(reached, "the round's second window was skipped");
+    }
+
     /// Scratch directories of profilers that are gone are removed; ours, other
     /// names and symlinks are left alone.
     #[test]
@@ -1217,13 +1266,13 @@ mod tests {
             .unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let pids = [python.id(), native.id()];
-        let found = p.shared.classify(&pids, |_| true);
+        let found = p.shared.classify(Classifier::Round, &pids, |_| true);
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].pid, python.id());
         assert_eq!(found[0].runtime, Some(Runtime::Python));
         assert_eq!(p.shared.tracked.lock().unwrap().len(), 2);
         for _ in 0..FORGET_AFTER_CLASSIFICATIONS {
-            p.shared.classify(&[], |_| true);
+            p.shared.classify(Classifier::Round, &[], |_| true);
         }
         assert!(p.shared.tracked.lock().unwrap().is_empty());
         for child in [&mut python, &mut native] {
@@ -1248,7 +1297,10 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = sh.id();
-        assert!(p.shared.classify(&[pid], |_| true).is_empty());
+        assert!(p
+            .shared
+            .classify(Classifier::Round, &[pid], |_| true)
+            .is_empty());
         assert_eq!(
             p.shared.tracked.lock().unwrap()[&pid].process.runtime,
             None,
@@ -1258,7 +1310,7 @@ mod tests {
         // Each round sees it among the candidates, as --pid targets are.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let found = loop {
-            let found = p.shared.classify(&[pid], |_| true);
+            let found = p.shared.classify(Classifier::Round, &[pid], |_| true);
             if !found.is_empty() || std::time::Instant::now() > deadline {
                 break found;
             }
