@@ -32,7 +32,7 @@ use crate::{
     },
     collector::Collector,
     config::agent::AgentConfig,
-    ebpf::SamplerConfig,
+    ebpf::{Delivery, SamplerConfig},
     export::otlp::{self, HostInfo},
     memory::{MemoryBudget, ProcessMemory},
     process::ProcessTable,
@@ -283,6 +283,41 @@ impl Episodes {
             }
             _ => None,
         }
+    }
+}
+
+/// Timer events the kernel did not hand the program, interval by interval: an
+/// interval whose shortfall is past the tolerance (attach and detach, rounding)
+/// adds it to a total whose growth makes the episodes.
+#[derive(Debug)]
+struct Undelivered {
+    last: Delivery,
+    /// Events missing in the intervals that were short.
+    missing: u64,
+    episodes: Episodes,
+}
+
+impl Undelivered {
+    /// Counting from `start`, a reading of the sampler.
+    fn new(start: Delivery) -> Undelivered {
+        Undelivered {
+            last: start,
+            missing: 0,
+            episodes: Episodes::default(),
+        }
+    }
+
+    /// Called with a new reading once per interval; returns the episode's change
+    /// and the interval's figures.
+    fn update(&mut self, now: Delivery) -> Option<(Episode, Delivery)> {
+        let interval = now.since(&self.last);
+        self.last = now;
+        if interval.short() {
+            self.missing += interval.missing();
+        }
+        self.episodes
+            .update(self.missing)
+            .map(|episode| (episode, interval))
     }
 }
 
@@ -586,6 +621,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         .flatten();
 
     let mut kernel_losses = Episodes::default();
+    let mut undelivered = Undelivered::new(collector.delivery().unwrap_or_default());
     let mut skipped_slots = Episodes::default();
     let mut folding = Episodes::default();
     let mut targets_gone = false;
@@ -686,6 +722,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     Some(Episode::Ended(lost)) => info!(lost, "samples are no longer lost in the kernel"),
                     None => {}
                 }
+                if let Some(delivery) = collector.delivery() {
+                    match undelivered.update(delivery) {
+                        Some((Episode::Began(missing), interval)) => warn!(
+                            missing,
+                            expected = interval.expected,
+                            delivered = interval.delivered,
+                            tolerance = interval.tolerance(),
+                            cpus = interval.cpus,
+                            frequency_hz = config.frequency_hz,
+                            "the kernel did not run the eBPF program for every expected timer event (uncounted by it): perf throttling (see dmesg for \"perf: interrupt took too long\"; kernel.perf_cpu_time_max_percent), another BPF program running on that CPU, a CPU taken offline, or a descheduled vCPU"
+                        ),
+                        Some((Episode::Ended(missing), _)) => info!(missing, "the kernel runs the eBPF program for every expected timer event again"),
+                        None => {}
+                    }
+                }
                 match skipped_slots.update(stats.skipped_cycles.load(Ordering::Relaxed)) {
                     Some(Episode::Began(skipped)) => warn!(
                         skipped,
@@ -758,6 +809,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         skipped_cycles = stats.skipped_cycles.load(Ordering::Relaxed),
         samples = stats.samples.load(Ordering::Relaxed),
         lost = stopped.kernel.lost(),
+        events_expected = stopped.delivery.expected,
+        events_delivered = stopped.delivery.delivered,
         unreadable_records = stopped.drain_stats.malformed(),
         kernel_stack_walk_errors = stopped
             .kernel
@@ -881,6 +934,30 @@ mod tests {
                 Some(Episode::Ended(1)),
             ]
         );
+    }
+
+    /// An interval short of expected events past the tolerance begins an episode
+    /// (logged once); the first interval within it again ends it.
+    #[test]
+    fn undelivered_events_are_logged_as_episodes() {
+        let reading = |expected, delivered| Delivery {
+            expected,
+            delivered,
+            cpus: 2,
+            runs: None,
+        };
+        let mut u = Undelivered::new(reading(0, 0));
+        // 1 940 expected per interval (10 s at 97 Hz on 2 CPUs); tolerance 19.
+        assert_eq!(u.update(reading(1_940, 1_925)), None);
+        let (began, interval) = u.update(reading(3_880, 3_765)).unwrap();
+        assert_eq!(began, Episode::Began(100));
+        assert_eq!((interval.expected, interval.delivered), (1_940, 1_840));
+        assert_eq!(u.update(reading(5_820, 5_605)).map(|e| e.0), None);
+        assert_eq!(
+            u.update(reading(7_760, 7_545)).map(|e| e.0),
+            Some(Episode::Ended(200))
+        );
+        assert_eq!(u.update(reading(9_700, 9_480)), None);
     }
 
     /// Each interval's folded samples add up, and the running total is what the

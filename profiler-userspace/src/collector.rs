@@ -17,7 +17,7 @@ use tokio::{
 use crate::{
     aggregate::{AggregateLimits, Aggregator},
     drain::{DrainCommand, DrainLoop, DrainStats},
-    ebpf::{KernelCounters, ProgramStats, Sampler, SamplerConfig},
+    ebpf::{Delivery, KernelCounters, ProgramStats, Sampler, SamplerConfig},
     process::{CaptureWorker, ProcessStats, ProcessTable},
 };
 
@@ -38,6 +38,9 @@ pub struct Stopped {
     pub aggregate: Aggregator,
     /// Final in-kernel counters.
     pub kernel: KernelCounters,
+    /// Timer events delivered to the program against those expected, from attach
+    /// to detach.
+    pub delivery: Delivery,
     /// Run time of the eBPF program.
     pub bpf: ProgramStats,
     /// Fork and exec events the kernel could not write (ring buffer full).
@@ -119,6 +122,12 @@ impl Collector {
         self.sampler.program_stats()
     }
 
+    /// Timer events delivered to the program against those expected since attach
+    /// (`None` if the counters cannot be read).
+    pub fn delivery(&self) -> Option<Delivery> {
+        self.sampler.delivery().ok().map(|(_, delivery)| delivery)
+    }
+
     /// The warning to give at start when forks and execs are not tracked: a
     /// process forked without an exec that exits before it is captured then goes
     /// unnamed.
@@ -177,11 +186,12 @@ impl Collector {
 
     /// Detaches the program, drains what is left and stops everything.
     pub async fn stop(mut self) -> anyhow::Result<Stopped> {
-        let bpf = self.sampler.program_stats();
         self.sampler.stop();
-        let kernel = self
+        // Both as they were when the program was detached.
+        let bpf = self.sampler.program_stats();
+        let (kernel, delivery) = self
             .sampler
-            .counters()
+            .delivery()
             .context("cannot read the eBPF counters")?;
         let process_events_lost = self.sampler.process_events_lost();
         let mappings = self.sampler.mappings_stats();
@@ -216,6 +226,7 @@ impl Collector {
         Ok(Stopped {
             aggregate,
             kernel,
+            delivery,
             bpf,
             process_events_lost,
             lineage_forgotten,

@@ -19,7 +19,7 @@ use crate::{
     aggregate::{AggregateLimits, AggregateStats},
     collector::Collector,
     config::RecordConfig,
-    ebpf::{KernelCounters, ProgramStats, SamplerConfig},
+    ebpf::{Delivery, KernelCounters, ProgramStats, SamplerConfig},
     export::{self, Written},
     profile::UnknownCounts,
     runtime_profilers::{self, RuntimeProfilers},
@@ -51,6 +51,8 @@ pub struct RecordSummary {
     pub pids: Vec<u32>,
     /// In-kernel counters (events, emitted, losses).
     pub kernel: KernelCounters,
+    /// Timer events the kernel handed the program against those expected.
+    pub delivery: Delivery,
     /// Records the drain read.
     pub records: u64,
     /// Records that failed to parse.
@@ -162,6 +164,7 @@ impl RecordSummary {
                 self.frequency_hz
             );
         }
+        render_delivery(&mut s, &self.delivery);
         if self.aggregate.folded_samples > 0 {
             let _ = writeln!(
                 s,
@@ -336,6 +339,47 @@ impl RecordSummary {
     }
 }
 
+/// The summary's line on timer events delivered against expected, and when the
+/// shortfall is more than attach and detach explain, its likely causes.
+fn render_delivery(s: &mut String, d: &Delivery) {
+    let _ = writeln!(
+        s,
+        "  kernel delivered {} of ~{} expected timer events ({:.1}%)",
+        thousands(d.delivered),
+        thousands(d.expected),
+        d.percent()
+    );
+    if d.short() {
+        let _ = writeln!(
+            s,
+            "  {} expected timer events never reached the eBPF program (attach and detach explain at most {}), uncounted by it: the likely causes are perf throttling (see `dmesg` for \"perf: interrupt took too long\"; kernel.perf_cpu_time_max_percent), another BPF program running on that CPU at the time (the kernel then skips ours), a CPU taken offline, or a vCPU descheduled for longer than a period (its timer skips the periods it missed)",
+            thousands(d.missing()),
+            thousands(d.tolerance())
+        );
+    }
+    if let Some(runs) = d.runs.filter(|&runs| runs != d.delivered) {
+        let _ = writeln!(
+            s,
+            "  the kernel's BPF statistics count {} runs of the program, its counters {} events",
+            thousands(runs),
+            thousands(d.delivered)
+        );
+    }
+}
+
+/// `n` with its thousands separated by commas: 19,310.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn join(pids: &[u32]) -> String {
     pids.iter()
         .map(u32::to_string)
@@ -506,6 +550,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
         cpus: stopped.cpus,
         pids: config.pids.clone(),
         kernel: stopped.kernel,
+        delivery: stopped.delivery,
         records: stopped.drain_stats.records(),
         malformed: stopped.drain_stats.malformed(),
         user_walks_derailed: stopped.drain_stats.user_walks_derailed(),
@@ -643,4 +688,55 @@ async fn wait_for_end(config: &RecordConfig, collector: &Collector) -> bool {
         eprintln!("stopping early: writing what was recorded");
     }
     interrupted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_are_separated() {
+        let cases = [(0, "0"), (999, "999"), (1_000, "1,000"), (19_310, "19,310")];
+        for (n, text) in cases {
+            assert_eq!(thousands(n), text);
+        }
+        assert_eq!(thousands(1_234_567_890), "1,234,567,890");
+    }
+
+    /// One line of delivered against expected always; the causes only past the
+    /// tolerance; the BPF statistics only when they disagree with the counters.
+    #[test]
+    fn delivery_line_and_shortfall() {
+        let render = |delivered, runs| {
+            let mut s = String::new();
+            render_delivery(
+                &mut s,
+                &Delivery {
+                    expected: 19_400,
+                    delivered,
+                    cpus: 2,
+                    runs,
+                },
+            );
+            s
+        };
+        let fine = render(19_310, Some(19_310));
+        assert_eq!(
+            fine,
+            "  kernel delivered 19,310 of ~19,400 expected timer events (99.5%)\n"
+        );
+        let short = render(19_000, None);
+        assert!(short.contains("delivered 19,000 of ~19,400"), "{short}");
+        assert!(
+            short.contains("400 expected timer events never reached"),
+            "{short}"
+        );
+        assert!(short.contains("perf: interrupt took too long"), "{short}");
+        assert!(short.contains("another BPF program"), "{short}");
+        let counted_apart = render(19_310, Some(19_312));
+        assert!(
+            counted_apart.contains("count 19,312 runs"),
+            "{counted_apart}"
+        );
+    }
 }

@@ -510,6 +510,60 @@ fn user_walk_cut_at_a_bad_frame_pointer_is_counted() {
     );
 }
 
+/// Every timer event the kernel fires reaches the program: over 2 s at 97 Hz the
+/// events the program counted (each ends in exactly one outcome, idle and
+/// filtered-out ones included) are those the frequency, the online CPUs and the
+/// attached time predict, within the tolerance of attach and detach, and the
+/// summary says so. A wrong formula (one CPU, milliseconds) is off by far more.
+#[test]
+fn kernel_delivers_every_expected_timer_event() {
+    let _cpu = cpu_heavy_lock();
+    let target = start("chain", &["4"]);
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let summary = record(&[target.pid()], 2, 97, out.path());
+    let d = summary.delivery;
+    let text = summary.render();
+    eprintln!(
+        "expected {}, delivered {}, runs {:?}, tolerance {}, over {:.3} s",
+        d.expected,
+        d.delivered,
+        d.runs,
+        d.tolerance(),
+        summary.elapsed.as_secs_f64()
+    );
+    // The expectation itself, from figures the sampler did not give: the CPUs
+    // online, and the 2 s the program was attached for at least and the whole
+    // recording (load to drain) it was attached for at most.
+    // SAFETY: a plain libc call.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as u64;
+    assert_eq!(d.cpus as u64, cpus, "{text}");
+    let at_least = 97 * cpus * 2;
+    let at_most = (97.0 * cpus as f64 * summary.elapsed.as_secs_f64()).ceil() as u64;
+    assert!(
+        (at_least..=at_most).contains(&d.expected),
+        "expected {} events, not within {at_least}..={at_most}:\n{text}",
+        d.expected
+    );
+    assert!(
+        d.delivered.abs_diff(d.expected) <= d.tolerance(),
+        "delivered {} of {} expected events (tolerance {}):\n{text}",
+        d.delivered,
+        d.expected,
+        d.tolerance()
+    );
+    // record turns the kernel's BPF statistics on: its count of runs is the
+    // program's count of outcomes.
+    if let Some(runs) = d.runs {
+        assert_eq!(runs, d.delivered, "{text}");
+    }
+    assert!(
+        text.contains("  kernel delivered ") && text.contains(" expected timer events ("),
+        "{text}"
+    );
+    assert!(!text.contains("never reached the eBPF program"), "{text}");
+}
+
 /// 128 random bits from the kernel.
 fn rand_u128() -> u128 {
     let mut bytes = [0u8; 16];
