@@ -767,6 +767,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     // Shutdown: finish the cycle in flight, then the last interval, within the deadline.
     let deadline = Instant::now() + config.shutdown_timeout;
     info!("stopping: flushing the last profile");
+    // Whatever hangs below (the capture thread in a read from a hung filesystem, which
+    // stopping the collector waits for), the agent exits soon after the deadline.
+    let _watchdog =
+        arm_shutdown_watchdog(config.shutdown_timeout + SHUTDOWN_WATCHDOG_GRACE, || {
+            std::process::exit(0)
+        });
     // Runtime profiler runs end now (a cycle in flight may be waiting for them);
     // what they had not written yet is lost.
     profilers
@@ -880,6 +886,44 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     }
 }
 
+/// How long past `--shutdown-timeout` the shutdown watchdog waits before it ends the
+/// process: the steps that have a deadline of their own get theirs first.
+pub const SHUTDOWN_WATCHDOG_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Disarms the shutdown watchdog when dropped (the shutdown finished).
+struct ShutdownWatchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+/// Starts a thread that calls `exit` after `after` unless the returned guard is
+/// dropped first (logging why): the one step of the shutdown without a deadline of
+/// its own (stopping the collector joins the capture thread, which a read from a
+/// hung filesystem can block) cannot keep the agent from exiting. Perf events and
+/// BPF programs go with the process's fds; runtime profilers' children get SIGKILL
+/// from their parent-death signal.
+fn arm_shutdown_watchdog(
+    after: std::time::Duration,
+    exit: impl FnOnce() + Send + 'static,
+) -> Option<ShutdownWatchdog> {
+    let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(after) {
+                warn!(
+                    waited_s = after.as_secs(),
+                    "shutdown did not finish in time (a thread is stuck, e.g. reading from a hung filesystem): exiting without the last profile"
+                );
+                exit();
+            }
+        });
+    match spawned {
+        Ok(_) => Some(ShutdownWatchdog(disarm)),
+        Err(e) => {
+            warn!(error = %e, "cannot start the shutdown watchdog: a stuck shutdown would not be cut short");
+            None
+        }
+    }
+}
+
 /// Waits until `deadline` for the profile of a cycle (`which`, for the log) and
 /// delivers it. False when the cycle failed or is late: the cycle thread may still
 /// be busy, and is then not joined, so the exit stays within the deadline.
@@ -910,6 +954,30 @@ async fn deliver_by(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watchdog calls its exit once its time has passed, not before, and never
+    /// once disarmed (a shutdown that finished, or a library caller's `run` that
+    /// returned, must not end the process later).
+    #[test]
+    fn shutdown_watchdog_fires_after_its_time_unless_disarmed() {
+        let ms = std::time::Duration::from_millis;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let armed = std::time::Instant::now();
+        let _guard = arm_shutdown_watchdog(ms(200), {
+            let tx = tx.clone();
+            move || tx.send(("fired", armed.elapsed())).unwrap()
+        });
+        let (what, after) = rx.recv_timeout(ms(10_000)).expect("the watchdog fired");
+        assert_eq!(what, "fired");
+        assert!(after >= ms(200), "{after:?}");
+
+        let guard = arm_shutdown_watchdog(ms(200), move || tx.send(("late", ms(0))).unwrap());
+        drop(guard);
+        assert!(
+            rx.recv_timeout(ms(600)).is_err(),
+            "fired after it was disarmed"
+        );
+    }
 
     /// A loss counter is one "began" when it first grows and one "ended" at the
     /// first interval without growth, with the counts of each.
