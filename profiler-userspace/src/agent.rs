@@ -621,7 +621,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         .flatten();
 
     let mut kernel_losses = Episodes::default();
-    let mut undelivered = Undelivered::new(collector.delivery().unwrap_or_default());
+    let mut undelivered = Undelivered::new(
+        collector
+            .kernel_reading()
+            .map(|(_, delivery)| delivery)
+            .unwrap_or_default(),
+    );
     let mut skipped_slots = Episodes::default();
     let mut folding = Episodes::default();
     let mut targets_gone = false;
@@ -696,11 +701,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     break;
                 };
                 stats.samples.fetch_add(done.samples, Ordering::Relaxed);
+                // One read of the in-kernel counters for the cycle's log and episodes.
+                let kernel = collector.kernel_reading();
+                let lost_total = kernel.as_ref().map_or(0, |(counters, _)| counters.lost());
                 debug!(
                     samples = done.samples,
                     stacks = done.stacks,
                     requests = done.requests.len(),
-                    lost_total = collector.kernel_counters().lost(),
+                    lost_total,
                     queued = sinks.queue.as_ref().map_or(0, |q| q.len()),
                     queue_limit_kib = sinks.queue.as_ref().map_or(0, |q| q.limit() >> 10),
                     peak_rss_kib = done.peak_rss.map_or(0, |bytes| bytes >> 10),
@@ -713,7 +721,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     perf_map_malformed_lines = done.jit.malformed_lines,
                     "cycle done"
                 );
-                match kernel_losses.update(collector.kernel_counters().lost()) {
+                match kernel_losses.update(lost_total) {
                     Some(Episode::Began(lost)) => warn!(
                         lost,
                         frequency_hz = config.frequency_hz,
@@ -722,7 +730,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     Some(Episode::Ended(lost)) => info!(lost, "samples are no longer lost in the kernel"),
                     None => {}
                 }
-                if let Some(delivery) = collector.delivery() {
+                if let Some((_, delivery)) = kernel {
                     match undelivered.update(delivery) {
                         Some((Episode::Began(missing), interval)) => warn!(
                             missing,

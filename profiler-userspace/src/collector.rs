@@ -122,10 +122,11 @@ impl Collector {
         self.sampler.program_stats()
     }
 
-    /// Timer events delivered to the program against those expected since attach
-    /// (`None` if the counters cannot be read).
-    pub fn delivery(&self) -> Option<Delivery> {
-        self.sampler.delivery().ok().map(|(_, delivery)| delivery)
+    /// The in-kernel counters and the timer events delivered to the program against
+    /// those expected since attach, from one read of the counters (`None` if they
+    /// cannot be read).
+    pub fn kernel_reading(&self) -> Option<(KernelCounters, Delivery)> {
+        self.sampler.delivery().ok()
     }
 
     /// The warning to give at start when forks and execs are not tracked: a
