@@ -459,23 +459,16 @@ impl Sampler {
     /// sampling program's statistics as they were when it was detached, stay
     /// readable.
     pub fn stop(&mut self) {
-        if let Some(program) = self.ebpf.program_mut(PROGRAM_SAMPLE) {
-            if let Ok(program) = <&mut PerfEvent>::try_from(program) {
-                for link in self.links.drain(..) {
-                    // Closes the link, and with it the CPU's perf event.
-                    let _ = program.detach(link);
-                }
-            }
+        let program = sample_program(&mut self.ebpf);
+        for link in self.links.drain(..) {
+            // Closes the link, and with it the CPU's perf event.
+            let _ = program.detach(link);
         }
         if self.detached.is_none() {
             self.detached = Some(Instant::now());
             self.final_stats = Some(self.program_stats());
         }
-        if let Some(program) = self.ebpf.program_mut(PROGRAM_SAMPLE) {
-            if let Ok(program) = <&mut PerfEvent>::try_from(program) {
-                let _ = program.unload();
-            }
-        }
+        let _ = sample_program(&mut self.ebpf).unload();
         for name in [PROGRAM_ON_FORK, PROGRAM_ON_EXEC] {
             if let Some(program) = self.ebpf.program_mut(name) {
                 if let Ok(program) = <&mut RawTracePoint>::try_from(program) {
