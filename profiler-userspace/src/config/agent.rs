@@ -95,24 +95,24 @@ fn otel_named(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<(Strin
 /// Refuses an endpoint with a path: tonic keeps only scheme and authority, so a
 /// path (an HTTP exporter's `/v1development/profiles`, a proxy prefix) would be
 /// dropped without a word. A bare `/` is fine.
-/// The port of `scheme://host:port` (or `host:port`), if given.
-fn endpoint_port(endpoint: &str) -> Option<u16> {
-    let authority = endpoint
+/// `scheme://host:port/path` (or without the scheme) as its host and port, and its
+/// path (empty if none; a trailing slash alone is no path).
+fn authority_and_path(endpoint: &str) -> (&str, &str) {
+    let after_scheme = endpoint
         .split_once("://")
-        .map_or(endpoint, |(_, rest)| rest)
-        .split('/')
-        .next()?;
-    // After the last ':' outside an IPv6 literal's brackets.
-    let (_, port) = authority.rsplit_once(':')?;
+        .map_or(endpoint, |(_, rest)| rest);
+    after_scheme.split_once('/').unwrap_or((after_scheme, ""))
+}
+
+/// The port of the endpoint, if given (`[::1]` alone ends in no number: none).
+fn endpoint_port(endpoint: &str) -> Option<u16> {
+    let (_, port) = authority_and_path(endpoint).0.rsplit_once(':')?;
     port.parse().ok()
 }
 
 fn check_endpoint_path(endpoint: &str) -> Result<(), ConfigError> {
-    let after_scheme = endpoint
-        .split_once("://")
-        .map_or(endpoint, |(_, rest)| rest);
-    match after_scheme.split_once('/') {
-        Some((_, path)) if !path.is_empty() => Err(ConfigError::EndpointPath(endpoint.into())),
+    match authority_and_path(endpoint) {
+        (_, path) if !path.is_empty() => Err(ConfigError::EndpointPath(endpoint.into())),
         _ => Ok(()),
     }
 }
