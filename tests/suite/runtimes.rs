@@ -390,30 +390,37 @@ fn missing_tool_is_one_note_and_native_still_works() {
         .any(|f| f.ends_with("_[py]")));
 }
 
+/// A 2 s Python-only `record` of `pid` with the shell script `body` standing in for
+/// py-spy, which must succeed: its directory (the script `name` and the output
+/// directory `out`) and its stderr.
+fn record_with_script_py_spy(pid: u32, name: &str, body: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = script_tool(dir.path(), name, body);
+    let out = record_python_with(pid, 2, &dir.path().join("out"), &tool)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (dir, stderr)
+}
+
 /// A tool that fails says why in the summary, in its own words, with the pid it was
 /// pointed at; the native profile is still written.
 #[test]
 fn failing_tool_is_reported_with_its_last_line() {
     let target = python_chain(30);
-    let dir = tempfile::tempdir().unwrap();
-    let tool = script_tool(
-        dir.path(),
+    let (dir, stderr) = record_with_script_py_spy(
+        target.pid(),
         "failing-py-spy",
         "echo 'Error: Permission denied (os error 13)' >&2\nexit 3",
     );
-    let out_dir = dir.path().join("out");
-    let out = record_python_with(target.pid(), 2, &out_dir, &tool)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let expected = format!(
         "last runtime profiler failure: {} for pid {} (python) exited with status 3: Error: Permission denied (os error 13)",
-        tool.display(),
+        dir.path().join("failing-py-spy").display(),
         target.pid()
     );
     assert!(stderr.contains(&expected), "{stderr}");
-    let stacks = read_folded(&out_dir);
+    let stacks = read_folded(&dir.path().join("out"));
     assert!(stacks.iter().any(|s| s.frames[0] == "python3"));
 }
 
@@ -422,24 +429,17 @@ fn failing_tool_is_reported_with_its_last_line() {
 #[test]
 fn garbage_tool_output_is_counted_and_skipped() {
     let target = python_chain(30);
-    let dir = tempfile::tempdir().unwrap();
-    let tool = script_tool(
-        dir.path(),
+    let (dir, stderr) = record_with_script_py_spy(
+        target.pid(),
         "garbage-py-spy",
         r#"while [ $# -gt 0 ]; do [ "$1" = "-o" ] && out=$2; shift; done
 printf 'not a stack at all\n\001\002 x\nmain (chain.py:3);garbage_leaf (chain.py:9) 4\n' > "$out""#,
     );
-    let out_dir = dir.path().join("out");
-    let out = record_python_with(target.pid(), 2, &out_dir, &tool)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains("runtime profiler output: 2 malformed lines skipped"),
         "{stderr}"
     );
-    let stacks = read_folded(&out_dir);
+    let stacks = read_folded(&dir.path().join("out"));
     assert!(
         stacks.iter().any(|s| s
             .frames

@@ -301,13 +301,28 @@ impl Kind {
             }
             Kind::Endless => assert_eq!(o.stdout_tail.len(), DEFAULT_CAPTURE_BYTES),
             Kind::Orphan => {
-                let pid = String::from_utf8_lossy(&o.stdout_tail).trim().parse();
-                return Some(pid.expect("the orphan's pid"));
+                return Some(printed_pid(o).expect("the orphan's pid"));
             }
             _ => {}
         }
         None
     }
+}
+
+/// The pid a run printed on its stdout (`echo $!`), if it printed one.
+fn printed_pid(o: &ChildOutcome) -> Option<u32> {
+    String::from_utf8_lossy(&o.stdout_tail).trim().parse().ok()
+}
+
+/// After a soak: nothing was left in the baseline, and fds, threads, children,
+/// zombies and the `orphans` the runs printed are back to it.
+fn assert_back_to_baseline(before: Resources, after: Resources, orphans: Vec<u32>) {
+    assert_eq!(before.children, 0);
+    assert_eq!(before.zombies, 0);
+    assert_eq!((after.fds, after.threads), (before.fds, before.threads));
+    assert_eq!((after.children, after.zombies), (0, 0));
+    let leftover: Vec<u32> = orphans.into_iter().filter(|&p| !not_running(p)).collect();
+    assert!(leftover.is_empty(), "orphans still running: {leftover:?}");
 }
 
 impl Kind {
@@ -316,7 +331,7 @@ impl Kind {
     /// orphan's pid is taken if its output was read before the pipes were dropped.
     fn check_or_cut(self, o: &ChildOutcome) -> Option<u32> {
         if self == Kind::Orphan {
-            return String::from_utf8_lossy(&o.stdout_tail).trim().parse().ok();
+            return printed_pid(o);
         }
         let cut = !o.timed_out && matches!(o.exit, Exit::Signal(libc::SIGTERM | libc::SIGKILL));
         if !cut {
@@ -437,10 +452,6 @@ fn soak_leaves_nothing_behind() {
             status_kib_or_count("VmHWM:")
         );
 
-        assert_eq!(before.children, 0);
-        assert_eq!(before.zombies, 0);
-        assert_eq!((after.fds, after.threads), (before.fds, before.threads));
-        assert_eq!((after.children, after.zombies), (0, 0));
         assert!(
             after.rss_kib < before.rss_kib + RSS_GROWTH_KIB,
             "RSS grew from {} to {} KiB",
@@ -454,8 +465,7 @@ fn soak_leaves_nothing_behind() {
             after.rss_kib,
             SOAK_RUNS - half
         );
-        let leftover: Vec<u32> = orphans.into_iter().filter(|&p| !not_running(p)).collect();
-        assert!(leftover.is_empty(), "orphans still running: {leftover:?}");
+        assert_back_to_baseline(before, after, orphans);
 
         let total = (MIX.len() + SOAK_RUNS) as u64;
         let hangs = (0..MIX.len() + SOAK_RUNS)
@@ -663,12 +673,7 @@ fn descendants_that_leave_the_group_are_killed_and_reaped() {
             if script.ends_with("setsid sleep 300 & echo $!") {
                 assert!(outcome.elapsed >= grace, "{script}: {outcome:?}");
             }
-            escaped.push(
-                String::from_utf8_lossy(&outcome.stdout_tail)
-                    .trim()
-                    .parse::<u32>()
-                    .expect("the escaped sleep's pid"),
-            );
+            escaped.push(printed_pid(&outcome).expect("the escaped sleep's pid"));
         }
         // Killed when the run ended; reaped by a later sweep (shutdown sweeps until
         // nothing is left).
@@ -797,21 +802,11 @@ fn shutdown_mid_mix_leaves_nothing_behind() {
                 matches!(o.exit, Exit::Signal(libc::SIGTERM | libc::SIGKILL)),
                 "{script}: {o:?}"
             );
-            orphans.extend(
-                String::from_utf8_lossy(&o.stdout_tail)
-                    .trim()
-                    .parse::<u32>()
-                    .ok(),
-            );
+            orphans.extend(printed_pid(&o));
         }
         let o = lingering.wait().await;
         assert_eq!(o.exit, Exit::Code(0), "{o:?}");
-        orphans.extend(
-            String::from_utf8_lossy(&o.stdout_tail)
-                .trim()
-                .parse::<u32>()
-                .ok(),
-        );
+        orphans.extend(printed_pid(&o));
         let after = resources();
         let stats = sup.stats().snapshot();
         println!(
@@ -826,12 +821,7 @@ fn shutdown_mid_mix_leaves_nothing_behind() {
             "the lingering run had not exited, or was reaped"
         );
         assert!(live_now > LIVE_AT_SHUTDOWN.len(), "{live_now} runs alive");
-        assert_eq!(before.children, 0);
-        assert_eq!(before.zombies, 0);
-        assert_eq!((after.fds, after.threads), (before.fds, before.threads));
-        assert_eq!((after.children, after.zombies), (0, 0));
-        let leftover: Vec<u32> = orphans.into_iter().filter(|&p| !not_running(p)).collect();
-        assert!(leftover.is_empty(), "orphans still running: {leftover:?}");
+        assert_back_to_baseline(before, after, orphans);
         assert_eq!(stats.live, 0);
         // Those still before their deadline; the mix's hung runs are mostly past it
         // (timed out), and the lingering run had exited 0.
@@ -1061,13 +1051,9 @@ fn group_kill_never_reaches_a_reused_group_id() {
             let _ = victim.kill();
             let _ = victim.wait();
         }
-        let escaped: Option<i32> = String::from_utf8_lossy(&outcome.stdout_tail)
-            .trim()
-            .parse()
-            .ok();
-        if let Some(pid) = escaped.filter(|&p| !not_running(p as u32)) {
+        if let Some(pid) = printed_pid(&outcome).filter(|&p| !not_running(p)) {
             // SAFETY: kill has no memory-safety preconditions; it was running above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         println!(
             "group {pgid}: held by our zombie while lingering: {held}; an unrelated \
