@@ -32,7 +32,8 @@ use crate::{
     },
     collector::Collector,
     config::agent::AgentConfig,
-    ebpf::{Delivery, SamplerConfig},
+    delivery::Delivery,
+    ebpf::SamplerConfig,
     export::otlp::{self, HostInfo},
     memory::{MemoryBudget, ProcessMemory},
     process::ProcessTable,
@@ -736,10 +737,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                             missing,
                             expected = interval.expected,
                             delivered = interval.delivered,
+                            missed_while_idle = interval.missed_while_idle(),
                             tolerance = interval.tolerance(),
                             cpus = interval.cpus,
                             frequency_hz = config.frequency_hz,
-                            "the kernel did not run the eBPF program for every expected timer event (uncounted by it): perf throttling (see dmesg for \"perf: interrupt took too long\"; kernel.perf_cpu_time_max_percent), another BPF program running on that CPU, a CPU taken offline, or a descheduled vCPU"
+                            "the kernel did not run the eBPF program for every timer event expected while CPUs were busy (uncounted by it): perf throttling (see dmesg for \"perf: interrupt took too long\"; kernel.perf_cpu_time_max_percent), another BPF program running on that CPU, a CPU taken offline, or a descheduled vCPU"
                         ),
                         Some((Episode::Ended(missing), _)) => info!(missing, "the kernel runs the eBPF program for every expected timer event again"),
                         None => {}
@@ -825,6 +827,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         lost = stopped.kernel.lost(),
         events_expected = stopped.delivery.expected,
         events_delivered = stopped.delivery.delivered,
+        events_missed_while_idle = stopped.delivery.missed_while_idle(),
         unreadable_records = stopped.drain_stats.malformed(),
         kernel_stack_walk_errors = stopped
             .kernel
@@ -1013,14 +1016,15 @@ mod tests {
     }
 
     /// An interval short of expected events past the tolerance begins an episode
-    /// (logged once); the first interval within it again ends it.
+    /// (logged once); the first interval within it again ends it. Events that did
+    /// not come in idle time are no shortfall.
     #[test]
     fn undelivered_events_are_logged_as_episodes() {
         let reading = |expected, delivered| Delivery {
             expected,
             delivered,
             cpus: 2,
-            runs: None,
+            ..Delivery::default()
         };
         let mut u = Undelivered::new(reading(0, 0));
         // 1 940 expected per interval (10 s at 97 Hz on 2 CPUs); tolerance 19.
@@ -1034,6 +1038,15 @@ mod tests {
             Some(Episode::Ended(200))
         );
         assert_eq!(u.update(reading(9_700, 9_480)), None);
+
+        // Half the events missing, all of them in idle time: no episode.
+        let idle = |expected, delivered, expected_idle| Delivery {
+            expected_idle,
+            ..reading(expected, delivered)
+        };
+        let mut u = Undelivered::new(reading(0, 0));
+        assert_eq!(u.update(idle(1_940, 970, 970)), None);
+        assert_eq!(u.update(idle(3_880, 1_940, 1_940)), None);
     }
 
     /// Each interval's folded samples add up, and the running total is what the

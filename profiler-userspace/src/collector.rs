@@ -16,8 +16,9 @@ use tokio::{
 
 use crate::{
     aggregate::{AggregateLimits, Aggregator},
+    delivery::Delivery,
     drain::{DrainCommand, DrainLoop, DrainStats},
-    ebpf::{Delivery, KernelCounters, ProgramStats, Sampler, SamplerConfig},
+    ebpf::{KernelCounters, ProgramStats, Sampler, SamplerConfig},
     process::{CaptureWorker, ProcessStats, ProcessTable},
 };
 

@@ -6,11 +6,9 @@
 //! everything. Must never: leave a perf event attached after an error (aya's links
 //! are owned by the `Ebpf` value, so an early return drops them).
 
-use std::{
-    io,
-    time::{Duration, Instant},
-};
+use std::{io, time::Instant};
 
+use crate::delivery::{self, attached_time, Delivery, IdleClock};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
@@ -168,92 +166,6 @@ impl KernelCounters {
     }
 }
 
-/// The kernel's cpu-clock event in frequency mode is an hrtimer with a fixed period
-/// of `NSEC_PER_SEC / frequency` ns (`perf_swevent_init_hrtimer`), never shorter
-/// than 10 us (`perf_swevent_hrtimer`); it fires on idle CPUs too.
-const MIN_TIMER_PERIOD_NS: u64 = 10_000;
-
-/// The cpu-clock timer events a CPU's event fires at `frequency_hz` in `attached`
-/// time (summed over CPUs, the whole sampler's): whole periods only.
-pub fn expected_events(frequency_hz: u64, attached: Duration) -> u64 {
-    if frequency_hz == 0 {
-        return 0;
-    }
-    let period_ns = (1_000_000_000 / frequency_hz).max(MIN_TIMER_PERIOD_NS);
-    u64::try_from(attached.as_nanos() / u128::from(period_ns)).unwrap_or(u64::MAX)
-}
-
-/// The time every CPU's event has been attached at `at`, summed over CPUs: each
-/// from its own instant in `attached`.
-pub fn attached_time(attached: &[Instant], at: Instant) -> Duration {
-    attached
-        .iter()
-        .map(|&a| at.saturating_duration_since(a))
-        .sum()
-}
-
-/// The timer events the kernel was expected to hand the sampling program, against
-/// those it did. The program counts only the events it runs for: the kernel skips
-/// it, counting nothing, while another BPF program runs on that CPU
-/// (`bpf_prog_active`), stops the event while perf throttles it ("perf: interrupt
-/// took too long"), and skips the periods a timer that fires late missed (a vCPU
-/// descheduled for longer than a period). Those show only as a shortfall here.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Delivery {
-    /// The frequency times each CPU's attached time, summed over CPUs (from just
-    /// before its event was opened until just after the program was detached or
-    /// its counters read).
-    pub expected: u64,
-    /// Events the program ran for ([`KernelCounters::events`]).
-    pub delivered: u64,
-    /// CPUs the program is attached to.
-    pub cpus: usize,
-    /// Runs of the program the kernel's BPF statistics counted, when the sampler
-    /// turned them on ([`SamplerConfig::bpf_stats`]): should equal `delivered`.
-    pub runs: Option<u64>,
-}
-
-impl Delivery {
-    /// The shortfall the edges explain: attach and detach are not instant, and a
-    /// timer's first period begins when its event is opened. At least 2 events per
-    /// CPU, at least 1 % of the expected.
-    pub fn tolerance(&self) -> u64 {
-        (self.expected / 100).max(2 * self.cpus as u64)
-    }
-
-    /// Expected events the program did not run for.
-    pub fn missing(&self) -> u64 {
-        self.expected.saturating_sub(self.delivered)
-    }
-
-    /// The shortfall is more than the edges explain: the kernel skipped the program.
-    pub fn short(&self) -> bool {
-        self.missing() > self.tolerance()
-    }
-
-    /// Delivered as a percentage of expected (100 when nothing was expected).
-    pub fn percent(&self) -> f64 {
-        if self.expected == 0 {
-            100.0
-        } else {
-            self.delivered as f64 * 100.0 / self.expected as f64
-        }
-    }
-
-    /// What happened since `earlier` (an earlier reading of the same sampler).
-    pub fn since(&self, earlier: &Delivery) -> Delivery {
-        Delivery {
-            expected: self.expected.saturating_sub(earlier.expected),
-            delivered: self.delivered.saturating_sub(earlier.delivered),
-            cpus: self.cpus,
-            runs: self
-                .runs
-                .zip(earlier.runs)
-                .map(|(now, then)| now.saturating_sub(then)),
-        }
-    }
-}
-
 /// Run time of the sampling program, from the kernel's BPF statistics.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProgramStats {
@@ -287,6 +199,11 @@ pub struct Sampler {
     attached: Vec<Instant>,
     /// Just after the program was detached from every CPU.
     detached: Option<Instant>,
+    /// The CPUs' idle time since just before the first event was opened; `None`
+    /// with `--include-idle` (idle samples are wanted: see [`crate::delivery`]).
+    idle: Option<IdleClock>,
+    /// The idle clock's reading when the program was detached.
+    idle_at_detach: Option<Vec<u64>>,
     /// The program's statistics when it was detached (still loaded).
     final_stats: Option<ProgramStats>,
 }
@@ -384,6 +301,7 @@ impl Sampler {
             .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).ok())
             .flatten();
 
+        let idle = (!config.include_idle).then(|| IdleClock::start(&cpus));
         let program = sample_program(&mut ebpf);
         let mut links = Vec::with_capacity(cpus.len());
         let mut attached = Vec::with_capacity(cpus.len());
@@ -449,6 +367,8 @@ impl Sampler {
                 links,
                 attached,
                 detached: None,
+                idle,
+                idle_at_detach: None,
                 final_stats: None,
             },
             ring,
@@ -466,6 +386,7 @@ impl Sampler {
         }
         if self.detached.is_none() {
             self.detached = Some(Instant::now());
+            self.idle_at_detach = self.idle.as_ref().and_then(IdleClock::read);
             self.final_stats = Some(self.program_stats());
         }
         let _ = sample_program(&mut self.ebpf).unload();
@@ -546,12 +467,21 @@ impl Sampler {
     pub fn delivery(&self) -> Result<(KernelCounters, Delivery), SamplerError> {
         let counters = self.counters()?;
         let at = self.detached.unwrap_or_else(Instant::now);
-        let delivery = Delivery {
-            expected: expected_events(self.frequency_hz, attached_time(&self.attached, at)),
-            delivered: counters.events(),
-            cpus: self.cpus,
-            runs: self.stats.is_some().then(|| self.program_stats().run_count),
-        };
+        let idle = self.idle.as_ref().and_then(|clock| {
+            let now = match self.detached {
+                Some(_) => self.idle_at_detach.clone(),
+                None => clock.read(),
+            }?;
+            clock.since_start(&now)
+        });
+        let delivery = delivery::reckon(
+            self.frequency_hz,
+            attached_time(&self.attached, at),
+            idle,
+            &counters,
+            self.cpus,
+            self.stats.is_some().then(|| self.program_stats().run_count),
+        );
         Ok((counters, delivery))
     }
 
@@ -966,65 +896,6 @@ mod tests {
         assert!(
             unread >= quarter,
             "woken with {unread} bytes waiting, before a quarter of the ring ({quarter})"
-        );
-    }
-
-    /// Expected events are the frequency times the attached time summed over CPUs,
-    /// in whole periods of the kernel's `NSEC_PER_SEC / frequency` ns (at least
-    /// 10 us); the tolerance is 1 % of them, at least 2 per CPU.
-    #[test]
-    fn expected_events_and_their_tolerance() {
-        let t0 = Instant::now();
-        let secs = Duration::from_secs;
-        // Two CPUs attached one second apart, read 10 s after the first: 19 s.
-        let two_cpus = attached_time(&[t0, t0 + secs(1)], t0 + secs(10));
-        assert_eq!(two_cpus, secs(19));
-        // 97 Hz is a period of 10 309 278 ns: 19 s hold 1 843 whole periods.
-        assert_eq!(expected_events(97, two_cpus), 1_843);
-        assert_eq!(expected_events(97, secs(20)), 1_940);
-        assert_eq!(expected_events(997, secs(1)), 997);
-        assert_eq!(expected_events(97, Duration::from_millis(10)), 0);
-        // Past 100 kHz the kernel's timer still ticks every 10 us.
-        assert_eq!(expected_events(1_000_000, secs(1)), 100_000);
-        assert_eq!(expected_events(0, secs(1)), 0);
-        // An instant before a CPU's attach counts nothing for it.
-        assert_eq!(attached_time(&[t0 + secs(5)], t0), Duration::ZERO);
-
-        let delivery = |expected, delivered, cpus| Delivery {
-            expected,
-            delivered,
-            cpus,
-            runs: None,
-        };
-        // 1 %: 19 of 1 940 are the edges; 20 missing is a shortfall.
-        assert_eq!(delivery(1_940, 1_921, 2).tolerance(), 19);
-        assert!(!delivery(1_940, 1_921, 2).short());
-        assert!(delivery(1_940, 1_920, 2).short());
-        assert_eq!(delivery(1_940, 1_920, 2).missing(), 20);
-        // At least 2 per CPU: short recordings on many CPUs.
-        assert_eq!(delivery(190, 62, 64).tolerance(), 128);
-        assert!(!delivery(190, 62, 64).short());
-        assert!(delivery(190, 61, 64).short());
-        // More than expected is not a shortfall.
-        assert!(!delivery(100, 104, 2).short());
-        assert_eq!(delivery(0, 0, 2).percent(), 100.0);
-        assert!((delivery(1_940, 1_921, 2).percent() - 99.02).abs() < 0.01);
-
-        // An interval's figures are the differences of two readings.
-        let earlier = Delivery {
-            runs: Some(900),
-            ..delivery(1_000, 990, 2)
-        };
-        let later = Delivery {
-            runs: Some(2_900),
-            ..delivery(3_000, 2_950, 2)
-        };
-        assert_eq!(
-            later.since(&earlier),
-            Delivery {
-                runs: Some(2_000),
-                ..delivery(2_000, 1_960, 2)
-            }
         );
     }
 

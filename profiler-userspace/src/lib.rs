@@ -6,7 +6,8 @@
 //!
 //! [`cli`] and [`config`] turn arguments into a checked configuration; [`record`]
 //! runs the `record` command and [`agent`] the `agent` command, both on the
-//! [`collector`] pipeline; [`memory`] makes the allocator give freed memory back.
+//! [`collector`] pipeline; [`delivery`] sets the timer events the kernel delivered
+//! against those expected; [`memory`] makes the allocator give freed memory back.
 //! See ARCHITECTURE.md for one sample's journey.
 
 pub mod agent;
@@ -15,6 +16,7 @@ pub mod btf;
 pub mod cli;
 pub mod collector;
 pub mod config;
+pub mod delivery;
 pub mod drain;
 pub mod ebpf;
 pub mod export;

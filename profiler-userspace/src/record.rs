@@ -19,7 +19,8 @@ use crate::{
     aggregate::{AggregateLimits, AggregateStats},
     collector::Collector,
     config::RecordConfig,
-    ebpf::{Delivery, KernelCounters, ProgramStats, SamplerConfig},
+    delivery::Delivery,
+    ebpf::{KernelCounters, ProgramStats, SamplerConfig},
     export::{self, Written},
     profile::UnknownCounts,
     runtime_profilers::{self, RuntimeProfilers},
@@ -339,8 +340,9 @@ impl RecordSummary {
     }
 }
 
-/// The summary's line on timer events delivered against expected, and when the
-/// shortfall is more than attach and detach explain, its likely causes.
+/// The summary's line on timer events delivered against expected; a line on those
+/// that did not come while the CPUs were idle (nothing lost); and when the shortfall
+/// of busy time is more than attach and detach explain, its likely causes.
 fn render_delivery(s: &mut String, d: &Delivery) {
     let _ = writeln!(
         s,
@@ -349,10 +351,17 @@ fn render_delivery(s: &mut String, d: &Delivery) {
         thousands(d.expected),
         d.percent()
     );
+    if d.missed_while_idle() > d.tolerance() {
+        let _ = writeln!(
+            s,
+            "  {} of them did not come while CPUs were idle (this kernel does not fire the timer on an idle CPU): they would have sampled the idle task, which is not kept without --include-idle, so nothing is lost",
+            thousands(d.missed_while_idle())
+        );
+    }
     if d.short() {
         let _ = writeln!(
             s,
-            "  {} expected timer events never reached the eBPF program (attach and detach explain at most {}), uncounted by it: the likely causes are perf throttling (see `dmesg` for \"perf: interrupt took too long\"; kernel.perf_cpu_time_max_percent), another BPF program running on that CPU at the time (the kernel then skips ours), a CPU taken offline, or a vCPU descheduled for longer than a period (its timer skips the periods it missed)",
+            "  {} timer events expected while CPUs were busy never reached the eBPF program (attach and detach explain at most {}), uncounted by it: the likely causes are perf throttling (see `dmesg` for \"perf: interrupt took too long\"; kernel.perf_cpu_time_max_percent), another BPF program running on that CPU at the time (the kernel then skips ours), a CPU taken offline, or a vCPU descheduled for longer than a period (its timer skips the periods it missed)",
             thousands(d.missing()),
             thousands(d.tolerance())
         );
@@ -716,6 +725,7 @@ mod tests {
                     delivered,
                     cpus: 2,
                     runs,
+                    ..Delivery::default()
                 },
             );
             s
@@ -728,9 +738,10 @@ mod tests {
         let short = render(19_000, None);
         assert!(short.contains("delivered 19,000 of ~19,400"), "{short}");
         assert!(
-            short.contains("400 expected timer events never reached"),
+            short.contains("400 timer events expected while CPUs were busy never reached"),
             "{short}"
         );
+        assert!(!short.contains("idle"), "{short}");
         assert!(short.contains("perf: interrupt took too long"), "{short}");
         assert!(short.contains("another BPF program"), "{short}");
         let counted_apart = render(19_310, Some(19_312));
@@ -738,5 +749,24 @@ mod tests {
             counted_apart.contains("count 19,312 runs"),
             "{counted_apart}"
         );
+        // Half the events missing, all in idle time: said, not a shortfall.
+        let mut s = String::new();
+        render_delivery(
+            &mut s,
+            &Delivery {
+                expected: 19_400,
+                delivered: 9_700,
+                expected_idle: 9_700,
+                cpus: 2,
+                idle_slack: 4,
+                ..Delivery::default()
+            },
+        );
+        assert!(
+            s.contains("9,700 of them did not come while CPUs were idle"),
+            "{s}"
+        );
+        assert!(s.contains("nothing is lost"), "{s}");
+        assert!(!s.contains("never reached"), "{s}");
     }
 }

@@ -513,8 +513,9 @@ fn user_walk_cut_at_a_bad_frame_pointer_is_counted() {
 /// Every timer event the kernel fires reaches the program: over 2 s at 97 Hz the
 /// events the program counted (each ends in exactly one outcome, idle and
 /// filtered-out ones included) are those the frequency, the online CPUs and the
-/// attached time predict, within the tolerance of attach and detach, and the
-/// summary says so. A wrong formula (one CPU, milliseconds) is off by far more.
+/// attached time predict, within the tolerance of attach and detach (events a CPU's
+/// idle time explains reckoned apart), and the summary says so. A wrong formula
+/// (one CPU, milliseconds) is off by far more.
 #[test]
 fn kernel_delivers_every_expected_timer_event() {
     let _cpu = cpu_heavy_lock();
@@ -545,11 +546,16 @@ fn kernel_delivers_every_expected_timer_event() {
         "expected {} events, not within {at_least}..={at_most}:\n{text}",
         d.expected
     );
+    // Every event expected while a CPU was busy came; those that did not come
+    // while one was idle (a kernel that does not fire the timer on an idle CPU) are
+    // reckoned apart; and no more came than expected.
     assert!(
-        d.delivered.abs_diff(d.expected) <= d.tolerance(),
-        "delivered {} of {} expected events (tolerance {}):\n{text}",
+        !d.short() && d.delivered <= d.expected + d.tolerance(),
+        "delivered {} of {} expected events, {} missing while busy, {} while idle (tolerance {}):\n{text}",
         d.delivered,
         d.expected,
+        d.missing(),
+        d.missed_while_idle(),
         d.tolerance()
     );
     // record turns the kernel's BPF statistics on: its count of runs is the
@@ -562,6 +568,50 @@ fn kernel_delivers_every_expected_timer_event() {
         "{text}"
     );
     assert!(!text.contains("never reached the eBPF program"), "{text}");
+}
+
+/// Events that did not come while a CPU was idle are no shortfall: with one CPU
+/// busy and the others idle, nothing is reported missing, and on a kernel that
+/// does not fire the timer on an idle CPU (this project's VMs, for every CPU but
+/// the first) the summary says why the count is short and that nothing is lost.
+#[test]
+fn events_missed_on_idle_cpus_are_no_shortfall() {
+    let _cpu = cpu_heavy_lock();
+    let target = start("chain", &["4"]);
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on it.
+    let pinned = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(
+            target.pid() as i32,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &set,
+        )
+    };
+    assert_eq!(pinned, 0, "cannot pin the target to CPU 0");
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let summary = record(&[target.pid()], 2, 97, out.path());
+    let d = summary.delivery;
+    let text = summary.render();
+    eprintln!(
+        "expected {} ({} in idle time), delivered {} ({} of the idle task), missing {} while busy, {} while idle, tolerance {}",
+        d.expected,
+        d.expected_idle,
+        d.delivered,
+        d.delivered_idle,
+        d.missing(),
+        d.missed_while_idle(),
+        d.tolerance()
+    );
+    assert!(!d.short(), "{d:?}\n{text}");
+    assert!(!text.contains("never reached the eBPF program"), "{text}");
+    if d.missed_while_idle() > d.tolerance() {
+        assert!(
+            text.contains("did not come while CPUs were idle") && text.contains("nothing is lost"),
+            "{text}"
+        );
+    }
 }
 
 /// 128 random bits from the kernel.
