@@ -26,7 +26,7 @@ use std::{
     io::Write as _,
     os::{
         fd::{AsRawFd as _, FromRawFd as _},
-        unix::fs::MetadataExt as _,
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     },
     path::PathBuf,
     sync::{
@@ -674,10 +674,20 @@ impl ProcessTable {
     /// holds it like a captured process's binary. `None` if it is not (another
     /// file at that path since, or a path in another mount namespace), or if it
     /// cannot be opened or the object table is full.
+    ///
+    /// The path is whatever the process exec'd, and anyone who can write where it
+    /// lies may have put another file there since: it is opened non-blocking (a
+    /// FIFO put there would otherwise block the open, and the capture worker with
+    /// the process table, until a writer came) and read only if it is a regular
+    /// file.
     fn open_exe(&mut self, path: &str, key: (u64, u64)) -> Option<Arc<ObjectFile>> {
-        let file = File::open(path).ok()?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .ok()?;
         let meta = file.metadata().ok()?;
-        if (meta.dev(), meta.ino()) != key || !self.has_room_for_object() {
+        if !meta.is_file() || (meta.dev(), meta.ino()) != key || !self.has_room_for_object() {
             return None;
         }
         Some(self.hold(key, path, file, &meta))
@@ -1322,6 +1332,47 @@ mod tests {
                 .kernel_mappings_unopened
                 .load(Ordering::Relaxed),
             1
+        );
+    }
+
+    /// A FIFO put where a gone process's program was is neither opened for good
+    /// (an open for reading would wait for a writer, with the process table
+    /// locked) nor taken for the program: the mapping stays unopened.
+    #[test]
+    fn fifo_at_the_exec_path_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("program");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let (seen, here) =
+            own_code_as_the_kernel_sees_it(NO_SUCH_PID, Some(fifo.to_string_lossy().into_owned()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut table = ProcessTable::new(Arc::default());
+            table.add_young_mapping(&seen);
+            let _ = tx.send(
+                table
+                    .capture(NO_SUCH_PID)
+                    .map(|info| info.mapping(here).cloned()),
+            );
+        });
+        let captured = rx.recv_timeout(std::time::Duration::from_secs(30));
+        if captured.is_err() {
+            // Let the blocked open go (a writer appears), so the test ends.
+            let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+            panic!("the capture blocked opening a FIFO");
+        }
+        let mapping = captured.unwrap().unwrap();
+        assert!(
+            matches!(
+                mapping.as_ref().map(|m| &m.object),
+                Some(MappedObject::Unopened {
+                    reason: "gone before capture",
+                    ..
+                })
+            ),
+            "{mapping:?}"
         );
     }
 
