@@ -101,6 +101,10 @@ struct CycleDone {
     files: Option<std::io::Result<FilesWritten>>,
     /// The agent's peak RSS during the cycle (for the memory budget), if readable.
     peak_rss: Option<u64>,
+    /// Processes the table forgot after the cycle (exited or exec'd), for first
+    /// sight: forgotten on the cycle's thread, so the agent's loop never waits for
+    /// the table (the capture worker may hold it while it reads a slow /proc).
+    exited: Vec<u32>,
 }
 
 /// Everything a cycle needs, cloned into its blocking task.
@@ -150,6 +154,7 @@ fn run_cycle(ctx: &CycleContext, symbolizer: &mut Symbolizer, job: Job) -> Cycle
         oversized,
         files,
         peak_rss: None,
+        exited: Vec::new(),
     }
 }
 
@@ -210,6 +215,13 @@ impl CycleWorker {
                         }
                     }
                     let mut done = run_cycle(&ctx, &mut symbolizer, job);
+                    // The interval before the open one is symbolized: what it
+                    // needed of exited processes can go.
+                    done.exited = ctx
+                        .table
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget_exited();
                     // blazesym keeps every binary it opened mapped, open and parsed
                     // (a host running rustc or a JVM: >100 MiB of RSS and an fd per
                     // file). Those caches are dropped after a cycle that took them
@@ -766,7 +778,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                     );
                 }
                 sinks.deliver(&mut done, &stats);
-                collector.forget_exited().await;
+                collector.forget(std::mem::take(&mut done.exited)).await;
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

@@ -163,26 +163,12 @@ impl Collector {
         aggregate.await.context("the drain task ended unexpectedly")
     }
 
-    /// Forgets processes that exec'd or exited (those gone one cycle after they were
-    /// found gone: see [`crate::process::ProcessTable::take_forgettable`]): their
-    /// metadata and open binaries are released and they are captured again when
-    /// next sampled. Call it once a cycle, after the profile of the interval before
-    /// the open one is symbolized. Off the runtime thread: it reads /proc for
-    /// every tracked process, and waits for the table while the capture worker
-    /// reads one; the drain runs on that thread.
-    pub async fn forget_exited(&self) {
-        let table = self.table.clone();
-        let exited = tokio::task::spawn_blocking(move || {
-            let mut table = table.lock().expect("process table lock");
-            let exited = table.take_forgettable();
-            for &pid in &exited {
-                table.remove(pid);
-            }
-            exited
-        })
-        .await
-        .unwrap_or_default();
-        // Even with none exited: first sight then retries those it could not capture.
+    /// Lets first sight capture again, when next sampled, the processes the
+    /// table forgot at the end of a cycle ([`ProcessTable::forget_exited`], on the
+    /// cycle's thread: it reads /proc for every tracked process, and the table may
+    /// wait while the capture worker reads one). Call it once a cycle, even with
+    /// none forgotten: first sight then retries those it could not capture.
+    pub async fn forget(&self, exited: Vec<u32>) {
         let _ = self.commands.send(DrainCommand::Forget(exited)).await;
     }
 

@@ -321,8 +321,21 @@ impl ProcessTable {
     /// the ancestor it shared its mappings with (see [`crate::lineage`]): the
     /// returned `pid` then is the ancestor's. Else (one that exec'd) it gets what
     /// the kernel said it mapped, if it said ([`ProcessTable::add_young_mapping`]).
+    ///
+    /// Reads /proc and opens binaries with the table locked: the capture worker
+    /// and symbolization use [`capture_unlocked`] instead.
     pub fn capture(&mut self, pid: u32) -> Result<Arc<ProcessInfo>, CaptureError> {
-        match self.read_process(pid) {
+        let read = self.read_process(pid);
+        self.captured(pid, read)
+    }
+
+    /// Stores what reading process `pid` gave (see [`ProcessTable::capture`]).
+    fn captured(
+        &mut self,
+        pid: u32,
+        read: Result<ProcessInfo, CaptureError>,
+    ) -> Result<Arc<ProcessInfo>, CaptureError> {
+        match read {
             Ok(info) => {
                 self.stats.captured.fetch_add(1, Ordering::Relaxed);
                 let info = Arc::new(info);
@@ -568,6 +581,19 @@ impl ProcessTable {
         forget
     }
 
+    /// Forgets the processes [`ProcessTable::take_forgettable`] names: their
+    /// metadata and open binaries are released. Call it once a cycle, after the
+    /// profile of the interval before the open one is symbolized, and hand what it
+    /// returns to first sight (`Collector::forget`) so they are captured again
+    /// when next sampled.
+    pub fn forget_exited(&mut self) -> Vec<u32> {
+        let exited = self.take_forgettable();
+        for &pid in &exited {
+            self.remove(pid);
+        }
+        exited
+    }
+
     /// Forgets processes (e.g. exited ones at the end of an interval) and closes the
     /// binaries only they mapped.
     pub fn remove(&mut self, pid: u32) {
@@ -579,94 +605,116 @@ impl ProcessTable {
         self.objects.retain(|_, o| o.strong_count() > 0);
     }
 
+    /// Reads process `pid` from /proc and opens the binaries it maps that the
+    /// table does not hold yet, all with the table locked.
     fn read_process(&mut self, pid: u32) -> Result<ProcessInfo, CaptureError> {
-        let gone = |e: procfs::ProcError| match e {
-            procfs::ProcError::NotFound(_) => CaptureError::Gone { pid },
-            other => CaptureError::Unreadable { pid, source: other },
-        };
-        let process = Process::new(pid as i32).map_err(gone)?;
-        // Before the mappings: an exec between the two leaves an old id beside the
-        // new mappings, which the next check of `exited` notices (the other order
-        // would hide it for good).
-        let exe_id = exe_id(pid);
-        let maps = process.maps().map_err(gone)?;
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|s| s.trim_end().to_string())
-            .unwrap_or_default();
-        let exe = process.exe().ok().map(|p| p.to_string_lossy().into_owned());
-        let start_time = process.stat().map(|s| s.starttime).unwrap_or(0);
-        let container_id = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ok()
-            .and_then(|c| container_id(&c));
-        let mut mappings = Vec::new();
-        for map in maps {
-            if !map.perms.contains(procfs::process::MMPermissions::EXECUTE) {
+        let read = read_proc(pid)?;
+        let opened = open_binaries(self.unheld(&read));
+        Ok(self.assemble(read, opened))
+    }
+
+    /// The binaries `read` maps that the table does not hold, at most as many as
+    /// it has room for (the rest are counted when assembled).
+    fn unheld(&mut self, read: &ProcRead) -> Vec<Unheld> {
+        self.objects.retain(|_, o| o.strong_count() > 0);
+        let room = MAX_OPEN_OBJECTS.saturating_sub(self.objects.len());
+        let mut unheld: Vec<Unheld> = Vec::new();
+        for m in &read.mappings {
+            let ProcMapped::File {
+                path,
+                key: Some(key),
+            } = &m.mapped
+            else {
                 continue;
+            };
+            if unheld.len() < room
+                && self.held(*key).is_none()
+                && !unheld.iter().any(|u| u.key == *key)
+            {
+                unheld.push(Unheld {
+                    key: *key,
+                    link: format!("/proc/{}/map_files/{:x}-{:x}", read.pid, m.start, m.end),
+                    path: path.clone(),
+                });
             }
-            let (start, end) = map.address;
-            let object = match &map.pathname {
-                MMapPath::Path(path) => self.open_object(pid, start, end, &path.to_string_lossy()),
-                MMapPath::Vdso => match &self.vdso {
+        }
+        unheld
+    }
+
+    /// The process's metadata from what /proc said and the binaries opened for it
+    /// (held from now on if the table has room).
+    fn assemble(
+        &mut self,
+        read: ProcRead,
+        opened: Vec<(Unheld, Option<Arc<ObjectFile>>)>,
+    ) -> ProcessInfo {
+        let mut mappings = Vec::with_capacity(read.mappings.len());
+        for m in read.mappings {
+            let object = match m.mapped {
+                ProcMapped::File { path, key: None } => MappedObject::Unopened {
+                    path,
+                    reason: "unreadable",
+                },
+                ProcMapped::File {
+                    path,
+                    key: Some(key),
+                } => self.object_for(key, path, &opened),
+                ProcMapped::Vdso => match &self.vdso {
                     Some(vdso) => MappedObject::File(vdso.clone()),
                     None => MappedObject::Anonymous("[vdso]".into()),
                 },
-                MMapPath::Anonymous => MappedObject::Anonymous("[anon]".into()),
-                MMapPath::Heap => MappedObject::Anonymous("[heap]".into()),
-                MMapPath::Stack | MMapPath::TStack(_) => MappedObject::Anonymous("[stack]".into()),
-                MMapPath::Vsyscall => MappedObject::Anonymous("[vsyscall]".into()),
-                other => MappedObject::Anonymous(format!("{other:?}")),
-            };
-            let offset = if matches!(map.pathname, MMapPath::Vdso) {
-                0
-            } else {
-                map.offset
+                ProcMapped::Anonymous(name) => MappedObject::Anonymous(name),
             };
             mappings.push(Mapping {
-                start,
-                end,
-                offset,
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
                 object,
             });
         }
-        mappings.sort_by_key(|m| m.start);
-        Ok(ProcessInfo {
-            pid,
-            name,
-            exe,
+        ProcessInfo {
+            pid: read.pid,
+            name: read.name,
+            exe: read.exe,
             mappings,
-            start_time,
-            exe_id,
-            container_id,
-        })
+            start_time: read.start_time,
+            exe_id: read.exe_id,
+            container_id: read.container_id,
+        }
     }
 
-    fn open_object(&mut self, pid: u32, start: u64, end: u64, path: &str) -> MappedObject {
-        let link = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
-        let meta = match std::fs::metadata(&link) {
-            Ok(m) => m,
-            Err(_) => {
-                return MappedObject::Unopened {
-                    path: path.to_string(),
-                    reason: "unreadable",
-                }
-            }
-        };
-        let key = (meta.dev(), meta.ino());
+    /// The object for binary `key` mapped from `path`: the one the table holds
+    /// (another capture may have opened it meanwhile), else the one opened for
+    /// this capture, held if there is room.
+    fn object_for(
+        &mut self,
+        key: (u64, u64),
+        path: String,
+        opened: &[(Unheld, Option<Arc<ObjectFile>>)],
+    ) -> MappedObject {
         if let Some(object) = self.held(key) {
             return MappedObject::File(object);
         }
-        if !self.has_room_for_object() {
-            return MappedObject::Unopened {
-                path: path.to_string(),
-                reason: "object table full",
-            };
-        }
-        match File::open(&link) {
-            Ok(file) => MappedObject::File(self.hold(key, path, file, &meta)),
-            Err(_) => MappedObject::Unopened {
-                path: path.to_string(),
+        match opened.iter().find(|(u, _)| u.key == key) {
+            Some((_, Some(object))) if self.has_room_for_object() => {
+                self.objects.insert(key, Arc::downgrade(object));
+                MappedObject::File(object.clone())
+            }
+            Some((_, None)) => MappedObject::Unopened {
+                path,
                 reason: "unreadable",
             },
+            // Not opened for want of room, or no room now. (Or held when this
+            // capture began and let go since: rare, and counted as full.)
+            _ => {
+                if opened.iter().all(|(u, _)| u.key != key) {
+                    self.stats.objects_full.fetch_add(1, Ordering::Relaxed);
+                }
+                MappedObject::Unopened {
+                    path,
+                    reason: "object table full",
+                }
+            }
         }
     }
 
@@ -690,7 +738,9 @@ impl ProcessTable {
         if !meta.is_file() || (meta.dev(), meta.ino()) != key || !self.has_room_for_object() {
             return None;
         }
-        Some(self.hold(key, path, file, &meta))
+        let object = object_file(key, path, file, &meta);
+        self.objects.insert(key, Arc::downgrade(&object));
+        Some(object)
     }
 
     /// The binary `key` (device, inode), if a tracked process holds it open.
@@ -708,27 +758,168 @@ impl ProcessTable {
         }
         room
     }
+}
 
-    /// Keeps `file` (the binary `key`, mapped from `path`) in the object table.
-    fn hold(
-        &mut self,
-        key: (u64, u64),
-        path: &str,
-        file: File,
-        meta: &std::fs::Metadata,
-    ) -> Arc<ObjectFile> {
-        let object = Arc::new(ObjectFile {
-            dev: key.0,
-            ino: key.1,
-            path: path.to_string(),
-            build_id: read_build_id(&file),
-            size: meta.len(),
-            mtime_ns: mtime_ns(meta),
-            file,
+/// Process `pid` as /proc describes it, before its binaries are opened.
+struct ProcRead {
+    pid: u32,
+    name: String,
+    exe: Option<String>,
+    start_time: u64,
+    exe_id: Option<(u64, u64)>,
+    container_id: Option<String>,
+    /// Executable mappings, sorted by start address.
+    mappings: Vec<ProcMapping>,
+}
+
+struct ProcMapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    mapped: ProcMapped,
+}
+
+enum ProcMapped {
+    /// A file, with its device and inode (`None`: its map_files entry was
+    /// unreadable).
+    File {
+        path: String,
+        key: Option<(u64, u64)>,
+    },
+    Vdso,
+    Anonymous(String),
+}
+
+/// A binary to open for a capture: the table does not hold it.
+struct Unheld {
+    key: (u64, u64),
+    /// `/proc/PID/map_files/START-END`: the mapped file itself, whatever its path
+    /// names now.
+    link: String,
+    path: String,
+}
+
+/// Reads process `pid` from /proc: no table needed, so none is locked while a
+/// slow /proc (a process whose memory map is locked) answers.
+fn read_proc(pid: u32) -> Result<ProcRead, CaptureError> {
+    let gone = |e: procfs::ProcError| match e {
+        procfs::ProcError::NotFound(_) => CaptureError::Gone { pid },
+        other => CaptureError::Unreadable { pid, source: other },
+    };
+    let process = Process::new(pid as i32).map_err(gone)?;
+    // Before the mappings: an exec between the two leaves an old id beside the
+    // new mappings, which the next check of `exited` notices (the other order
+    // would hide it for good).
+    let exe_id = exe_id(pid);
+    let maps = process.maps().map_err(gone)?;
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default();
+    let exe = process.exe().ok().map(|p| p.to_string_lossy().into_owned());
+    let start_time = process.stat().map(|s| s.starttime).unwrap_or(0);
+    let container_id = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|c| container_id(&c));
+    let mut mappings = Vec::new();
+    for map in maps {
+        if !map.perms.contains(procfs::process::MMPermissions::EXECUTE) {
+            continue;
+        }
+        let (start, end) = map.address;
+        let mapped = match &map.pathname {
+            MMapPath::Path(path) => {
+                let link = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+                ProcMapped::File {
+                    path: path.to_string_lossy().into_owned(),
+                    key: std::fs::metadata(&link).ok().map(|m| (m.dev(), m.ino())),
+                }
+            }
+            MMapPath::Vdso => ProcMapped::Vdso,
+            MMapPath::Anonymous => ProcMapped::Anonymous("[anon]".into()),
+            MMapPath::Heap => ProcMapped::Anonymous("[heap]".into()),
+            MMapPath::Stack | MMapPath::TStack(_) => ProcMapped::Anonymous("[stack]".into()),
+            MMapPath::Vsyscall => ProcMapped::Anonymous("[vsyscall]".into()),
+            other => ProcMapped::Anonymous(format!("{other:?}")),
+        };
+        let offset = if matches!(map.pathname, MMapPath::Vdso) {
+            0
+        } else {
+            map.offset
+        };
+        mappings.push(ProcMapping {
+            start,
+            end,
+            offset,
+            mapped,
         });
-        self.objects.insert(key, Arc::downgrade(&object));
-        object
     }
+    mappings.sort_by_key(|m| m.start);
+    Ok(ProcRead {
+        pid,
+        name,
+        exe,
+        start_time,
+        exe_id,
+        container_id,
+        mappings,
+    })
+}
+
+/// Opens each binary through its map_files entry and reads its build id: no
+/// table needed, so none is locked while a slow file system answers. `None` for
+/// one that could not be opened, or is no longer the file the key names.
+fn open_binaries(unheld: Vec<Unheld>) -> Vec<(Unheld, Option<Arc<ObjectFile>>)> {
+    unheld
+        .into_iter()
+        .map(|u| {
+            let object = File::open(&u.link).ok().and_then(|file| {
+                let meta = file.metadata().ok()?;
+                ((meta.dev(), meta.ino()) == u.key)
+                    .then(|| object_file(u.key, &u.path, file, &meta))
+            });
+            (u, object)
+        })
+        .collect()
+}
+
+/// Reads process `pid` as [`ProcessTable::capture`] does, with `table` locked only
+/// to look up and store: /proc is read and new binaries are opened without it, so
+/// a slow /proc or file system holds up this capture alone, not every user of the
+/// table.
+pub fn capture_unlocked(
+    table: &Mutex<ProcessTable>,
+    pid: u32,
+) -> Result<Arc<ProcessInfo>, CaptureError> {
+    let lock = || table.lock().unwrap_or_else(|p| p.into_inner());
+    let read = read_proc(pid);
+    let opened = match &read {
+        Ok(read) => {
+            let unheld = lock().unheld(read);
+            open_binaries(unheld)
+        }
+        Err(_) => Vec::new(),
+    };
+    let mut table = lock();
+    let read = read.map(|read| table.assemble(read, opened));
+    table.captured(pid, read)
+}
+
+/// The binary `key` (device, inode) mapped from `path`, as an object to hold.
+fn object_file(
+    key: (u64, u64),
+    path: &str,
+    file: File,
+    meta: &std::fs::Metadata,
+) -> Arc<ObjectFile> {
+    Arc::new(ObjectFile {
+        dev: key.0,
+        ino: key.1,
+        path: path.to_string(),
+        build_id: read_build_id(&file),
+        size: meta.len(),
+        mtime_ns: mtime_ns(meta),
+        file,
+    })
 }
 
 /// A device number as the kernel keeps it (`MKDEV`: major << 20 | minor) in the
@@ -1033,20 +1224,24 @@ fn capture_loop(
 ) {
     let push =
         |list: &Mutex<Vec<u32>>, pid| list.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+    let lock = || table.lock().unwrap_or_else(|p| p.into_inner());
     while let Ok(request) = queue.recv() {
-        let mut table = table.lock().expect("process table lock");
         let pid = match request {
             CaptureRequest::Capture(pid) => pid,
             CaptureRequest::Mapping(seen) => {
-                table.add_young_mapping(&seen);
+                lock().add_young_mapping(&seen);
                 continue;
             }
             CaptureRequest::Exec(pid) => {
-                table.execed(pid);
+                lock().execed(pid);
                 continue;
             }
         };
-        match table.capture(pid) {
+        // /proc read and binaries opened without the table: a process whose /proc
+        // is slow holds up its own capture, not the cycle's symbolization.
+        let captured = capture_unlocked(&table, pid);
+        let table = lock();
+        match captured {
             Err(CaptureError::Gone { .. }) => {
                 table
                     .stats

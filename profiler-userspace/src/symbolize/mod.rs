@@ -30,7 +30,7 @@ pub use jit::JitCounts;
 
 use crate::{
     aggregate::{AggregatedStack, Aggregator},
-    process::{comm_text, MappedObject, ObjectFile, ProcessInfo, ProcessTable},
+    process::{capture_unlocked, comm_text, MappedObject, ObjectFile, ProcessInfo, ProcessTable},
     profile::{FrameKind, Line, Location, Object, ProcessMeta, Profile, Stack, UnknownCounts},
     runtimes::{InterpretedSamples, Runtime},
 };
@@ -606,19 +606,27 @@ fn resolve_processes(
     interpreted: &[InterpretedSamples],
     processes: &Mutex<ProcessTable>,
 ) -> (HashMap<u32, Option<Arc<ProcessInfo>>>, BeforeExec) {
-    let mut table = processes.lock().expect("process table lock");
+    let lock = || processes.lock().unwrap_or_else(|p| p.into_inner());
     let mut procs = HashMap::new();
-    for tgid in aggregate.tgids().chain(interpreted.iter().map(|s| s.pid)) {
-        procs.entry(tgid).or_insert_with(|| {
-            table.get(tgid).or_else(|| {
-                if tgid == 0 {
-                    None
-                } else {
-                    table.capture(tgid).ok()
+    let mut uncaptured = Vec::new();
+    {
+        let table = lock();
+        for tgid in aggregate.tgids().chain(interpreted.iter().map(|s| s.pid)) {
+            procs.entry(tgid).or_insert_with(|| {
+                let known = table.get(tgid);
+                if known.is_none() && tgid != 0 {
+                    uncaptured.push(tgid);
                 }
-            })
-        });
+                known
+            });
+        }
     }
+    // Not captured yet (first sight's queue was full, or the capture is under way):
+    // read now, without holding the table while /proc answers.
+    for tgid in uncaptured {
+        procs.insert(tgid, capture_unlocked(processes, tgid).ok());
+    }
+    let mut table = lock();
     let mut before_exec = BeforeExec::new();
     let mut asked = std::collections::HashSet::new();
     for stack in aggregate.stacks().filter(|s| s.fork_image) {
@@ -659,7 +667,7 @@ fn user_frame(
         // Mapped after first sight (dlopen)? Re-read the process once per interval.
         let fresh = refreshed
             .entry(tgid)
-            .or_insert_with(|| table.lock().expect("process table lock").capture(tgid).ok());
+            .or_insert_with(|| capture_unlocked(table, tgid).ok());
         mapping = fresh.as_ref().and_then(|p| p.mapping(ip).cloned());
     }
     let Some(mapping) = mapping else {
