@@ -519,12 +519,7 @@ fn user_walk_cut_at_a_bad_frame_pointer_is_counted() {
 #[test]
 fn kernel_delivers_every_expected_timer_event() {
     let _cpu = cpu_heavy_lock();
-    let target = start("chain", &["4"]);
-    settle();
-    let out = tempfile::tempdir().unwrap();
-    let summary = record(&[target.pid()], 2, 97, out.path());
-    let d = summary.delivery;
-    let text = summary.render();
+    let (summary, d, text) = record_a_spinner(None);
     eprintln!(
         "expected {}, delivered {}, runs {:?}, tolerance {}, over {:.3} s",
         d.expected,
@@ -570,6 +565,36 @@ fn kernel_delivers_every_expected_timer_event() {
     assert!(!text.contains("never reached the eBPF program"), "{text}");
 }
 
+/// Records 2 s at 97 Hz of a one-thread spinner (pinned to CPU `pin`, if given):
+/// the summary, its delivery figures and its text.
+fn record_a_spinner(
+    pin: Option<usize>,
+) -> (
+    profiler::record::RecordSummary,
+    profiler::delivery::Delivery,
+    String,
+) {
+    let target = start("chain", &["4"]);
+    if let Some(cpu) = pin {
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on it.
+        let pinned = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(
+                target.pid() as i32,
+                std::mem::size_of::<libc::cpu_set_t>(),
+                &set,
+            )
+        };
+        assert_eq!(pinned, 0, "cannot pin the target to CPU {cpu}");
+    }
+    settle();
+    let out = tempfile::tempdir().unwrap();
+    let summary = record(&[target.pid()], 2, 97, out.path());
+    let (d, text) = (summary.delivery, summary.render());
+    (summary, d, text)
+}
+
 /// Events that did not come while a CPU was idle are no shortfall: with one CPU
 /// busy and the others idle, nothing is reported missing, and on a kernel that
 /// does not fire the timer on an idle CPU (this project's VMs, for every CPU but
@@ -577,23 +602,7 @@ fn kernel_delivers_every_expected_timer_event() {
 #[test]
 fn events_missed_on_idle_cpus_are_no_shortfall() {
     let _cpu = cpu_heavy_lock();
-    let target = start("chain", &["4"]);
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on it.
-    let pinned = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(
-            target.pid() as i32,
-            std::mem::size_of::<libc::cpu_set_t>(),
-            &set,
-        )
-    };
-    assert_eq!(pinned, 0, "cannot pin the target to CPU 0");
-    settle();
-    let out = tempfile::tempdir().unwrap();
-    let summary = record(&[target.pid()], 2, 97, out.path());
-    let d = summary.delivery;
-    let text = summary.render();
+    let (_, d, text) = record_a_spinner(Some(0));
     eprintln!(
         "expected {} ({} in idle time), delivered {} ({} of the idle task), missing {} while busy, {} while idle, tolerance {}",
         d.expected,
