@@ -758,7 +758,7 @@ mod tests {
                 delivered: 9_700,
                 expected_idle: 9_700,
                 cpus: 2,
-                idle_slack: 4,
+                tick_slack: 4,
                 ..Delivery::default()
             },
         );
