@@ -880,6 +880,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
             .process_stats
             .named_before_exec
             .load(Ordering::Relaxed),
+        captures_stuck = stopped.process_stats.captures_stuck.load(Ordering::Relaxed),
         young_mappings_lost = stopped.mappings[MappingsCounter::RingBufferFull as usize],
         process_events_lost = stopped.process_events_lost,
         lineage_forgotten = stopped.lineage_forgotten,

@@ -67,6 +67,11 @@ pub const CAPTURE_QUEUE: usize = 1024;
 pub const MAX_KERNEL_MAPPED: usize = 2048;
 /// Mappings kept per such process: as many as the eBPF program finds for one.
 pub const MAX_KERNEL_MAPPINGS: usize = profiler_common::MAX_KNOWN_MAPPINGS;
+/// How long a capture waits for another capture of the same process to end (1 s)
+/// before it gives up ([`CaptureError::Busy`], counted): a capture stuck reading
+/// /proc (the process's memory map locked) or a binary (a hung file system) then
+/// costs each later one this wait, not the rest of its life.
+pub const MAX_CAPTURE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Exec'd programs' paths the drain keeps for the mappings of the process that may
 /// follow (most exec'd processes live long enough to be captured, and their paths
 /// are never used): 1 024 x ~100 bytes; the oldest is dropped first.
@@ -190,6 +195,10 @@ pub enum CaptureError {
     /// /proc/PID was there but unreadable.
     #[error("cannot read /proc/{pid}: {source}")]
     Unreadable { pid: u32, source: procfs::ProcError },
+    /// Another capture of the process was under way and did not end within
+    /// [`MAX_CAPTURE_WAIT`] (its read of /proc or of a binary is stuck).
+    #[error("process {pid} is being captured already, and that capture is stuck")]
+    Busy { pid: u32 },
 }
 
 /// Counters of the process stage.
@@ -224,6 +233,9 @@ pub struct ProcessStats {
     /// forked with) were named from their parent's mappings; once per process and
     /// interval.
     pub named_before_exec: AtomicU64,
+    /// Captures given up because another capture of the same process did not end
+    /// within [`MAX_CAPTURE_WAIT`].
+    pub captures_stuck: AtomicU64,
 }
 
 /// A mapping the eBPF program found for a sample of a young process
@@ -272,6 +284,11 @@ pub struct ProcessTable {
     /// Tracked pids the last [`ProcessTable::take_forgettable`] found gone, and kept
     /// for one more cycle. A subset of `processes` and `aliases`.
     gone_at_last_check: HashSet<u32>,
+    /// Pids a [`capture_unlocked`] is reading without the table (at most one per
+    /// thread that captures: the capture worker and the cycle's), and the signal
+    /// that one ended.
+    capturing: HashSet<u32>,
+    capture_ended: Arc<std::sync::Condvar>,
 }
 
 impl ProcessTable {
@@ -286,6 +303,8 @@ impl ProcessTable {
             stats,
             lineage: Arc::default(),
             gone_at_last_check: HashSet::new(),
+            capturing: HashSet::new(),
+            capture_ended: Arc::default(),
         }
     }
 
@@ -886,11 +905,47 @@ fn open_binaries(unheld: Vec<Unheld>) -> Vec<(Unheld, Option<Arc<ObjectFile>>)> 
 /// to look up and store: /proc is read and new binaries are opened without it, so
 /// a slow /proc or file system holds up this capture alone, not every user of the
 /// table.
+///
+/// One capture of a pid at a time: a second waits for the first (at most
+/// [`MAX_CAPTURE_WAIT`]) and answers with what it stored, so that a process whose
+/// /proc read is stuck holds up the capture worker, and each cycle that needs it
+/// for a second, not for good.
 pub fn capture_unlocked(
     table: &Mutex<ProcessTable>,
     pid: u32,
 ) -> Result<Arc<ProcessInfo>, CaptureError> {
     let lock = || table.lock().unwrap_or_else(|p| p.into_inner());
+    {
+        let mut guard = lock();
+        if guard.capturing.contains(&pid) {
+            let ended = guard.capture_ended.clone();
+            let deadline = std::time::Instant::now() + MAX_CAPTURE_WAIT;
+            while guard.capturing.contains(&pid) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    guard.stats.captures_stuck.fetch_add(1, Ordering::Relaxed);
+                    return Err(CaptureError::Busy { pid });
+                }
+                guard = ended
+                    .wait_timeout(guard, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            // What that capture stored (nothing if the process was gone).
+            return guard.get(pid).ok_or(CaptureError::Gone { pid });
+        }
+        guard.capturing.insert(pid);
+    }
+    // Ends this capture however it ends, and wakes those waiting for it.
+    struct Capturing<'a>(&'a Mutex<ProcessTable>, u32);
+    impl Drop for Capturing<'_> {
+        fn drop(&mut self) {
+            let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            table.capturing.remove(&self.1);
+            table.capture_ended.notify_all();
+        }
+    }
+    let capturing = Capturing(table, pid);
     let read = read_proc(pid);
     let opened = match &read {
         Ok(read) => {
@@ -899,9 +954,13 @@ pub fn capture_unlocked(
         }
         Err(_) => Vec::new(),
     };
-    let mut table = lock();
-    let read = read.map(|read| table.assemble(read, opened));
-    table.captured(pid, read)
+    let result = {
+        let mut table = lock();
+        let read = read.map(|read| table.assemble(read, opened));
+        table.captured(pid, read)
+    };
+    drop(capturing);
+    result
 }
 
 /// The binary `key` (device, inode) mapped from `path`, as an object to hold.
@@ -1257,8 +1316,11 @@ fn capture_loop(
             }
             // Stored under its pid: it stays in first sight until forgotten.
             Ok(_) if table.processes.contains_key(&pid) => {}
-            // Not stored (the table is full), or unreadable.
-            Ok(_) | Err(CaptureError::Unreadable { .. }) => push(&released.uncaptured, pid),
+            // Not stored (the table is full), unreadable, or stuck in another
+            // capture: tried again next cycle.
+            Ok(_) | Err(CaptureError::Unreadable { .. } | CaptureError::Busy { .. }) => {
+                push(&released.uncaptured, pid)
+            }
         }
     }
 }
@@ -1528,6 +1590,58 @@ mod tests {
                 .load(Ordering::Relaxed),
             1
         );
+    }
+
+    /// A capture of a pid another capture is reading waits for it and answers
+    /// with what it stored; a capture leaves nothing marked under way.
+    #[test]
+    fn capture_waits_for_the_one_under_way() {
+        let me = std::process::id();
+        let table = Arc::new(Mutex::new(ProcessTable::new(Arc::default())));
+        table.lock().unwrap().capturing.insert(me);
+        let waiting = {
+            let table = table.clone();
+            std::thread::spawn(move || capture_unlocked(&table, me))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        {
+            // The capture under way ends: it stored the process.
+            let mut t = table.lock().unwrap();
+            t.capture(me).unwrap();
+            t.capturing.remove(&me);
+            t.capture_ended.notify_all();
+        }
+        let info = waiting.join().unwrap().expect("the stored process");
+        assert_eq!(info.pid, me);
+        let t = table.lock().unwrap();
+        // It did not read /proc itself: one capture in all.
+        assert_eq!(t.stats.captured.load(Ordering::Relaxed), 1);
+        assert_eq!(t.stats.captures_stuck.load(Ordering::Relaxed), 0);
+        drop(t);
+        capture_unlocked(&table, me).unwrap();
+        assert!(table.lock().unwrap().capturing.is_empty());
+    }
+
+    /// A capture stuck for good (its pid stays under way) costs a later one
+    /// [`MAX_CAPTURE_WAIT`], then an error, counted; not a wait for good.
+    #[test]
+    fn stuck_capture_is_given_up_after_the_wait() {
+        let me = std::process::id();
+        let table = Mutex::new(ProcessTable::new(Arc::default()));
+        table.lock().unwrap().capturing.insert(me);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _ = tx.send(capture_unlocked(&table, me));
+            });
+            let answer = rx
+                .recv_timeout(MAX_CAPTURE_WAIT * 30)
+                .expect("the capture waited for good");
+            assert!(matches!(answer, Err(CaptureError::Busy { pid }) if pid == me));
+        });
+        let t = table.lock().unwrap();
+        assert_eq!(t.stats.captures_stuck.load(Ordering::Relaxed), 1);
+        assert!(t.capturing.contains(&me), "the stuck one's mark is its own");
     }
 
     /// A FIFO put where a gone process's program was is neither opened for good

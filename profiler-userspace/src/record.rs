@@ -78,6 +78,8 @@ pub struct RecordSummary {
     /// Mappings records of young processes lost to a full ring buffer (their
     /// samples were kept).
     pub mappings_lost: u64,
+    /// Captures given up because another capture of the process was stuck.
+    pub captures_stuck: u64,
     /// Fork and exec events lost in the kernel (ring buffer full).
     pub process_events_lost: u64,
     /// Processes the lineage forgot to stay within its bound.
@@ -219,6 +221,13 @@ impl RecordSummary {
                 s,
                 "  forked processes that exited before their binaries were read, named from their parent's: {}",
                 self.named_from_parent
+            );
+        }
+        if self.captures_stuck > 0 {
+            let _ = writeln!(
+                s,
+                "  captures given up because another capture of the process was stuck reading its /proc entry or binaries (a locked memory map, a hung file system): {}",
+                self.captures_stuck
             );
         }
         if self.named_before_exec > 0 {
@@ -589,6 +598,7 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
             .named_before_exec
             .load(Ordering::Relaxed),
         mappings_lost: stopped.mappings[MappingsCounter::RingBufferFull as usize],
+        captures_stuck: stopped.process_stats.captures_stuck.load(Ordering::Relaxed),
         process_events_lost: stopped.process_events_lost,
         lineage_forgotten: stopped.lineage_forgotten,
         unknown: profile.unknown,
