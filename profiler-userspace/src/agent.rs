@@ -753,7 +753,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
                             tolerance = interval.tolerance(),
                             cpus = interval.cpus,
                             frequency_hz = config.frequency_hz,
-                            "the kernel did not run the eBPF program for every timer event expected while CPUs were busy (uncounted by it): perf throttling (see dmesg for \"perf: interrupt took too long\"; kernel.perf_cpu_time_max_percent), another BPF program running on that CPU, a CPU taken offline, or a descheduled vCPU"
+                            "the kernel did not run the eBPF program for every expected timer event (uncounted by it; without --include-idle only those expected while CPUs were busy count): perf throttling (see dmesg for \"perf: interrupt took too long\"; kernel.perf_cpu_time_max_percent), another BPF program running on that CPU, a CPU taken offline, a descheduled vCPU, or with --include-idle an idle CPU whose timer this kernel does not fire"
                         ),
                         Some((Episode::Ended(missing), _)) => info!(missing, "the kernel runs the eBPF program for every expected timer event again"),
                         None => {}

@@ -72,6 +72,9 @@ pub struct Delivery {
     /// ticks. 0 when idle time is not reckoned apart. (The other part of its slack
     /// depends on the events: see [`Delivery::tolerance`].)
     pub tick_slack: u64,
+    /// Whether idle time is reckoned apart (not with `--include-idle`, nor when
+    /// /proc/stat is unreadable).
+    pub idle_apart: bool,
     /// CPUs the program is attached to.
     pub cpus: usize,
     /// Runs of the program the kernel's BPF statistics counted, when the sampler
@@ -134,6 +137,7 @@ impl Delivery {
             expected_idle: self.expected_idle.saturating_sub(earlier.expected_idle),
             delivered_idle: self.delivered_idle.saturating_sub(earlier.delivered_idle),
             tick_slack: self.tick_slack,
+            idle_apart: self.idle_apart,
             cpus: self.cpus,
             runs: self
                 .runs
@@ -173,6 +177,7 @@ pub fn reckon(
         expected_idle,
         delivered_idle,
         tick_slack,
+        idle_apart: idle.is_some(),
         cpus,
         runs,
     }
