@@ -375,7 +375,7 @@ fn render_delivery(s: &mut String, d: &Delivery) {
         } else {
             (
                 "expected timer events",
-                ", an idle CPU whose timer this kernel does not fire (its idle samples, asked for with --include-idle, are then missing)",
+                "; or an idle CPU whose timer this kernel does not fire (its idle samples, asked for with --include-idle, are then missing)",
             )
         };
         let _ = writeln!(
