@@ -809,6 +809,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
         worker_free &= deliver_by(done, deadline, &mut sinks, &stats, "the cycle in flight").await;
     }
     let stopped = collector.stop().await?;
+    if stopped.capture_worker_stuck {
+        warn!("reading a process's /proc entry or binaries is stuck (a locked memory map or a hung file system): the last profile is symbolized without waiting for it");
+    }
     stats.add_aggregate(stopped.aggregate.stats());
     if worker_free {
         let (meta, _) = meta_until_now(interval_start);

@@ -33,6 +33,10 @@ pub struct Collector {
     drain_task: JoinHandle<()>,
 }
 
+/// How long stopping waits for the capture worker to finish its queue (10 s: a
+/// full queue of 1 024 captures takes a few seconds).
+pub const CAPTURE_WORKER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What is left when the pipeline stops.
 pub struct Stopped {
     /// The last interval's aggregate.
@@ -54,6 +58,10 @@ pub struct Stopped {
     pub table: Arc<Mutex<ProcessTable>>,
     pub process_stats: Arc<ProcessStats>,
     pub drain_stats: Arc<DrainStats>,
+    /// The capture worker had not finished its queue within
+    /// [`CAPTURE_WORKER_STOP_WAIT`] (a capture stuck reading /proc or a binary): it
+    /// was left to finish alone.
+    pub capture_worker_stuck: bool,
     pub cpus: usize,
 }
 
@@ -202,10 +210,25 @@ impl Collector {
             drain_stats,
             ..
         } = self;
-        // The drain task dropped its FirstSight, which ends the worker's queue.
-        tokio::task::spawn_blocking(move || worker.join())
+        // The drain task dropped its FirstSight, which ends the worker's queue: it
+        // finishes what is queued (processes seen last, captured before they can
+        // exit). A capture stuck for good must not hold the profile back: past the
+        // wait it is left to finish alone (the table needs no worker, and its lock
+        // is never held across a read: see `capture_unlocked`).
+        // Joined on a plain thread, not the runtime's blocking pool: the runtime
+        // waits for its blocking tasks when it shuts down, and this one may never
+        // end.
+        let (joined, join) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("capture-join".into())
+            .spawn(move || {
+                worker.join();
+                let _ = joined.send(());
+            })
+            .context("cannot start a thread")?;
+        let capture_worker_stuck = tokio::time::timeout(CAPTURE_WORKER_STOP_WAIT, join)
             .await
-            .context("the capture thread failed")?;
+            .is_err();
         let lineage_forgotten = {
             let table = table.lock().unwrap_or_else(|p| p.into_inner());
             let lineage = table.lineage().lock().unwrap_or_else(|p| p.into_inner());
@@ -222,6 +245,7 @@ impl Collector {
             table,
             process_stats,
             drain_stats,
+            capture_worker_stuck,
             cpus,
         })
     }

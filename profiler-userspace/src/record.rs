@@ -458,6 +458,11 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
 
     let stopped = collector.stop().await?;
     let elapsed = started.elapsed();
+    if stopped.capture_worker_stuck {
+        eprintln!(
+            "warning: reading a process's /proc entry or binaries is stuck (a locked memory map or a hung file system): symbolizing without waiting for it"
+        );
+    }
     let aggregate = stopped.aggregate;
     if interrupted {
         // Stopped early: the runs end now, and what they wrote is lost.
