@@ -327,6 +327,14 @@ impl ProcessTable {
             .cloned()
     }
 
+    /// Whether all that is known of `pid` is what the kernel saw it map (a young
+    /// process not captured yet, or gone before its capture).
+    pub fn only_kernel_mapped(&self, pid: u32) -> bool {
+        !self.processes.contains_key(&pid)
+            && !self.aliases.contains_key(&pid)
+            && self.kernel_mapped.contains_key(&pid)
+    }
+
     pub fn len(&self) -> usize {
         self.processes.len()
     }
@@ -993,12 +1001,56 @@ pub fn comm_text(comm: &[u8; TASK_COMM_LEN]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(&comm[..len])
 }
 
-/// Device and inode of process `pid`'s executable (`None`: gone, a kernel thread, or
-/// unreadable).
-fn exe_id(pid: u32) -> Option<(u64, u64)> {
-    std::fs::metadata(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+/// Lines of /proc/PID/maps [`exe_id`] looks through for the executable's (64: it
+/// is the first line of nearly every process).
+const EXE_ID_MAX_LINES: usize = 64;
+
+/// Device and inode of process `pid`'s executable, as the kernel's first mapping of
+/// it in /proc/PID/maps gives them (`None`: gone, a kernel thread, unreadable, or no
+/// such mapping in the first [`EXE_ID_MAX_LINES`]). Not a stat through
+/// `/proc/PID/exe`: that asks the executable's file system, and one that hangs (a
+/// network file system gone away) would stall whoever asks, every cycle; the
+/// link's target is read as a path and the maps are the kernel's own. The device
+/// is the file system's, which can differ from what a stat says (btrfs
+/// subvolumes): compare these ids only with each other.
+pub fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    use std::io::BufRead as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let deleted =
+        |path: &[u8]| -> Vec<u8> { path.strip_suffix(b" (deleted)").unwrap_or(path).to_vec() };
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let exe = deleted(exe.as_os_str().as_bytes());
+    let maps = File::open(format!("/proc/{pid}/maps")).ok()?;
+    std::io::BufReader::new(maps)
+        .split(b'\n')
+        .take(EXE_ID_MAX_LINES)
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let (dev, ino, path) = maps_line_file(&line)?;
+            (deleted(path) == exe).then_some((dev, ino))
+        })
+}
+
+/// The device (as `stat` encodes it), inode and path of a /proc/PID/maps line that
+/// maps a file: `start-end perms offset major:minor inode   path`.
+fn maps_line_file(line: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let mut rest = line;
+    let mut field = || -> Option<&[u8]> {
+        let start = rest.iter().position(|&b| b != b' ')?;
+        let tail = &rest[start..];
+        let end = tail.iter().position(|&b| b == b' ').unwrap_or(tail.len());
+        rest = &tail[end..];
+        Some(&tail[..end])
+    };
+    let (_range, _perms, _offset) = (field()?, field()?, field()?);
+    let dev = std::str::from_utf8(field()?).ok()?;
+    let ino: u64 = std::str::from_utf8(field()?).ok()?.parse().ok()?;
+    let (major, minor) = dev.split_once(':')?;
+    let major = u32::from_str_radix(major, 16).ok()?;
+    let minor = u32::from_str_radix(minor, 16).ok()?;
+    let start = rest.iter().position(|&b| b != b' ')?;
+    let path = &rest[start..];
+    (ino != 0).then_some((libc::makedev(major, minor), ino, path))
 }
 
 /// Whether `pid` is a process that still runs (not gone, not a zombie waiting for
@@ -1590,6 +1642,36 @@ mod tests {
                 .load(Ordering::Relaxed),
             1
         );
+    }
+
+    /// The executable's id comes from the kernel's maps, and on this machine's file
+    /// systems agrees with a stat of the file; a kernel thread has none; a maps
+    /// line is read field by field, a path with spaces whole.
+    #[test]
+    fn exe_id_from_the_maps() {
+        let me = std::process::id();
+        let meta = std::fs::metadata(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(exe_id(me), Some((meta.dev(), meta.ino())));
+        assert_eq!(exe_id(2), None, "kthreadd maps nothing");
+        assert_eq!(exe_id(NO_SUCH_PID), None);
+        assert_eq!(
+            maps_line_file(
+                b"55d0c0a00000-55d0c0a2e000 r--p 00000000 fd:01 1312  /usr/bin/my prog (deleted)"
+            ),
+            Some((
+                libc::makedev(0xfd, 1),
+                1312,
+                &b"/usr/bin/my prog (deleted)"[..]
+            ))
+        );
+        assert_eq!(
+            maps_line_file(
+                b"7ffd5e1c1000-7ffd5e1e2000 rw-p 00000000 00:00 0                          [stack]"
+            ),
+            None
+        );
+        assert_eq!(maps_line_file(b"garbage"), None);
+        assert_eq!(maps_line_file(b""), None);
     }
 
     /// A capture of a pid another capture is reading waits for it and answers

@@ -22,6 +22,7 @@ use super::{
     perfmap::{perf_map_stamp, FileStamp, PerfMapError},
     Runtime,
 };
+use crate::process::exe_id;
 
 /// A process whose runtime was looked at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,15 +133,6 @@ fn detect_once(pid: u32) -> Result<Option<TargetProcess>, DetectError> {
         return Err(DetectError::Gone { pid });
     }
     Ok(target.is_alive().then_some(target))
-}
-
-/// Device and inode of process `pid`'s executable: a stat through `/proc/PID/exe`
-/// (cheap: no path is resolved). `None` for kernel threads, zombies, and processes
-/// we may not look into.
-fn exe_id(pid: u32) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
-    Some((meta.dev(), meta.ino()))
 }
 
 /// The stamp of process `pid`'s `/tmp/perf-PID.map` (`None`: it has none), for a

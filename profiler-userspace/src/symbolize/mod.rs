@@ -614,17 +614,21 @@ fn resolve_processes(
         for tgid in aggregate.tgids().chain(interpreted.iter().map(|s| s.pid)) {
             procs.entry(tgid).or_insert_with(|| {
                 let known = table.get(tgid);
-                if known.is_none() && tgid != 0 {
+                if tgid != 0 && (known.is_none() || table.only_kernel_mapped(tgid)) {
                     uncaptured.push(tgid);
                 }
                 known
             });
         }
     }
-    // Not captured yet (first sight's queue was full, or the capture is under way):
-    // read now, without holding the table while /proc answers.
+    // Not captured yet (first sight's queue was full, or the capture is under way
+    // or stuck), or known only from the kernel's mappings of a young process: read
+    // now, without holding the table while /proc answers. If that fails, what was
+    // known stays.
     for tgid in uncaptured {
-        procs.insert(tgid, capture_unlocked(processes, tgid).ok());
+        if let Ok(info) = capture_unlocked(processes, tgid) {
+            procs.insert(tgid, Some(info));
+        }
     }
     let mut table = lock();
     let mut before_exec = BeforeExec::new();
