@@ -1003,7 +1003,7 @@ pub fn comm_text(comm: &[u8; TASK_COMM_LEN]) -> std::borrow::Cow<'_, str> {
 
 /// Lines of /proc/PID/maps [`exe_id`] looks through for the executable's (64: it
 /// is the first line of nearly every process).
-const EXE_ID_MAX_LINES: usize = 64;
+pub const EXE_ID_MAX_LINES: usize = 64;
 
 /// Device and inode of process `pid`'s executable, as the kernel's first mapping of
 /// it in /proc/PID/maps gives them (`None`: gone, a kernel thread, unreadable, or no
