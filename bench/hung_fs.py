@@ -75,6 +75,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profiler", default=os.path.join(ROOT, "target/release/profiler"))
     ap.add_argument("--duration", type=int, default=3, help="seconds recorded")
+    ap.add_argument("--wait", type=int, default=180,
+                    help="seconds to wait for the profile to be written")
     ap.add_argument("--serve", nargs=3, metavar=("SOURCE", "MOUNT", "FREEZE"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -122,14 +124,26 @@ def main():
                                     "--output-dir", out],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             lines, written_at = [], None
+            # Read on a thread, so that a profiler that never writes cannot hold the
+            # script past --wait.
+            import queue
+            import threading
+            got = queue.Queue()
+            threading.Thread(target=lambda: [got.put(l) for l in rec.stdout] + [got.put(None)],
+                             daemon=True).start()
             # The profile is written once its paths are printed; the process itself
             # cannot exit while one of its threads waits on the frozen file system.
-            for line in rec.stdout:
+            while True:
+                left = args.wait - (time.monotonic() - started)
+                try:
+                    line = got.get(timeout=max(left, 0.01))
+                except queue.Empty:
+                    break
+                if line is None:
+                    break
                 lines.append(line.rstrip("\n"))
                 if line.startswith("  ") and line.rstrip().endswith("profile.folded"):
                     written_at = time.monotonic() - started
-                    break
-                if time.monotonic() - started > 180:
                     break
         finally:
             if os.path.exists(freeze):
@@ -138,12 +152,16 @@ def main():
                 p.kill()
                 p.wait()
         try:
-            rest, _ = rec.communicate(timeout=60)
-            lines += rest.splitlines()
+            rec.wait(timeout=60)
         except subprocess.TimeoutExpired:
             rec.kill()
-            rec.communicate()
+            rec.wait()
         exited_at = time.monotonic() - started
+        time.sleep(0.2)
+        while not got.empty():
+            line = got.get()
+            if line is not None:
+                lines.append(line.rstrip("\n"))
         subprocess.run(["umount", mount], check=False)
         server.wait(timeout=10)
 
@@ -164,7 +182,8 @@ def main():
         print(f"\n`profiler record --duration {args.duration}` with a process running from a "
               "frozen FUSE mount and one from disk:")
         if written_at is None:
-            print("  profile written: NO (not within 180 s)")
+            print(f"  profile written: NO, not within {args.wait} s; the process exited "
+                  f"{exited_at - args.wait:.1f} s after the file system answered again")
         else:
             print(f"  profile written after {written_at:.1f} s "
                   f"({args.duration} s recorded); process exit {rec.returncode} after "
