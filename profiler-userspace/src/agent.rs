@@ -808,7 +808,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     if let Some(done) = in_flight.take() {
         worker_free &= deliver_by(done, deadline, &mut sinks, &stats, "the cycle in flight").await;
     }
-    let stopped = collector.stop().await?;
+    // A third of what is left of the deadline: the last cycle and its export
+    // need the rest.
+    let worker_wait = deadline.saturating_duration_since(Instant::now()) / 3;
+    let stopped = collector.stop(worker_wait).await?;
     if stopped.capture_worker_stuck {
         warn!("reading a process's /proc entry or binaries is stuck (a locked memory map or a hung file system): the last profile is symbolized without waiting for it");
     }

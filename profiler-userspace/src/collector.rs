@@ -33,8 +33,10 @@ pub struct Collector {
     drain_task: JoinHandle<()>,
 }
 
-/// How long stopping waits for the capture worker to finish its queue (10 s: a
-/// full queue of 1 024 captures takes a few seconds).
+/// How long `record` waits, when it stops, for the capture worker to finish its
+/// queue (10 s: a full queue of 1 024 captures takes a few seconds). The agent
+/// gives it a third of its shutdown deadline, which must leave time for the last
+/// cycle and its export.
 pub const CAPTURE_WORKER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What is left when the pipeline stops.
@@ -181,7 +183,9 @@ impl Collector {
     }
 
     /// Detaches the program, drains what is left and stops everything.
-    pub async fn stop(mut self) -> anyhow::Result<Stopped> {
+    /// The capture worker gets at most `worker_wait` to finish its queue (see
+    /// [`CAPTURE_WORKER_STOP_WAIT`]).
+    pub async fn stop(mut self, worker_wait: std::time::Duration) -> anyhow::Result<Stopped> {
         self.sampler.stop();
         // Both as they were when the program was detached.
         let bpf = self.sampler.program_stats();
@@ -226,9 +230,7 @@ impl Collector {
                 let _ = joined.send(());
             })
             .context("cannot start a thread")?;
-        let capture_worker_stuck = tokio::time::timeout(CAPTURE_WORKER_STOP_WAIT, join)
-            .await
-            .is_err();
+        let capture_worker_stuck = tokio::time::timeout(worker_wait, join).await.is_err();
         let lineage_forgotten = {
             let table = table.lock().unwrap_or_else(|p| p.into_inner());
             let lineage = table.lineage().lock().unwrap_or_else(|p| p.into_inner());

@@ -456,7 +456,9 @@ pub async fn run(config: &RecordConfig) -> anyhow::Result<RecordSummary> {
 
     let mut interrupted = wait_for_end(config, &collector).await;
 
-    let stopped = collector.stop().await?;
+    let stopped = collector
+        .stop(crate::collector::CAPTURE_WORKER_STOP_WAIT)
+        .await?;
     let elapsed = started.elapsed();
     if stopped.capture_worker_stuck {
         eprintln!(
