@@ -327,11 +327,12 @@ impl ProcessTable {
             .cloned()
     }
 
-    /// Whether all that is known of `pid` is what the kernel saw it map (a young
-    /// process not captured yet, or gone before its capture).
-    pub fn only_kernel_mapped(&self, pid: u32) -> bool {
+    /// Whether all that is known of `pid` is what the kernel saw it map, and no
+    /// capture has found it gone yet: a young process not captured yet.
+    pub fn awaiting_capture(&self, pid: u32) -> bool {
         !self.processes.contains_key(&pid)
             && !self.aliases.contains_key(&pid)
+            && !self.kernel_named.contains(&pid)
             && self.kernel_mapped.contains_key(&pid)
     }
 
@@ -643,8 +644,7 @@ impl ProcessTable {
     /// The binaries `read` maps that the table does not hold, at most as many as
     /// it has room for (the rest are counted when assembled).
     fn unheld(&mut self, read: &ProcRead) -> Vec<Unheld> {
-        self.objects.retain(|_, o| o.strong_count() > 0);
-        let room = MAX_OPEN_OBJECTS.saturating_sub(self.objects.len());
+        let room = self.free_object_slots();
         let mut unheld: Vec<Unheld> = Vec::new();
         for m in &read.mappings {
             let ProcMapped::File {
@@ -722,6 +722,10 @@ impl ProcessTable {
         if let Some(object) = self.held(key) {
             return MappedObject::File(object);
         }
+        let full = |path| MappedObject::Unopened {
+            path,
+            reason: "object table full",
+        };
         match opened.iter().find(|(u, _)| u.key == key) {
             Some((_, Some(object))) if self.has_room_for_object() => {
                 self.objects.insert(key, Arc::downgrade(object));
@@ -731,16 +735,13 @@ impl ProcessTable {
                 path,
                 reason: "unreadable",
             },
-            // Not opened for want of room, or no room now. (Or held when this
-            // capture began and let go since: rare, and counted as full.)
-            _ => {
-                if opened.iter().all(|(u, _)| u.key != key) {
-                    self.stats.objects_full.fetch_add(1, Ordering::Relaxed);
-                }
-                MappedObject::Unopened {
-                    path,
-                    reason: "object table full",
-                }
+            // Opened, but no room now (counted by `has_room_for_object`).
+            Some(_) => full(path),
+            // Not opened for want of room. (Or held when this capture began and
+            // let go since: rare, and counted as full too.)
+            None => {
+                self.stats.objects_full.fetch_add(1, Ordering::Relaxed);
+                full(path)
             }
         }
     }
@@ -775,11 +776,16 @@ impl ProcessTable {
         self.objects.get(&key).and_then(Weak::upgrade)
     }
 
+    /// How many more binaries may be held open, once closed ones are forgotten.
+    fn free_object_slots(&mut self) -> usize {
+        self.objects.retain(|_, o| o.strong_count() > 0);
+        MAX_OPEN_OBJECTS.saturating_sub(self.objects.len())
+    }
+
     /// Whether another binary may be held open: closed ones are forgotten first;
     /// a full table is counted.
     fn has_room_for_object(&mut self) -> bool {
-        self.objects.retain(|_, o| o.strong_count() > 0);
-        let room = self.objects.len() < MAX_OPEN_OBJECTS;
+        let room = self.free_object_slots() > 0;
         if !room {
             self.stats.objects_full.fetch_add(1, Ordering::Relaxed);
         }
@@ -1016,8 +1022,9 @@ pub const EXE_ID_MAX_LINES: usize = 64;
 pub fn exe_id(pid: u32) -> Option<(u64, u64)> {
     use std::io::BufRead as _;
     use std::os::unix::ffi::OsStrExt as _;
-    let deleted =
-        |path: &[u8]| -> Vec<u8> { path.strip_suffix(b" (deleted)").unwrap_or(path).to_vec() };
+    fn deleted(path: &[u8]) -> &[u8] {
+        path.strip_suffix(b" (deleted)").unwrap_or(path)
+    }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
     let exe = deleted(exe.as_os_str().as_bytes());
     let maps = File::open(format!("/proc/{pid}/maps")).ok()?;

@@ -614,7 +614,7 @@ fn resolve_processes(
         for tgid in aggregate.tgids().chain(interpreted.iter().map(|s| s.pid)) {
             procs.entry(tgid).or_insert_with(|| {
                 let known = table.get(tgid);
-                if tgid != 0 && (known.is_none() || table.only_kernel_mapped(tgid)) {
+                if tgid != 0 && (known.is_none() || table.awaiting_capture(tgid)) {
                     uncaptured.push(tgid);
                 }
                 known
@@ -622,9 +622,9 @@ fn resolve_processes(
         }
     }
     // Not captured yet (first sight's queue was full, or the capture is under way
-    // or stuck), or known only from the kernel's mappings of a young process: read
-    // now, without holding the table while /proc answers. If that fails, what was
-    // known stays.
+    // or stuck), or known only from the kernel's mappings of a young process not
+    // yet found gone: read now, without holding the table while /proc answers. If
+    // that fails, what was known stays.
     for tgid in uncaptured {
         if let Ok(info) = capture_unlocked(processes, tgid) {
             procs.insert(tgid, Some(info));
