@@ -103,7 +103,7 @@ struct CycleDone {
     peak_rss: Option<u64>,
     /// Processes the table forgot after the cycle (exited or exec'd), for first
     /// sight: forgotten on the cycle's thread, so the agent's loop never waits for
-    /// the table (the capture worker may hold it while it reads a slow /proc).
+    /// the /proc reads that takes.
     exited: Vec<u32>,
 }
 
@@ -789,8 +789,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<Arc<AgentStats>> {
     // Shutdown: finish the cycle in flight, then the last interval, within the deadline.
     let deadline = Instant::now() + config.shutdown_timeout;
     info!("stopping: flushing the last profile");
-    // Whatever hangs below (the capture thread in a read from a hung filesystem, which
-    // stopping the collector waits for), the agent exits soon after the deadline.
+    // Whatever hangs below that has no deadline of its own, the agent exits soon
+    // after the deadline.
     let _watchdog =
         arm_shutdown_watchdog(config.shutdown_timeout + SHUTDOWN_WATCHDOG_GRACE, || {
             std::process::exit(0)
@@ -924,9 +924,9 @@ pub const SHUTDOWN_WATCHDOG_GRACE: std::time::Duration = std::time::Duration::fr
 struct ShutdownWatchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
 
 /// Starts a thread that calls `exit` after `after` unless the returned guard is
-/// dropped first (logging why): the one step of the shutdown without a deadline of
-/// its own (stopping the collector joins the capture thread, which a read from a
-/// hung filesystem can block) cannot keep the agent from exiting. Perf events and
+/// dropped first (logging why): a step of the shutdown without a deadline of its
+/// own (a read from a hung filesystem somewhere not bounded) cannot keep the agent
+/// from exiting. Perf events and
 /// BPF programs go with the process's fds; runtime profilers' children get SIGKILL
 /// from their parent-death signal.
 fn arm_shutdown_watchdog(

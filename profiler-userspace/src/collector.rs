@@ -60,9 +60,9 @@ pub struct Stopped {
     pub table: Arc<Mutex<ProcessTable>>,
     pub process_stats: Arc<ProcessStats>,
     pub drain_stats: Arc<DrainStats>,
-    /// The capture worker had not finished its queue within
-    /// [`CAPTURE_WORKER_STOP_WAIT`] (a capture stuck reading /proc or a binary): it
-    /// was left to finish alone.
+    /// The capture worker had not finished its queue within the wait
+    /// [`Collector::stop`] was given (a capture stuck reading /proc or a binary):
+    /// it was left to finish alone.
     pub capture_worker_stuck: bool,
     pub cpus: usize,
 }
@@ -175,9 +175,9 @@ impl Collector {
 
     /// Lets first sight capture again, when next sampled, the processes the
     /// table forgot at the end of a cycle ([`ProcessTable::forget_exited`], on the
-    /// cycle's thread: it reads /proc for every tracked process, and the table may
-    /// wait while the capture worker reads one). Call it once a cycle, even with
-    /// none forgotten: first sight then retries those it could not capture.
+    /// cycle's thread: it reads /proc for every tracked process, which the drain's
+    /// runtime thread must not wait for). Call it once a cycle, even with none
+    /// forgotten: first sight then retries those it could not capture.
     pub async fn forget(&self, exited: Vec<u32>) {
         let _ = self.commands.send(DrainCommand::Forget(exited)).await;
     }
