@@ -351,6 +351,20 @@ mod tests {
         );
     }
 
+    /// A 97 Hz reckoning on 2 CPUs attached `attached` seconds in all, `idle` of
+    /// them idle (on a 100 Hz clock; `None`: not reckoned apart), of `emitted`
+    /// samples and `idle_task` events of the idle task.
+    fn reckon_97hz(attached: u64, idle: Option<u64>, emitted: u64, idle_task: u64) -> Delivery {
+        let mut counters = KernelCounters::default();
+        counters.values[Counter::Emitted as usize] = emitted;
+        counters.values[Counter::IdleSkipped as usize] = idle_task;
+        let idle = idle.map(|secs| IdleTime {
+            time: Duration::from_secs(secs),
+            ticks_per_second: 100,
+        });
+        reckon(97, Duration::from_secs(attached), idle, &counters, 2, None)
+    }
+
     /// Reckoned on busy time, events that did not come while a CPU was idle are
     /// missed while idle, not missing; those that did not come while busy still
     /// are, and only they make a shortfall.
@@ -358,13 +372,7 @@ mod tests {
     fn idle_time_is_reckoned_apart() {
         // 2 CPUs for 5 s at 97 Hz (970 expected); CPU 1 idle throughout, its timer
         // never fired; CPU 0 idle too but delivering (486 idle-task events).
-        let mut counters = KernelCounters::default();
-        counters.values[Counter::IdleSkipped as usize] = 486;
-        let idle = IdleTime {
-            time: Duration::from_secs(10),
-            ticks_per_second: 100,
-        };
-        let d = reckon(97, Duration::from_secs(10), Some(idle), &counters, 2, None);
+        let d = reckon_97hz(10, Some(10), 0, 486);
         assert_eq!((d.expected, d.delivered, d.expected_idle), (970, 486, 970));
         assert_eq!(d.missing(), 0);
         assert_eq!(d.missed_while_idle(), 484);
@@ -375,53 +383,26 @@ mod tests {
         assert_eq!(d.tolerance(), 9 + 4);
 
         // Not reckoned apart (--include-idle): the same events are a shortfall.
-        let whole = reckon(97, Duration::from_secs(10), None, &counters, 2, None);
+        let whole = reckon_97hz(10, None, 0, 486);
         assert_eq!((whole.missing(), whole.missed_while_idle()), (484, 0));
         assert!(whole.short());
 
         // Both CPUs busy 5 s, and half the events never came (perf throttling):
         // idle time explains none of them.
-        let mut busy = KernelCounters::default();
-        busy.values[Counter::Emitted as usize] = 485;
-        let none_idle = IdleTime {
-            time: Duration::ZERO,
-            ticks_per_second: 100,
-        };
-        let d = reckon(97, Duration::from_secs(10), Some(none_idle), &busy, 2, None);
+        let d = reckon_97hz(10, Some(0), 485, 0);
         assert_eq!((d.missing(), d.missed_while_idle()), (485, 0));
         assert!(d.short());
 
         // One CPU busy and losing half its events, the other idle and delivering
         // them: the idle CPU's events do not hide the busy one's loss.
-        let mut mixed = KernelCounters::default();
-        mixed.values[Counter::Emitted as usize] = 242;
-        mixed.values[Counter::IdleSkipped as usize] = 485;
-        let one_idle = IdleTime {
-            time: Duration::from_secs(5),
-            ticks_per_second: 100,
-        };
-        let d = reckon(97, Duration::from_secs(10), Some(one_idle), &mixed, 2, None);
+        let d = reckon_97hz(10, Some(5), 242, 485);
         assert_eq!(d.missing(), 243);
         assert!(d.short());
 
         // A mostly idle host (90 % of 20 s of CPU time idle) whose busy CPUs lost
         // 80 of their 194 events: the slack is 10 % of the busy events, not of the
         // idle ones (174, which would hide the loss).
-        let mut quiet = KernelCounters::default();
-        quiet.values[Counter::Emitted as usize] = 114;
-        quiet.values[Counter::IdleSkipped as usize] = 1_746;
-        let mostly_idle = IdleTime {
-            time: Duration::from_secs(18),
-            ticks_per_second: 100,
-        };
-        let d = reckon(
-            97,
-            Duration::from_secs(20),
-            Some(mostly_idle),
-            &quiet,
-            2,
-            None,
-        );
+        let d = reckon_97hz(20, Some(18), 114, 1_746);
         assert_eq!((d.expected, d.expected_idle), (1_940, 1_746));
         assert_eq!(d.missing(), 80);
         assert_eq!(d.tolerance(), 19 + 4 + 194 / 10);

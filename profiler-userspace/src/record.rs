@@ -743,19 +743,19 @@ mod tests {
     /// tolerance; the BPF statistics only when they disagree with the counters.
     #[test]
     fn delivery_line_and_shortfall() {
-        let render = |delivered, runs| {
+        let rendered = |d: Delivery| {
             let mut s = String::new();
-            render_delivery(
-                &mut s,
-                &Delivery {
-                    expected: 19_400,
-                    delivered,
-                    cpus: 2,
-                    runs,
-                    ..Delivery::default()
-                },
-            );
+            render_delivery(&mut s, &d);
             s
+        };
+        let render = |delivered, runs| {
+            rendered(Delivery {
+                expected: 19_400,
+                delivered,
+                cpus: 2,
+                runs,
+                ..Delivery::default()
+            })
         };
         let fine = render(19_310, Some(19_310));
         assert_eq!(
@@ -777,20 +777,20 @@ mod tests {
             counted_apart.contains("count 19,312 runs"),
             "{counted_apart}"
         );
-        // Half the events missing, all in idle time: said, not a shortfall.
-        let mut s = String::new();
-        render_delivery(
-            &mut s,
-            &Delivery {
+        // Idle time reckoned apart on 2 CPUs, half the expected events in it.
+        let render_idle_apart = |delivered| {
+            rendered(Delivery {
                 expected: 19_400,
-                delivered: 9_700,
+                delivered,
                 expected_idle: 9_700,
                 idle_apart: true,
                 cpus: 2,
                 tick_slack: 4,
                 ..Delivery::default()
-            },
-        );
+            })
+        };
+        // Half the events missing, all in idle time: said, not a shortfall.
+        let s = render_idle_apart(9_700);
         assert!(
             s.contains("9,700 of them did not come while CPUs were idle"),
             "{s}"
@@ -799,19 +799,7 @@ mod tests {
         assert!(!s.contains("never reached"), "{s}");
 
         // Reckoned apart, a busy-time shortfall says so and names no idle cause.
-        let mut s = String::new();
-        render_delivery(
-            &mut s,
-            &Delivery {
-                expected: 19_400,
-                delivered: 5_000,
-                expected_idle: 9_700,
-                idle_apart: true,
-                cpus: 2,
-                tick_slack: 4,
-                ..Delivery::default()
-            },
-        );
+        let s = render_idle_apart(5_000);
         assert!(
             s.contains("4,700 timer events expected while CPUs were busy never reached"),
             "{s}"
